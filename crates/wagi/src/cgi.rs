@@ -1,0 +1,693 @@
+//! The CGI/1.1 environment and argv handed to a WAGI module.
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+
+use http::header::{AUTHORIZATION, CONTENT_TYPE, HOST, PROXY_AUTHORIZATION};
+
+use crate::routes::RoutePattern;
+
+/// What the environment is computed from: one request, as received.
+#[derive(Clone, Copy, Debug)]
+pub struct RequestMeta<'a> {
+    pub method: &'a http::Method,
+    pub uri: &'a http::Uri,
+    pub version: http::Version,
+    pub headers: &'a http::HeaderMap,
+    pub body_len: usize,
+    pub remote_addr: SocketAddr,
+    pub local_addr: SocketAddr,
+    /// `"http"` (or `"https"`).
+    pub scheme: &'a str,
+}
+
+/// The full CGI/1.1 environment for one request, in a stable order: the CGI
+/// and WAGI variables in a fixed order, then one `HTTP_<NAME>` per request
+/// header, sorted by variable name.
+///
+/// `raw_path_info` is the remainder of the raw path after the script name
+/// (as in [`crate::routes::RouteMatch::raw_path_info`]).
+pub fn environment(
+    req: &RequestMeta<'_>,
+    pattern: &RoutePattern,
+    raw_path_info: &str,
+    server_software: &str,
+) -> Vec<(String, String)> {
+    let path_info = decode_path_info(raw_path_info);
+    let server = server_address(req);
+    let client_ip = canonical_ip(req.remote_addr.ip()).to_string();
+    let (auth_type, remote_user) = authorization(req.headers);
+    let content_type = req
+        .headers
+        .get(CONTENT_TYPE)
+        .map(|v| lossy(v.as_bytes()))
+        .unwrap_or_default();
+    let query = req.uri.query();
+    let full_url = {
+        let mut url = format!("{}://{}", req.scheme, server.url_authority);
+        url.push_str(req.uri.path());
+        if let Some(q) = query {
+            url.push('?');
+            url.push_str(q);
+        }
+        url
+    };
+
+    let fixed: [(&str, String); 19] = [
+        ("REQUEST_METHOD", req.method.as_str().to_string()),
+        ("SCRIPT_NAME", pattern.script_name().to_string()),
+        ("PATH_INFO", path_info.clone()),
+        ("PATH_TRANSLATED", path_info),
+        ("X_RAW_PATH_INFO", raw_path_info.to_string()),
+        ("X_MATCHED_ROUTE", pattern.as_declared()),
+        ("QUERY_STRING", query.unwrap_or("").to_string()),
+        ("CONTENT_TYPE", content_type),
+        ("CONTENT_LENGTH", req.body_len.to_string()),
+        ("SERVER_NAME", server.name),
+        ("SERVER_PORT", server.port.to_string()),
+        ("SERVER_PROTOCOL", protocol(req.version).to_string()),
+        ("SERVER_SOFTWARE", server_software.to_string()),
+        ("GATEWAY_INTERFACE", "CGI/1.1".to_string()),
+        ("REMOTE_ADDR", client_ip.clone()),
+        ("REMOTE_HOST", client_ip),
+        ("AUTH_TYPE", auth_type),
+        ("REMOTE_USER", remote_user),
+        ("X_FULL_URL", full_url),
+    ];
+    let mut env: Vec<(String, String)> =
+        fixed.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+    env.extend(http_variables(req.headers));
+    env
+}
+
+/// argv for the module: the script name, then each query parameter
+/// (`"k=v"` pieces split on `'&'`, `'+'` as space, percent-decoded), in
+/// order. Empty pieces (`"a&&b"`, a trailing `'&'`) are skipped. A piece
+/// whose decoding is not valid UTF-8 or contains NUL is passed undecoded.
+pub fn argv(script_name: &str, query: Option<&str>) -> Vec<String> {
+    let mut args = vec![script_name.to_string()];
+    if let Some(q) = query {
+        args.extend(q.split('&').filter(|piece| !piece.is_empty()).map(|piece| {
+            let spaced = piece.replace('+', " ");
+            match percent_encoding::percent_decode_str(&spaced).decode_utf8() {
+                Ok(d) if !d.contains('\0') => d.into_owned(),
+                _ => piece.to_string(),
+            }
+        }));
+    }
+    args
+}
+
+/// PATH_INFO: percent-decoded; the raw text if decoding gives invalid UTF-8
+/// or a NUL (which cannot be carried in an environment variable).
+fn decode_path_info(raw: &str) -> String {
+    match percent_encoding::percent_decode_str(raw).decode_utf8() {
+        Ok(d) if !d.contains('\0') => d.into_owned(),
+        _ => raw.to_string(),
+    }
+}
+
+fn protocol(version: http::Version) -> Cow<'static, str> {
+    match version {
+        http::Version::HTTP_09 => "HTTP/0.9".into(),
+        http::Version::HTTP_10 => "HTTP/1.0".into(),
+        http::Version::HTTP_11 => "HTTP/1.1".into(),
+        http::Version::HTTP_2 => "HTTP/2.0".into(),
+        http::Version::HTTP_3 => "HTTP/3.0".into(),
+        other => format!("{other:?}").into(),
+    }
+}
+
+/// IPv4-mapped IPv6 addresses (from dual-stack listeners) become IPv4.
+fn canonical_ip(ip: IpAddr) -> IpAddr {
+    ip.to_canonical()
+}
+
+fn lossy(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+struct ServerAddress {
+    /// SERVER_NAME: host name, IPv4 address, or `[IPv6]`.
+    name: String,
+    /// SERVER_PORT.
+    port: u16,
+    /// `host[:port]` for X_FULL_URL, as the client addressed it.
+    url_authority: String,
+}
+
+/// The server as the client addressed it: the Host header, else the
+/// request-target's authority (HTTP/2 `:authority`), else the local socket.
+fn server_address(req: &RequestMeta<'_>) -> ServerAddress {
+    let from_client = req
+        .headers
+        .get(HOST)
+        .and_then(|v| v.to_str().ok())
+        .and_then(parse_host)
+        .or_else(|| req.uri.authority().and_then(|a| parse_host(a.as_str())));
+    if let Some((name, port)) = from_client {
+        let url_authority = match port {
+            Some(p) => format!("{name}:{p}"),
+            None => name.clone(),
+        };
+        let port = port.unwrap_or_else(|| default_port(req.scheme, req.local_addr.port()));
+        return ServerAddress {
+            name,
+            port,
+            url_authority,
+        };
+    }
+    let name = match canonical_ip(req.local_addr.ip()) {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => format!("[{v6}]"),
+    };
+    let port = req.local_addr.port();
+    ServerAddress {
+        url_authority: format!("{name}:{port}"),
+        name,
+        port,
+    }
+}
+
+fn default_port(scheme: &str, fallback: u16) -> u16 {
+    if scheme.eq_ignore_ascii_case("http") {
+        80
+    } else if scheme.eq_ignore_ascii_case("https") {
+        443
+    } else {
+        fallback
+    }
+}
+
+/// Parses `host[:port]` (`[v6]:port` for IPv6). Userinfo, paths and other
+/// junk are refused, so the caller falls back to another source.
+fn parse_host(s: &str) -> Option<(String, Option<u16>)> {
+    let (name, port) = if let Some(rest) = s.strip_prefix('[') {
+        let close = rest.find(']')?;
+        rest[..close].parse::<Ipv6Addr>().ok()?;
+        let name = &s[..close + 2];
+        let after = &rest[close + 1..];
+        let port = if after.is_empty() {
+            None
+        } else {
+            Some(after.strip_prefix(':')?)
+        };
+        (name, port)
+    } else {
+        match s.split_once(':') {
+            Some((name, port)) => (name, Some(port)),
+            None => (s, None),
+        }
+    };
+    let reg_name_ok = name.starts_with('[')
+        || (!name.is_empty()
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-._~%!$&'()*+,;=".contains(&b)));
+    if !reg_name_ok {
+        return None;
+    }
+    let port = match port {
+        // RFC 3986 allows an empty port; treat it as absent.
+        None | Some("") => None,
+        Some(p) if p.bytes().all(|b| b.is_ascii_digit()) => Some(p.parse::<u16>().ok()?),
+        Some(_) => return None,
+    };
+    Some((name.to_string(), port))
+}
+
+/// AUTH_TYPE (the scheme word) and REMOTE_USER (the Basic user, if any).
+fn authorization(headers: &http::HeaderMap) -> (String, String) {
+    let Some(value) = headers.get(AUTHORIZATION) else {
+        return (String::new(), String::new());
+    };
+    let text = lossy(value.as_bytes());
+    let mut parts = text.trim().splitn(2, [' ', '\t']);
+    let scheme = parts.next().unwrap_or("").to_string();
+    let credentials = parts.next().unwrap_or("").trim();
+    let user = if scheme.eq_ignore_ascii_case("basic") {
+        basic_user(credentials).unwrap_or_default()
+    } else {
+        String::new()
+    };
+    (scheme, user)
+}
+
+/// The user part of Basic credentials (`base64(user:password)`).
+fn basic_user(credentials: &str) -> Option<String> {
+    let decoded = base64_decode(credentials)?;
+    let text = String::from_utf8(decoded).ok()?;
+    let (user, _password) = text.split_once(':')?;
+    (!user.contains('\0')).then(|| user.to_string())
+}
+
+/// Standard-alphabet base64 with optional padding. `None` if malformed.
+fn base64_decode(s: &str) -> Option<Vec<u8>> {
+    fn value(c: u8) -> Option<u32> {
+        Some(match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => return None,
+        } as u32)
+    }
+    let bytes = s.as_bytes();
+    let unpadded = match bytes.len() % 4 {
+        0 => {
+            let pad = bytes.iter().rev().take_while(|&&b| b == b'=').count();
+            if pad > 2 {
+                return None;
+            }
+            &bytes[..bytes.len() - pad]
+        }
+        _ => bytes,
+    };
+    if unpadded.len() % 4 == 1 {
+        return None;
+    }
+    let mut out = Vec::with_capacity(unpadded.len() * 3 / 4);
+    for chunk in unpadded.chunks(4) {
+        let mut acc = 0u32;
+        for &c in chunk {
+            acc = (acc << 6) | value(c)?;
+        }
+        match chunk.len() {
+            4 => out.extend_from_slice(&[(acc >> 16) as u8, (acc >> 8) as u8, acc as u8]),
+            3 => {
+                acc <<= 6;
+                out.extend_from_slice(&[(acc >> 16) as u8, (acc >> 8) as u8]);
+            }
+            2 => {
+                acc <<= 12;
+                out.push((acc >> 16) as u8);
+            }
+            _ => return None,
+        }
+    }
+    Some(out)
+}
+
+/// `HTTP_<NAME>` for every header but Authorization and
+/// Proxy-Authorization, sorted by variable name. Repeated headers are joined
+/// with `", "`; so are distinct headers that map to the same variable
+/// (`X-A` and `X_A`).
+fn http_variables(headers: &http::HeaderMap) -> Vec<(String, String)> {
+    let mut vars: BTreeMap<String, String> = BTreeMap::new();
+    for name in headers.keys() {
+        if name == AUTHORIZATION || name == PROXY_AUTHORIZATION {
+            continue;
+        }
+        let var = format!(
+            "HTTP_{}",
+            name.as_str().to_ascii_uppercase().replace('-', "_")
+        );
+        let slot = vars.entry(var).or_default();
+        for value in headers.get_all(name) {
+            if !slot.is_empty() {
+                slot.push_str(", ");
+            }
+            slot.push_str(&lossy(value.as_bytes()));
+        }
+    }
+    vars.into_iter().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::{HeaderMap, HeaderValue, Method, Uri, Version};
+
+    fn get<'e>(env: &'e [(String, String)], key: &str) -> Option<&'e str> {
+        let mut found = env.iter().filter(|(k, _)| k == key);
+        let first = found.next().map(|(_, v)| v.as_str());
+        assert!(found.next().is_none(), "{key} appears more than once");
+        first
+    }
+
+    fn var<'e>(env: &'e [(String, String)], key: &str) -> &'e str {
+        get(env, key).unwrap_or_else(|| panic!("{key} missing"))
+    }
+
+    struct Req {
+        method: Method,
+        uri: Uri,
+        version: Version,
+        headers: HeaderMap,
+        body_len: usize,
+        remote: SocketAddr,
+        local: SocketAddr,
+        scheme: &'static str,
+    }
+
+    impl Req {
+        fn new(uri: &str) -> Self {
+            Req {
+                method: Method::GET,
+                uri: uri.parse().expect("test uri"),
+                version: Version::HTTP_11,
+                headers: HeaderMap::new(),
+                body_len: 0,
+                remote: "203.0.113.7:54321".parse().expect("addr"),
+                local: "10.0.0.2:3000".parse().expect("addr"),
+                scheme: "http",
+            }
+        }
+        fn header(mut self, name: &'static str, value: &str) -> Self {
+            self.headers
+                .append(name, HeaderValue::from_str(value).expect("test header"));
+            self
+        }
+        fn meta(&self) -> RequestMeta<'_> {
+            RequestMeta {
+                method: &self.method,
+                uri: &self.uri,
+                version: self.version,
+                headers: &self.headers,
+                body_len: self.body_len,
+                remote_addr: self.remote,
+                local_addr: self.local,
+                scheme: self.scheme,
+            }
+        }
+        fn env(&self, pattern: &str, raw_path_info: &str) -> Vec<(String, String)> {
+            let pattern = RoutePattern::parse(pattern).expect("pattern");
+            environment(&self.meta(), &pattern, raw_path_info, "wasinode/0.1")
+        }
+    }
+
+    #[test]
+    fn realistic_request() {
+        let mut req = Req::new("/api/items/caf%C3%A9%20au%20lait?color=red&size=L")
+            .header("host", "example.com:8080")
+            .header("content-type", "application/json")
+            .header("accept", "text/html")
+            .header("accept", "application/json")
+            .header("x-custom-thing", "yes")
+            .header("authorization", "Basic YWxhZGRpbjpvcGVuc2VzYW1l")
+            .header("proxy-authorization", "Basic c2VjcmV0OnNlY3JldA==")
+            .header("user-agent", "curl/8.0");
+        req.method = Method::POST;
+        req.body_len = 42;
+        let env = req.env("/api/...", "/items/caf%C3%A9%20au%20lait");
+
+        assert_eq!(var(&env, "REQUEST_METHOD"), "POST");
+        assert_eq!(var(&env, "SCRIPT_NAME"), "/api");
+        assert_eq!(var(&env, "PATH_INFO"), "/items/café au lait");
+        assert_eq!(var(&env, "PATH_TRANSLATED"), "/items/café au lait");
+        assert_eq!(var(&env, "X_RAW_PATH_INFO"), "/items/caf%C3%A9%20au%20lait");
+        assert_eq!(var(&env, "X_MATCHED_ROUTE"), "/api/...");
+        assert_eq!(var(&env, "QUERY_STRING"), "color=red&size=L");
+        assert_eq!(var(&env, "CONTENT_TYPE"), "application/json");
+        assert_eq!(var(&env, "CONTENT_LENGTH"), "42");
+        assert_eq!(var(&env, "SERVER_NAME"), "example.com");
+        assert_eq!(var(&env, "SERVER_PORT"), "8080");
+        assert_eq!(var(&env, "SERVER_PROTOCOL"), "HTTP/1.1");
+        assert_eq!(var(&env, "SERVER_SOFTWARE"), "wasinode/0.1");
+        assert_eq!(var(&env, "GATEWAY_INTERFACE"), "CGI/1.1");
+        assert_eq!(var(&env, "REMOTE_ADDR"), "203.0.113.7");
+        assert_eq!(var(&env, "REMOTE_HOST"), "203.0.113.7");
+        assert_eq!(var(&env, "AUTH_TYPE"), "Basic");
+        assert_eq!(var(&env, "REMOTE_USER"), "aladdin");
+        assert_eq!(
+            var(&env, "X_FULL_URL"),
+            "http://example.com:8080/api/items/caf%C3%A9%20au%20lait?color=red&size=L"
+        );
+        assert_eq!(var(&env, "HTTP_HOST"), "example.com:8080");
+        assert_eq!(var(&env, "HTTP_ACCEPT"), "text/html, application/json");
+        assert_eq!(var(&env, "HTTP_X_CUSTOM_THING"), "yes");
+        assert_eq!(var(&env, "HTTP_USER_AGENT"), "curl/8.0");
+        assert_eq!(var(&env, "HTTP_CONTENT_TYPE"), "application/json");
+        assert_eq!(get(&env, "HTTP_AUTHORIZATION"), None);
+        assert_eq!(get(&env, "HTTP_PROXY_AUTHORIZATION"), None);
+        assert!(
+            !env.iter()
+                .any(|(_, v)| v.contains("YWxhZGRpbjpvcGVuc2VzYW1l")),
+            "credentials leaked"
+        );
+    }
+
+    #[test]
+    fn order_is_stable() {
+        let a = Req::new("/x?b=1")
+            .header("zeta", "1")
+            .header("alpha", "2")
+            .header("host", "h");
+        let b = Req::new("/x?b=1")
+            .header("host", "h")
+            .header("alpha", "2")
+            .header("zeta", "1");
+        let ea = a.env("/x", "");
+        assert_eq!(ea, b.env("/x", ""));
+        let keys: Vec<&str> = ea.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(
+            keys,
+            vec![
+                "REQUEST_METHOD",
+                "SCRIPT_NAME",
+                "PATH_INFO",
+                "PATH_TRANSLATED",
+                "X_RAW_PATH_INFO",
+                "X_MATCHED_ROUTE",
+                "QUERY_STRING",
+                "CONTENT_TYPE",
+                "CONTENT_LENGTH",
+                "SERVER_NAME",
+                "SERVER_PORT",
+                "SERVER_PROTOCOL",
+                "SERVER_SOFTWARE",
+                "GATEWAY_INTERFACE",
+                "REMOTE_ADDR",
+                "REMOTE_HOST",
+                "AUTH_TYPE",
+                "REMOTE_USER",
+                "X_FULL_URL",
+                "HTTP_ALPHA",
+                "HTTP_HOST",
+                "HTTP_ZETA",
+            ]
+        );
+    }
+
+    #[test]
+    fn minimal_request_defaults() {
+        let req = Req::new("/");
+        let env = req.env("/...", "/");
+        assert_eq!(var(&env, "SCRIPT_NAME"), "");
+        assert_eq!(var(&env, "PATH_INFO"), "/");
+        assert_eq!(var(&env, "X_MATCHED_ROUTE"), "/...");
+        assert_eq!(var(&env, "QUERY_STRING"), "");
+        assert_eq!(var(&env, "CONTENT_TYPE"), "");
+        assert_eq!(var(&env, "CONTENT_LENGTH"), "0");
+        assert_eq!(var(&env, "AUTH_TYPE"), "");
+        assert_eq!(var(&env, "REMOTE_USER"), "");
+        // No Host: the local socket.
+        assert_eq!(var(&env, "SERVER_NAME"), "10.0.0.2");
+        assert_eq!(var(&env, "SERVER_PORT"), "3000");
+        assert_eq!(var(&env, "X_FULL_URL"), "http://10.0.0.2:3000/");
+        assert!(!env.iter().any(|(k, _)| k.starts_with("HTTP_")));
+    }
+
+    #[test]
+    fn content_type_comes_from_the_real_header() {
+        // A header literally named CONTENT_TYPE (underscore) is just another
+        // header; it must not feed CONTENT_TYPE.
+        let req = Req::new("/").header("content_type", "text/evil");
+        let env = req.env("/", "");
+        assert_eq!(var(&env, "CONTENT_TYPE"), "");
+        assert_eq!(var(&env, "HTTP_CONTENT_TYPE"), "text/evil");
+        let req = Req::new("/").header("Content-Type", "text/plain; charset=utf-8");
+        assert_eq!(
+            var(&req.env("/", ""), "CONTENT_TYPE"),
+            "text/plain; charset=utf-8"
+        );
+    }
+
+    #[test]
+    fn colliding_header_names_are_joined() {
+        let req = Req::new("/").header("x-a", "1").header("x_a", "2");
+        let env = req.env("/", "");
+        let v = var(&env, "HTTP_X_A");
+        assert!(v == "1, 2" || v == "2, 1", "{v}");
+    }
+
+    #[test]
+    fn ipv6_host_and_peers() {
+        let mut req = Req::new("/p?q").header("host", "[::1]:8080");
+        req.remote = "[2001:db8::5]:4000".parse().expect("addr");
+        req.local = "[::1]:8080".parse().expect("addr");
+        let env = req.env("/p", "");
+        assert_eq!(var(&env, "SERVER_NAME"), "[::1]");
+        assert_eq!(var(&env, "SERVER_PORT"), "8080");
+        assert_eq!(var(&env, "REMOTE_ADDR"), "2001:db8::5");
+        assert_eq!(var(&env, "X_FULL_URL"), "http://[::1]:8080/p?q");
+
+        let req = Req::new("/").header("host", "[fe80::1]");
+        let env = req.env("/", "");
+        assert_eq!(var(&env, "SERVER_NAME"), "[fe80::1]");
+        assert_eq!(var(&env, "SERVER_PORT"), "80");
+        assert_eq!(var(&env, "X_FULL_URL"), "http://[fe80::1]/");
+
+        // No Host, IPv6 local socket.
+        let mut req = Req::new("/");
+        req.local = "[::1]:9000".parse().expect("addr");
+        let env = req.env("/", "");
+        assert_eq!(var(&env, "SERVER_NAME"), "[::1]");
+        assert_eq!(var(&env, "X_FULL_URL"), "http://[::1]:9000/");
+    }
+
+    #[test]
+    fn ipv4_mapped_client_is_shown_as_ipv4() {
+        let mut req = Req::new("/");
+        req.remote = "[::ffff:192.0.2.9]:1234".parse().expect("addr");
+        assert_eq!(var(&req.env("/", ""), "REMOTE_ADDR"), "192.0.2.9");
+    }
+
+    #[test]
+    fn host_without_port_uses_scheme_default() {
+        let req = Req::new("/a").header("host", "example.org");
+        let env = req.env("/a", "");
+        assert_eq!(var(&env, "SERVER_NAME"), "example.org");
+        assert_eq!(var(&env, "SERVER_PORT"), "80");
+        assert_eq!(var(&env, "X_FULL_URL"), "http://example.org/a");
+        let mut req = Req::new("/a").header("host", "example.org");
+        req.scheme = "https";
+        let env = req.env("/a", "");
+        assert_eq!(var(&env, "SERVER_PORT"), "443");
+        assert_eq!(var(&env, "X_FULL_URL"), "https://example.org/a");
+    }
+
+    #[test]
+    fn bad_host_falls_back() {
+        for bad in [
+            "",
+            "a b",
+            "user@host",
+            "h:99999",
+            "h:x",
+            "[::1",
+            "[zz]:80",
+            "a:1:2",
+        ] {
+            let req = Req::new("/").header("host", bad);
+            let env = req.env("/", "");
+            assert_eq!(var(&env, "SERVER_NAME"), "10.0.0.2", "host {bad:?}");
+            assert_eq!(var(&env, "SERVER_PORT"), "3000", "host {bad:?}");
+        }
+    }
+
+    #[test]
+    fn http2_authority_without_host() {
+        let mut req = Req::new("https://svc.local:8443/x?y=1");
+        req.version = Version::HTTP_2;
+        req.scheme = "https";
+        let env = req.env("/x", "");
+        assert_eq!(var(&env, "SERVER_NAME"), "svc.local");
+        assert_eq!(var(&env, "SERVER_PORT"), "8443");
+        assert_eq!(var(&env, "SERVER_PROTOCOL"), "HTTP/2.0");
+        assert_eq!(var(&env, "X_FULL_URL"), "https://svc.local:8443/x?y=1");
+    }
+
+    #[test]
+    fn protocols() {
+        for (v, s) in [
+            (Version::HTTP_09, "HTTP/0.9"),
+            (Version::HTTP_10, "HTTP/1.0"),
+            (Version::HTTP_11, "HTTP/1.1"),
+            (Version::HTTP_2, "HTTP/2.0"),
+            (Version::HTTP_3, "HTTP/3.0"),
+        ] {
+            assert_eq!(protocol(v), s);
+        }
+    }
+
+    #[test]
+    fn path_info_decoding() {
+        let req = Req::new("/");
+        let env = req.env("/a/...", "/x%2Fy%20z");
+        assert_eq!(var(&env, "PATH_INFO"), "/x/y z");
+        // Invalid UTF-8 after decoding: the raw text.
+        let env = req.env("/a/...", "/%FF%FE");
+        assert_eq!(var(&env, "PATH_INFO"), "/%FF%FE");
+        assert_eq!(var(&env, "X_RAW_PATH_INFO"), "/%FF%FE");
+        // NUL cannot live in an environment variable: the raw text.
+        let env = req.env("/a/...", "/a%00b");
+        assert_eq!(var(&env, "PATH_INFO"), "/a%00b");
+        // '+' is not a space in a path.
+        let env = req.env("/a/...", "/a+b");
+        assert_eq!(var(&env, "PATH_INFO"), "/a+b");
+    }
+
+    #[test]
+    fn authorization_variants() {
+        let cases = [
+            ("Bearer abc.def", "Bearer", ""),
+            ("basic dXNlcjpwYXNz", "basic", "user"),
+            ("Basic dXNlcjo=", "Basic", "user"),
+            ("Basic OnBhc3M=", "Basic", ""),
+            ("Basic not-base64!", "Basic", ""),
+            ("Basic dXNlcg==", "Basic", ""), // no ':'
+            ("Basic", "Basic", ""),
+            ("Digest username=\"x\"", "Digest", ""),
+        ];
+        for (header, scheme, user) in cases {
+            let req = Req::new("/").header("authorization", header);
+            let env = req.env("/", "");
+            assert_eq!(var(&env, "AUTH_TYPE"), scheme, "{header}");
+            assert_eq!(var(&env, "REMOTE_USER"), user, "{header}");
+        }
+    }
+
+    #[test]
+    fn non_utf8_header_values_are_lossy() {
+        let mut req = Req::new("/");
+        req.headers.insert(
+            "x-bin",
+            HeaderValue::from_bytes(b"caf\xe9").expect("obs-text is allowed"),
+        );
+        assert_eq!(var(&req.env("/", ""), "HTTP_X_BIN"), "caf\u{fffd}");
+    }
+
+    #[test]
+    fn base64_decoder() {
+        let cases: [(&str, &[u8]); 8] = [
+            ("", b""),
+            ("Zg==", b"f"),
+            ("Zm8=", b"fo"),
+            ("Zm9v", b"foo"),
+            ("Zm9vYg", b"foob"),
+            ("Zm9vYmE=", b"fooba"),
+            ("Zm9vYmFy", b"foobar"),
+            ("+/+/", &[0xfb, 0xff, 0xbf]),
+        ];
+        for (input, expected) in cases {
+            assert_eq!(base64_decode(input).as_deref(), Some(expected), "{input}");
+        }
+        for bad in ["Z", "Zm9vY", "Zg===", "Z===", "Zm9v!", "=Zg=", "Zg=a"] {
+            assert_eq!(base64_decode(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn argv_decoding() {
+        assert_eq!(argv("/hello", None), vec!["/hello"]);
+        assert_eq!(argv("/hello", Some("")), vec!["/hello"]);
+        assert_eq!(
+            argv("/hello", Some("name=John+Doe&greeting=hi%20there&x%3Dy=1")),
+            vec!["/hello", "name=John Doe", "greeting=hi there", "x=y=1"]
+        );
+        assert_eq!(
+            argv("/h", Some("a&&b&flag&plus=%2B&")),
+            vec!["/h", "a", "b", "flag", "plus=+"]
+        );
+        assert_eq!(argv("/h", Some("e=caf%C3%A9")), vec!["/h", "e=café"]);
+        // Not UTF-8 or NUL once decoded: passed through undecoded.
+        assert_eq!(
+            argv("/h", Some("l=%E9&n=a%00b")),
+            vec!["/h", "l=%E9", "n=a%00b"]
+        );
+        assert_eq!(argv("", Some("k=v")), vec!["", "k=v"]);
+    }
+}
