@@ -1,1 +1,70 @@
-//! (being written)
+//! The guest WebAssembly modules the tests run.
+//!
+//! Rust guests live in `examples/guests/<name>.rs` and are built by `tools/build-guests` (Debian's
+//! rustc 1.63 with the wasm32-wasi std, installed by `tools/setup`) into `target/guests/<name>.wasm`;
+//! the script keeps a content-addressed cache, so after the first build a run only copies files.
+//! Hand-written WAT modules live in `examples/wat/<name>.wat` and are loaded as text by the runtime.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::OnceLock;
+
+use anyhow::{Context, anyhow, bail};
+
+/// The repository root (the parent of this crate's directory, `tests/`).
+pub fn repo_root() -> PathBuf {
+    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    manifest.parent().map(PathBuf::from).unwrap_or(manifest)
+}
+
+/// Builds every Rust guest (once per process; later calls reuse the first outcome) and returns
+/// the directory holding `<name>.wasm`. A failed build is returned as an error carrying the
+/// script's output.
+pub fn guests() -> anyhow::Result<PathBuf> {
+    static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    BUILT.get_or_init(build).clone().map_err(|e| anyhow!(e))
+}
+
+fn build() -> Result<PathBuf, String> {
+    let root = repo_root();
+    let script = root.join("tools/build-guests");
+    let out = Command::new("bash")
+        .arg(&script)
+        .current_dir(&root)
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", script.display()))?;
+    if !out.status.success() {
+        return Err(format!(
+            "{} failed ({}):\n{}{}",
+            script.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+        ));
+    }
+    Ok(root.join("target/guests"))
+}
+
+/// Path to the built Rust guest `<name>.wasm` (building the guests first if needed).
+pub fn guest(name: &str) -> anyhow::Result<PathBuf> {
+    let dir = guests()?;
+    let path = dir.join(format!("{name}.wasm"));
+    if !path.is_file() {
+        let have: Vec<String> = std::fs::read_dir(&dir)
+            .with_context(|| format!("reading {}", dir.display()))?
+            .filter_map(|e| e.ok())
+            .filter_map(|e| e.file_name().to_str().and_then(|n| n.strip_suffix(".wasm")).map(String::from))
+            .collect();
+        bail!(
+            "no guest module {name:?}: {} does not exist (built: {}; is there an examples/guests/{name}.rs?)",
+            path.display(),
+            have.join(", ")
+        );
+    }
+    Ok(path)
+}
+
+/// Path to the hand-written WAT module `examples/wat/<name>.wat` (not checked for existence).
+pub fn wat(name: &str) -> PathBuf {
+    repo_root().join("examples/wat").join(format!("{name}.wat"))
+}
