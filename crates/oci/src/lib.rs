@@ -9,3 +9,13 @@
 pub mod reference;
 
 pub use reference::{ImageRef, PullPolicy, RefError, Reference, parse_reference};
+pub mod client;
+pub mod credentials;
+pub mod error;
+pub mod manifest;
+pub mod store;
+
+pub use client::{Client, NoProgress, Progress, Pulled};
+pub use credentials::{Auth, Credentials};
+pub use error::OciError;
+pub use store::{GcReport, Store};
