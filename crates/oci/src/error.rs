@@ -151,9 +151,25 @@ pub(crate) fn from_client(
                 actual,
             }
         }
-        E::RequestError(r) => OciError::Unreachable {
-            reference,
-            cause: error_chain(&r),
+        // reqwest's error_for_status() (used by e.g. blob_exists) carries a status.
+        E::RequestError(r) => match r.status().map(|s| s.as_u16()) {
+            Some(401 | 403) => OciError::Unauthorized {
+                reference,
+                registry: registry.to_string(),
+                cause: error_chain(&r),
+            },
+            Some(404) => OciError::NotFound {
+                reference,
+                cause: error_chain(&r),
+            },
+            Some(_) => OciError::Registry {
+                reference,
+                cause: error_chain(&r),
+            },
+            None => OciError::Unreachable {
+                reference,
+                cause: error_chain(&r),
+            },
         },
         E::IoError(io) => OciError::Unreachable {
             reference,
