@@ -19,3 +19,21 @@ pub use client::{Client, NoProgress, Progress, Pulled};
 pub use credentials::{Auth, Credentials};
 pub use error::OciError;
 pub use store::{GcReport, Store};
+
+/// The default data directory (the store lives in `<data_dir>/oci`):
+/// `$WASINODE_DATA_DIR`, else `$XDG_DATA_HOME/wasinode`, else
+/// `$HOME/.local/share/wasinode`, else `./.wasinode`.
+pub fn default_data_dir() -> std::path::PathBuf {
+    use std::path::PathBuf;
+    let var = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty());
+    if let Some(d) = var("WASINODE_DATA_DIR") {
+        return PathBuf::from(d);
+    }
+    if let Some(d) = var("XDG_DATA_HOME") {
+        return PathBuf::from(d).join("wasinode");
+    }
+    if let Some(h) = var("HOME") {
+        return PathBuf::from(h).join(".local/share/wasinode");
+    }
+    PathBuf::from(".wasinode")
+}
