@@ -511,3 +511,170 @@ async fn gc_removes_unreferenced_and_keeps_referenced() {
         .unwrap_err();
     assert!(matches!(e, OciError::Unreachable { .. }), "{e}");
 }
+
+#[tokio::test]
+async fn bearer_token_auth_through_a_token_server() {
+    let (reg, tokens) = Registry::start_with_token_auth("tok", "p4ss", &["bearer/m"]);
+    let r = reg.reference("bearer/m:v1");
+    let mut good = Credentials::default();
+    good.insert_basic(&reg.addr, "tok", "p4ss");
+
+    let dir = tempfile::tempdir().unwrap();
+    let (file, bytes) = wasm_file(dir.path(), "bearer");
+    let e = node(Credentials::default())
+        .client
+        .push(&file, &r, &NoProgress)
+        .await
+        .unwrap_err();
+    eprintln!("{e}");
+    assert!(matches!(e, OciError::Unauthorized { .. }), "{e}");
+    let pusher = node(good.clone());
+    pusher
+        .client
+        .push(&file, &r, &NoProgress)
+        .await
+        .expect("push with token");
+    assert!(tokens.issued() >= 1);
+
+    let anon = node(Credentials::default());
+    let e = anon
+        .client
+        .pull(&r, PullPolicy::Always, None)
+        .await
+        .unwrap_err();
+    eprintln!("{e}");
+    assert!(matches!(e, OciError::Unauthorized { .. }), "{e}");
+    assert!(e.to_string().contains(&r.to_string()), "{e}");
+
+    let mut wrong = Credentials::default();
+    wrong.insert_basic(&reg.addr, "tok", "nope");
+    let e = node(wrong)
+        .client
+        .pull(&r, PullPolicy::Always, None)
+        .await
+        .unwrap_err();
+    eprintln!("{e}");
+    assert!(matches!(e, OciError::Unauthorized { .. }), "{e}");
+
+    let puller = node(Credentials::default());
+    let secret = format!(
+        r#"{{"auths":{{"{}":{{"username":"tok","password":"p4ss"}}}}}}"#,
+        reg.addr
+    );
+    let pod = Credentials::from_dockerconfigjson(secret.as_bytes()).unwrap();
+    let p = puller
+        .client
+        .pull(&r, PullPolicy::Always, Some(&pod))
+        .await
+        .expect("pull with token from imagePullSecrets");
+    assert_eq!(std::fs::read(&p.path).unwrap(), bytes);
+
+    // a ready-made bearer token (`registrytoken` in a Docker config entry)
+    let body = reqwest::Client::new()
+        .get(format!(
+            "http://{}/token?scope=repository:bearer/m:pull&service=wasinode-test-registry",
+            tokens.addr
+        ))
+        .basic_auth("tok", Some("p4ss"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let token = serde_json::from_str::<serde_json::Value>(&body).unwrap()["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let cfg = format!(
+        r#"{{"auths":{{"{}":{{"registrytoken":"{token}"}}}}}}"#,
+        reg.addr
+    );
+    let bearer = node(Credentials::from_dockerconfigjson(cfg.as_bytes()).unwrap());
+    let p = bearer
+        .client
+        .pull(&r, PullPolicy::Always, None)
+        .await
+        .expect("pull with a registrytoken");
+    assert_eq!(std::fs::read(&p.path).unwrap(), bytes);
+}
+
+/// A hand-written registry that lies: its manifest names the sha256 of one
+/// module but the blob endpoint serves other bytes of the same length.
+fn lying_registry(manifest: Vec<u8>, blob: Vec<u8>) -> String {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let manifest_digest = sha256_digest(&manifest);
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            let mut reader = BufReader::new(conn.try_clone().unwrap());
+            let mut request = String::new();
+            let _ = reader.read_line(&mut request);
+            let mut line = String::new();
+            while reader.read_line(&mut line).unwrap_or(0) > 0 && line != "\r\n" {
+                line.clear();
+            }
+            let path = request.split_whitespace().nth(1).unwrap_or("/").to_string();
+            let (ct, body, extra) = if path.contains("/manifests/") {
+                (
+                    OCI_MANIFEST,
+                    manifest.clone(),
+                    format!("Docker-Content-Digest: {manifest_digest}\r\n"),
+                )
+            } else if path.contains("/blobs/") {
+                ("application/octet-stream", blob.clone(), String::new())
+            } else {
+                ("application/json", b"{}".to_vec(), String::new())
+            };
+            let _ = write!(
+                conn,
+                "HTTP/1.1 200 OK\r\nContent-Type: {ct}\r\nContent-Length: {}\r\n{extra}Connection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = conn.write_all(&body);
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn digest_mismatch_from_the_registry_is_refused() {
+    let good = support::wasm("good");
+    let mut evil = good.clone();
+    let last = evil.len() - 1;
+    evil[last] ^= 0xff;
+    let (manifest, _) = oci::manifest::cncf_artifact(&sha256_digest(&good), good.len() as u64);
+    let addr = lying_registry(manifest.clone(), evil);
+    let n = node(Credentials::default());
+
+    let r = oci::parse_reference(&format!("{addr}/liar/m:v1")).unwrap();
+    let e = n
+        .client
+        .pull(&r, PullPolicy::Always, None)
+        .await
+        .unwrap_err();
+    let msg = e.to_string();
+    eprintln!("{msg}");
+    assert!(matches!(e, OciError::DigestMismatch { .. }), "{msg}");
+    assert!(msg.contains(&r.to_string()), "{msg}");
+    assert!(
+        n.client.store().blobs().unwrap().is_empty(),
+        "nothing stored"
+    );
+    assert!(n.client.local(&r).await.unwrap().is_none());
+
+    // by digest: the manifest served is not the one asked for
+    let other = format!("sha256:{}", "0".repeat(64));
+    let r = oci::parse_reference(&format!("{addr}/liar/m@{other}")).unwrap();
+    let e = n
+        .client
+        .pull(&r, PullPolicy::Always, None)
+        .await
+        .unwrap_err();
+    let msg = e.to_string();
+    eprintln!("{msg}");
+    assert!(matches!(e, OciError::DigestMismatch { .. }), "{msg}");
+    assert!(msg.contains(&r.to_string()), "{msg}");
+}

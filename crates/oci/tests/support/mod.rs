@@ -17,6 +17,7 @@ pub struct Registry {
     pub log: PathBuf,
     /// (user, password) when started with htpasswd auth.
     pub basic: Option<(String, String)>,
+    pki: Option<tempfile::TempDir>,
 }
 
 impl Registry {
@@ -28,13 +29,95 @@ impl Registry {
         Self::start_inner(Some((user.to_string(), password.to_string())))
     }
 
+    /// Token (bearer) auth as Docker Hub does it: the registry answers 401 with a
+    /// `Bearer realm=…` challenge; a token server on loopback checks basic
+    /// credentials and hands out a JWT (RS256, signed with `openssl`, x5c
+    /// header) granting pull+push on `repos`.
+    pub fn start_with_token_auth(
+        user: &str,
+        password: &str,
+        repos: &[&str],
+    ) -> (Registry, TokenServer) {
+        let pki = tempfile::tempdir().expect("tempdir");
+        let key = pki.path().join("key.pem");
+        let cert = pki.path().join("cert.pem");
+        let ok = Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "1",
+                "-subj",
+                "/CN=wasinode-test-token",
+            ])
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("openssl (installed by tools/setup)");
+        assert!(ok.success(), "openssl req failed");
+        let der = Command::new("openssl")
+            .args(["x509", "-outform", "DER", "-in"])
+            .arg(&cert)
+            .output()
+            .expect("openssl x509");
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_secs();
+        let header = serde_json::json!({"typ": "JWT", "alg": "RS256", "x5c": [b64(&der.stdout)]});
+        let access: Vec<_> = repos
+            .iter()
+            .map(|r| serde_json::json!({"type": "repository", "name": r, "actions": ["pull", "push"]}))
+            .collect();
+        let claims = serde_json::json!({
+            "iss": "wasinode-test-issuer", "sub": user, "aud": "wasinode-test-registry",
+            "exp": now + 3600, "nbf": now - 60, "iat": now - 60, "jti": format!("{now}"),
+            "access": access,
+        });
+        let signing_input = format!(
+            "{}.{}",
+            b64url(header.to_string().as_bytes()),
+            b64url(claims.to_string().as_bytes())
+        );
+        let input_file = pki.path().join("input");
+        std::fs::write(&input_file, &signing_input).expect("write");
+        let sig = Command::new("openssl")
+            .args(["dgst", "-sha256", "-sign"])
+            .arg(&key)
+            .arg(&input_file)
+            .output()
+            .expect("openssl dgst");
+        assert!(sig.status.success(), "openssl dgst failed");
+        let token = format!("{signing_input}.{}", b64url(&sig.stdout));
+        let server = TokenServer::start(user, password, token);
+        let auth = format!(
+            "auth:\n  token:\n    realm: http://{}/token\n    service: wasinode-test-registry\n    issuer: wasinode-test-issuer\n    rootcertbundle: {}\n",
+            server.addr,
+            cert.display()
+        );
+        let mut reg = Self::start_with_auth_yaml(None, auth);
+        reg.pki = Some(pki);
+        (reg, server)
+    }
+
     fn start_inner(basic: Option<(String, String)>) -> Registry {
+        Self::start_with_auth_yaml(basic, String::new())
+    }
+
+    fn start_with_auth_yaml(basic: Option<(String, String)>, token_auth: String) -> Registry {
         assert!(
             std::path::Path::new(REGISTRY_BIN).exists(),
             "{REGISTRY_BIN} is missing: run tools/setup (Debian package docker-registry)"
         );
         let mut dir = tempfile::tempdir().expect("tempdir");
-        let mut auth = String::new();
+        let mut auth = token_auth;
         if let Some((u, p)) = &basic {
             let out = Command::new("htpasswd")
                 .args(["-Bbn", u, p])
@@ -79,6 +162,7 @@ impl Registry {
                 dir,
                 log,
                 basic: basic.clone(),
+                pki: None,
             };
             if reg.wait_ready() {
                 return reg;
@@ -217,4 +301,88 @@ pub fn wasm_file(dir: &std::path::Path, tag: &str) -> (PathBuf, Vec<u8>) {
     let p = dir.join(format!("{tag}.wasm"));
     std::fs::write(&p, &bytes).expect("write wasm");
     (p, bytes)
+}
+
+fn b64(b: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(b)
+}
+
+fn b64url(b: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
+}
+
+/// A minimal token server: `GET /token?...` with the right basic credentials
+/// gets `{"token": …}`, anything else 401. Counts the tokens it issued.
+pub struct TokenServer {
+    pub addr: String,
+    issued: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl TokenServer {
+    fn start(user: &str, password: &str, token: String) -> TokenServer {
+        use std::io::{BufRead, BufReader, Write};
+        use std::sync::atomic::Ordering;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind token server");
+        let addr = listener.local_addr().expect("addr").to_string();
+        let expected = format!("Basic {}", b64(format!("{user}:{password}").as_bytes()));
+        let issued = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (issued2, stop2) = (issued.clone(), stop.clone());
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                if stop2.load(Ordering::Relaxed) {
+                    break;
+                }
+                let Ok(mut conn) = conn else { continue };
+                let mut reader = BufReader::new(conn.try_clone().expect("clone"));
+                let mut authorized = false;
+                let mut line = String::new();
+                loop {
+                    line.clear();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                        break;
+                    }
+                    if let Some((k, v)) = line.split_once(':')
+                        && k.eq_ignore_ascii_case("authorization")
+                        && v.trim() == expected
+                    {
+                        authorized = true;
+                    }
+                }
+                let (status, body) = if authorized {
+                    issued2.fetch_add(1, Ordering::Relaxed);
+                    (
+                        "200 OK",
+                        serde_json::json!({"token": token, "expires_in": 3600}).to_string(),
+                    )
+                } else {
+                    (
+                        "401 Unauthorized",
+                        r#"{"details":"bad credentials"}"#.to_string(),
+                    )
+                };
+                let _ = write!(
+                    conn,
+                    "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            }
+        });
+        TokenServer { addr, issued, stop }
+    }
+
+    /// Tokens handed out so far.
+    pub fn issued(&self) -> usize {
+        self.issued.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl Drop for TokenServer {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let _ = std::net::TcpStream::connect(&self.addr);
+    }
 }
