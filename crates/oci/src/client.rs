@@ -410,7 +410,48 @@ impl Client {
         let path = w
             .commit(&layer.digest, Some(layer.size).filter(|s| *s > 0), "layer")
             .map_err(|e| with_ref(e, &name))?;
+        drop(_held);
+        // Forget the per-digest lock once nobody else waits on it.
+        let mut m = self
+            .inner
+            .inflight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if Arc::strong_count(&lock) == 2 {
+            m.remove(&layer.digest);
+        }
         Ok((path, size))
+    }
+
+    /// [`Client::pull`] with a short bounded retry, for standalone `run`: errors
+    /// that may be passing (not found yet, registry unreachable or failing) are
+    /// retried `attempts - 1` more times, waiting `first_delay`, then twice as
+    /// long each time; then the last error is returned. Errors no retry can fix
+    /// (bad reference, not wasm, unauthorized, digest mismatch, `Never`) return at once.
+    pub async fn pull_bounded(
+        &self,
+        r: &Reference,
+        policy: PullPolicy,
+        extra: Option<&Credentials>,
+        attempts: u32,
+        first_delay: Duration,
+    ) -> Result<Pulled, OciError> {
+        let mut backoff = Backoff::new(first_delay, first_delay * 8);
+        let mut left = attempts.max(1);
+        loop {
+            match self.pull(r, policy, extra).await {
+                Ok(p) => return Ok(p),
+                Err(e)
+                    if left > 1 && (e.is_transient() || matches!(e, OciError::NotFound { .. })) =>
+                {
+                    left -= 1;
+                    let d = backoff.next_delay();
+                    tracing::warn!(reference = %r, error = %e, retry_in = ?d, "pull failed; retrying");
+                    tokio::time::sleep(d).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// Publish a module (`.wasm`, or `.wat` text which is assembled first) as a
@@ -525,6 +566,42 @@ impl Client {
     }
 }
 
+/// Exponential back-off. [`Backoff::kubelet`] is the kubelet's image pull
+/// back-off (10 s doubling to 300 s), for the node agent's ImagePullBackOff.
+#[derive(Clone, Debug)]
+pub struct Backoff {
+    initial: Duration,
+    max: Duration,
+    next: Duration,
+}
+
+impl Backoff {
+    pub fn new(initial: Duration, max: Duration) -> Self {
+        Backoff {
+            initial,
+            max,
+            next: initial,
+        }
+    }
+
+    /// 10 s, 20 s, 40 s, … capped at 300 s, as the kubelet backs off image pulls.
+    pub fn kubelet() -> Self {
+        Self::new(Duration::from_secs(10), Duration::from_secs(300))
+    }
+
+    /// The delay before the next attempt (and double the one after, up to the cap).
+    pub fn next_delay(&mut self) -> Duration {
+        let d = self.next;
+        self.next = (self.next * 2).min(self.max);
+        d
+    }
+
+    /// Back to the initial delay (after a success).
+    pub fn reset(&mut self) {
+        self.next = self.initial;
+    }
+}
+
 fn with_ref(e: OciError, name: &str) -> OciError {
     match e {
         OciError::DigestMismatch {
@@ -545,6 +622,15 @@ fn with_ref(e: OciError, name: &str) -> OciError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kubelet_backoff() {
+        let mut b = Backoff::kubelet();
+        let secs: Vec<u64> = (0..7).map(|_| b.next_delay().as_secs()).collect();
+        assert_eq!(secs, [10, 20, 40, 80, 160, 300, 300]);
+        b.reset();
+        assert_eq!(b.next_delay().as_secs(), 10);
+    }
 
     #[test]
     fn transport_policy() {

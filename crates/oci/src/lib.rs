@@ -15,7 +15,7 @@ pub mod error;
 pub mod manifest;
 pub mod store;
 
-pub use client::{Client, NoProgress, Progress, Pulled};
+pub use client::{Backoff, Client, NoProgress, Progress, Pulled};
 pub use credentials::{Auth, Credentials};
 pub use error::OciError;
 pub use store::{GcReport, Store};

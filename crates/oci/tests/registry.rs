@@ -678,3 +678,32 @@ async fn digest_mismatch_from_the_registry_is_refused() {
     assert!(matches!(e, OciError::DigestMismatch { .. }), "{msg}");
     assert!(msg.contains(&r.to_string()), "{msg}");
 }
+
+#[tokio::test]
+async fn bounded_retry_gives_up_on_a_missing_reference() {
+    let reg = Registry::start();
+    let n = node(Credentials::default());
+    let r = reg.reference("never/pushed:v1");
+    let started = std::time::Instant::now();
+    let e = n
+        .client
+        .pull_bounded(
+            &r,
+            PullPolicy::IfNotPresent,
+            None,
+            3,
+            std::time::Duration::from_millis(50),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(e, OciError::NotFound { .. }), "{e}");
+    assert!(e.to_string().contains(&r.to_string()), "{e}");
+    // 50 ms + 100 ms of waiting, three manifest requests
+    assert!(started.elapsed() >= std::time::Duration::from_millis(150));
+    let log = std::fs::read_to_string(&reg.log).unwrap();
+    let gets = log
+        .lines()
+        .filter(|l| l.contains("\"GET /v2/never/pushed/manifests/v1 HTTP/1.1\" 404"))
+        .count();
+    assert_eq!(gets, 3);
+}
