@@ -1,1 +1,67 @@
-fn main() {}
+//! The `wasinode` binary: run WAGI/WASI pods standalone, or push and pull wasm modules.
+
+mod pushpull;
+mod run;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "wasinode",
+    version,
+    about = "Run WebAssembly (WAGI and WASI) pods, standalone or as a Kubernetes node",
+    long_about = "wasinode runs Kubernetes Pods whose container images are WebAssembly modules, on \
+wasmtime. Pods with the alpha.wagi.krustlet.dev/default-host and .../modules annotations serve HTTP \
+routes CGI-style (WAGI); other pods run their modules as WASI commands.\n\n\
+Examples:\n  wasinode run examples/wagi-demo.yaml\n  wasinode push hello.wasm 127.0.0.1:5000/hello:v1\n  wasinode pull 127.0.0.1:5000/hello:v1"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Serve Pod manifests on this machine, no cluster needed, until SIGINT/SIGTERM.
+    Run(run::RunArgs),
+    /// Publish a .wasm (or .wat) module to an OCI registry; prints the manifest digest.
+    Push(pushpull::PushArgs),
+    /// Fetch a module from an OCI registry into the local store; prints the manifest digest.
+    Pull(pushpull::PullArgs),
+}
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("WASINODE_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("wasinode: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let result = rt.block_on(async move {
+        match cli.command {
+            Command::Run(a) => run::run(a).await,
+            Command::Push(a) => pushpull::push(a).await.map(|_| 0),
+            Command::Pull(a) => pushpull::pull(a).await.map(|_| 0),
+        }
+    });
+    match result {
+        Ok(0) => std::process::ExitCode::SUCCESS,
+        Ok(code) => std::process::ExitCode::from(code.clamp(1, 255) as u8),
+        Err(e) => {
+            eprintln!("wasinode: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,1 +1,22 @@
-//! placeholder
+//! wasmtime for wasinode.
+//!
+//! Owns: the one `Engine` of a process (pooling allocator, epoch ticker), compiling a module once
+//! per content digest (precompiled on disk, linked once into an `InstancePre`), and running one
+//! invocation: a fresh WASI preview-1 context (args, env, stdin, preopens, captured or streamed
+//! stdout/stderr), a per-instance memory limit, a deadline, and outbound HTTP through the
+//! `wasi_experimental_http` ABI behind an allow-list.
+//!
+//! Must not touch: HTTP serving, CGI, Kubernetes types, registries. Callers hand it bytes and a
+//! digest; it hands back what the guest wrote and how it ended.
+
+mod cache;
+mod engine;
+mod limits;
+mod outbound;
+mod output;
+mod run;
+
+pub use engine::{Program, Runtime, RuntimeConfig, RuntimeError};
+pub use outbound::{AllowList, AllowListError};
+pub use output::{LineSink, Stream};
+pub use run::{Invocation, Outcome, Preopen, RunError};

@@ -1,0 +1,312 @@
+//! `wasinode run`: serve Pod manifests on this machine, no cluster.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use workload::{
+    ContainerState, EventType, Images, LogStore, Phase, PlanContext, PodKey, PullRetry, Report,
+    Reporter, Supervisor, SupervisorConfig,
+};
+
+#[derive(clap::Args, Debug)]
+pub struct RunArgs {
+    /// Pod manifests (YAML; several documents per file allowed). Images may be local files
+    /// (`file:///abs/path.wasm`, or a path relative to the manifest's folder; `.wat` text works
+    /// too) or OCI references (`registry/repo:tag`, `registry/repo@sha256:...`).
+    #[arg(required = true, value_name = "MANIFEST")]
+    pub manifests: Vec<PathBuf>,
+    /// Longest a WAGI request may run before it is cut with 504 (e.g. 30s, 500ms, 2m).
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub request_timeout: Duration,
+    /// Memory one module instance may use, all its memories together (e.g. 128MiB, 64M, 1GiB).
+    #[arg(long, default_value = "128MiB", value_parser = parse_size)]
+    pub max_memory: usize,
+    /// Where modules, compiled code and container logs are kept
+    /// [default: $WASINODE_DATA_DIR, else $XDG_DATA_HOME/wasinode, else ~/.local/share/wasinode].
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Module instances that may run at once (slots reserved by the pooling allocator).
+    #[arg(long, default_value_t = 1000)]
+    pub max_instances: u32,
+    /// A plain-HTTP registry to allow besides loopback ones (HOST[:PORT]; repeatable).
+    #[arg(long, value_name = "HOST[:PORT]")]
+    pub insecure_registry: Vec<String>,
+    /// Time in-flight requests get to finish after SIGINT/SIGTERM.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub shutdown_grace: Duration,
+    /// First wait before restarting a WASI container (doubles up to 5 minutes), as the kubelet does.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub restart_backoff: Duration,
+    /// Do not echo module logs to this terminal (they are still written to the data dir).
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s)
+        .map_err(|e| format!("{s:?} is not a duration like 30s or 500ms: {e}"))
+}
+
+pub fn parse_size(s: &str) -> Result<usize, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: usize = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size like 128MiB"))?;
+    let mult: usize = match unit.trim() {
+        "" | "B" => 1,
+        "K" | "KB" | "k" => 1000,
+        "Ki" | "KiB" => 1 << 10,
+        "M" | "MB" => 1_000_000,
+        "Mi" | "MiB" => 1 << 20,
+        "G" | "GB" => 1_000_000_000,
+        "Gi" | "GiB" => 1 << 30,
+        u => {
+            return Err(format!(
+                "{s:?}: unknown unit {u:?} (use B, KiB, MiB, GiB, K, M, G)"
+            ));
+        }
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("{s:?} is too large"))
+}
+
+pub async fn run(args: RunArgs) -> anyhow::Result<i32> {
+    let data_dir = args.data_dir.clone().unwrap_or_else(oci::default_data_dir);
+    std::fs::create_dir_all(&data_dir)
+        .with_context(|| format!("cannot create data dir {}", data_dir.display()))?;
+    let rt = runtime::Runtime::new(runtime::RuntimeConfig {
+        max_memory: args.max_memory,
+        max_instances: args.max_instances,
+        cache_dir: Some(data_dir.join("modules")),
+        ..Default::default()
+    })?;
+    let store = oci::Store::open(&data_dir)?;
+    let creds = oci::Credentials::from_docker_config_env().unwrap_or_else(|e| {
+        eprintln!("wasinode: warning: ignoring Docker credentials: {e}");
+        oci::Credentials::default()
+    });
+    let client = oci::Client::new(store, creds, args.insecure_registry.clone());
+    let images = Images::new(
+        Some(client),
+        PullRetry {
+            attempts: 3,
+            first_delay: Duration::from_millis(500),
+        },
+    );
+    let logs = LogStore::start(data_dir.join("logs"), !args.quiet);
+    let (reporter, reports) = Reporter::channel();
+    let phases: Arc<Mutex<HashMap<PodKey, Phase>>> = Arc::default();
+    let printer = tokio::spawn(print_reports(reports, phases.clone()));
+    let sup = Supervisor::new(
+        rt,
+        images,
+        logs,
+        reporter,
+        SupervisorConfig {
+            request_timeout: args.request_timeout,
+            restart_backoff: workload::command::RestartBackoff {
+                initial: args.restart_backoff,
+                max: Duration::from_secs(300),
+            },
+            ..Default::default()
+        },
+    );
+
+    let mut pods = Vec::new();
+    let mut load_errors = 0;
+    for path in &args.manifests {
+        match workload::manifest::load(path) {
+            Ok((p, warnings)) => {
+                for w in warnings {
+                    eprintln!("wasinode: warning: {w}");
+                }
+                pods.extend(p);
+            }
+            Err(e) => {
+                eprintln!("wasinode: error: {e}");
+                load_errors += 1;
+            }
+        }
+    }
+    if pods.is_empty() {
+        anyhow::bail!("no pod to run ({} manifest(s) unreadable)", load_errors);
+    }
+    let volume_dir = Supervisor::volume_dir(&data_dir);
+    let starts = pods.iter().map(|mp| {
+        let ctx = PlanContext {
+            volume_dir: volume_dir.clone(),
+            node_ip: None,
+            base_dir: Some(mp.base_dir.clone()),
+        };
+        let sup = sup.clone();
+        async move { sup.start(&mp.pod, &ctx, None).await }
+    });
+    let results = futures::future::join_all(starts).await;
+    let mut started = 0;
+    let mut serving = false;
+    for r in &results {
+        match r {
+            Ok(s) => {
+                started += 1;
+                if let Some(addr) = s.listen {
+                    serving = true;
+                    eprintln!(
+                        "wasinode: {} serving http://{addr} routes: {}",
+                        s.key,
+                        s.routes.join(" ")
+                    );
+                } else {
+                    eprintln!(
+                        "wasinode: {} running {} container(s)",
+                        s.key,
+                        s.digests.len()
+                    );
+                }
+            }
+            Err(e) => eprintln!("wasinode: error: {e}"),
+        }
+    }
+    if started == 0 {
+        sup.stop_all(args.shutdown_grace).await;
+        anyhow::bail!("no pod could start");
+    }
+    eprintln!(
+        "wasinode: {started} of {} pod(s) started; Ctrl-C to stop",
+        pods.len()
+    );
+
+    let finished_naturally = tokio::select! {
+        _ = shutdown_signal() => false,
+        _ = sup.finished(), if !serving => true,
+    };
+    if !finished_naturally {
+        eprintln!("wasinode: stopping (grace {:?})", args.shutdown_grace);
+    }
+    sup.stop_all(args.shutdown_grace).await;
+    drop(sup);
+    // Let the printer drain what the pods reported last.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    printer.abort();
+    if finished_naturally {
+        let phases = phases.lock().unwrap_or_else(|p| p.into_inner());
+        let failed = phases.values().filter(|p| **p == Phase::Failed).count();
+        return Ok(if failed == 0 && load_errors == 0 {
+            0
+        } else {
+            1
+        });
+    }
+    Ok(0)
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// The standalone status sink: what a kubelet would write to the API, printed.
+async fn print_reports(
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<Report>,
+    phases: Arc<Mutex<HashMap<PodKey, Phase>>>,
+) {
+    while let Some(r) = rx.recv().await {
+        match r {
+            Report::Pod {
+                pod,
+                phase,
+                reason,
+                message,
+            } => {
+                phases
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(pod.clone(), phase);
+                let extra = match (reason, message) {
+                    (Some(r), Some(m)) => format!(" ({r}: {m})"),
+                    (Some(r), None) => format!(" ({r})"),
+                    _ => String::new(),
+                };
+                eprintln!("wasinode: {pod}: {phase:?}{extra}");
+            }
+            Report::Container {
+                pod,
+                container,
+                state,
+                restart_count,
+                ..
+            } => match state {
+                ContainerState::Terminated {
+                    exit_code,
+                    reason,
+                    message,
+                    ..
+                } => {
+                    let m = if message.is_empty() {
+                        String::new()
+                    } else {
+                        format!(": {message}")
+                    };
+                    eprintln!(
+                        "wasinode: {pod}/{container}: terminated, exit code {exit_code} ({reason}{m}), restarts {restart_count}"
+                    );
+                }
+                ContainerState::Waiting { reason, message } if reason != "ContainerCreating" => {
+                    eprintln!("wasinode: {pod}/{container}: waiting ({reason}: {message})");
+                }
+                _ => tracing::debug!(%pod, %container, ?state, "container state"),
+            },
+            Report::Event {
+                pod,
+                kind: EventType::Warning,
+                reason,
+                message,
+            } => {
+                eprintln!("wasinode: {pod}: warning: {reason}: {message}");
+            }
+            Report::Event {
+                pod,
+                reason,
+                message,
+                ..
+            } => tracing::info!(%pod, %reason, "{message}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_and_durations() {
+        assert_eq!(parse_size("128MiB"), Ok(128 << 20));
+        assert_eq!(parse_size("64M"), Ok(64_000_000));
+        assert_eq!(parse_size("1GiB"), Ok(1 << 30));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("12 parsecs").is_err());
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert!(parse_duration("soon").is_err());
+    }
+}

@@ -1,0 +1,233 @@
+//! The one Engine of a process, its Linker, and the programs compiled from content digests.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use wasmtime::{
+    Config, Engine, InstanceAllocationStrategy, InstancePre, Linker, Module,
+    PoolingAllocationConfig,
+};
+
+use crate::run::Host;
+
+/// How the engine is set up; fixed for the life of the process.
+#[derive(Clone, Debug)]
+pub struct RuntimeConfig {
+    /// Memory one instance may use (all its linear memories and tables together).
+    pub max_memory: usize,
+    /// Instances that may run at once; the pooling allocator reserves slots for this many.
+    pub max_instances: u32,
+    /// Where precompiled modules are kept; `None` compiles in memory only.
+    pub cache_dir: Option<PathBuf>,
+    /// How often running guests yield to the scheduler and deadlines are checked.
+    pub epoch_tick: Duration,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        Self {
+            max_memory: 128 << 20,
+            max_instances: 1000,
+            cache_dir: None,
+            epoch_tick: Duration::from_millis(10),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("cannot set up the wasm engine: {0}")]
+    Engine(String),
+    #[error("module {digest} is not valid WebAssembly: {reason}")]
+    Compile { digest: String, reason: String },
+    #[error("module {digest} cannot be linked: {reason}")]
+    Link { digest: String, reason: String },
+}
+
+/// A module compiled once and linked once, ready to be instantiated per invocation.
+pub struct Program {
+    digest: String,
+    module: Module,
+    pub(crate) pre: InstancePre<Host>,
+}
+
+impl Program {
+    pub fn digest(&self) -> &str {
+        &self.digest
+    }
+
+    /// Whether the module exports a function of this name.
+    pub fn exports_func(&self, name: &str) -> bool {
+        self.module
+            .exports()
+            .any(|e| e.name() == name && e.ty().func().is_some())
+    }
+}
+
+impl std::fmt::Debug for Program {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Program")
+            .field("digest", &self.digest)
+            .finish()
+    }
+}
+
+/// Cheap to clone; every clone shares the engine, linker and programs.
+#[derive(Clone)]
+pub struct Runtime {
+    pub(crate) inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    pub(crate) engine: Engine,
+    pub(crate) linker: Linker<Host>,
+    pub(crate) config: RuntimeConfig,
+    pub(crate) http: reqwest::Client,
+    programs: Mutex<HashMap<String, Arc<Program>>>,
+    compiling: Mutex<HashMap<String, Arc<Mutex<()>>>>,
+    stop_ticker: Arc<AtomicBool>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.stop_ticker.store(true, Ordering::Relaxed);
+    }
+}
+
+impl Runtime {
+    pub fn new(config: RuntimeConfig) -> Result<Self, RuntimeError> {
+        let err = |e: wasmtime::Error| RuntimeError::Engine(format!("{e:#}"));
+        let mut pool = PoolingAllocationConfig::default();
+        pool.total_core_instances(config.max_instances)
+            .total_memories(config.max_instances)
+            .total_tables(config.max_instances)
+            .total_stacks(config.max_instances)
+            .max_memories_per_module(1)
+            .max_memory_size(config.max_memory)
+            // Keep the first pages of a reused slot resident: cheaper than faulting them in again.
+            .linear_memory_keep_resident(64 << 10)
+            .table_keep_resident(16 << 10);
+        let mut cfg = Config::new();
+        cfg.epoch_interruption(true)
+            .allocation_strategy(InstanceAllocationStrategy::Pooling(pool))
+            .max_wasm_stack(1 << 20)
+            .async_stack_size(2 << 20);
+        let engine = Engine::new(&cfg).map_err(err)?;
+
+        let mut linker: Linker<Host> = Linker::new(&engine);
+        wasmtime_wasi::p1::add_to_linker_async(&mut linker, |h: &mut Host| &mut h.wasi)
+            .map_err(err)?;
+        crate::outbound::add_to_linker(&mut linker).map_err(err)?;
+
+        let http = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .map_err(|e| RuntimeError::Engine(format!("outbound HTTP client: {e}")))?;
+
+        let stop_ticker = Arc::new(AtomicBool::new(false));
+        spawn_ticker(engine.clone(), config.epoch_tick, stop_ticker.clone());
+
+        Ok(Runtime {
+            inner: Arc::new(Inner {
+                engine,
+                linker,
+                config,
+                http,
+                programs: Mutex::new(HashMap::new()),
+                compiling: Mutex::new(HashMap::new()),
+                stop_ticker,
+            }),
+        })
+    }
+
+    pub fn config(&self) -> &RuntimeConfig {
+        &self.inner.config
+    }
+
+    /// The program for `digest`, compiling `bytes` (wasm or WAT) only if no program of that digest
+    /// exists yet, in memory or in the disk cache. Concurrent loads of one digest compile once.
+    /// This blocks while compiling: call it from a blocking task.
+    pub fn load(&self, digest: &str, bytes: &[u8]) -> Result<Arc<Program>, RuntimeError> {
+        if let Some(p) = self.loaded(digest) {
+            return Ok(p);
+        }
+        let gate = {
+            let mut map = self
+                .inner
+                .compiling
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            map.entry(digest.to_string()).or_default().clone()
+        };
+        let _held = gate.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(p) = self.loaded(digest) {
+            return Ok(p);
+        }
+        let module = crate::cache::load_or_compile(
+            &self.inner.engine,
+            self.inner.config.cache_dir.as_deref(),
+            digest,
+            bytes,
+        )?;
+        let pre = self
+            .inner
+            .linker
+            .instantiate_pre(&module)
+            .map_err(|e| RuntimeError::Link {
+                digest: digest.to_string(),
+                reason: format!("{e:#}"),
+            })?;
+        let program = Arc::new(Program {
+            digest: digest.to_string(),
+            module,
+            pre,
+        });
+        self.inner
+            .programs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(digest.to_string(), program.clone());
+        self.inner
+            .compiling
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(digest);
+        Ok(program)
+    }
+
+    /// The program already loaded for `digest`, if any.
+    pub fn loaded(&self, digest: &str) -> Option<Arc<Program>> {
+        self.inner
+            .programs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(digest)
+            .cloned()
+    }
+
+    /// Forget programs whose digest is not in `keep` (their machine code stays in the disk cache).
+    pub fn retain(&self, keep: &dyn Fn(&str) -> bool) {
+        self.inner
+            .programs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|d, _| keep(d));
+    }
+}
+
+fn spawn_ticker(engine: Engine, tick: Duration, stop: Arc<AtomicBool>) {
+    let spawned = std::thread::Builder::new()
+        .name("wasm-epoch".into())
+        .spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                std::thread::sleep(tick);
+                engine.increment_epoch();
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "cannot start the epoch ticker: deadlines will not be enforced");
+    }
+}

@@ -1,0 +1,207 @@
+//! One invocation of a program: a fresh store and WASI context, run to completion, under a
+//! deadline and a memory limit.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use wasmtime::{Store, UpdateDeadline};
+use wasmtime_wasi::p1::WasiP1Ctx;
+use wasmtime_wasi::p2::pipe::{MemoryInputPipe, MemoryOutputPipe};
+use wasmtime_wasi::{FsPerms, I32Exit, WasiCtxBuilder};
+
+use crate::engine::{Program, Runtime};
+use crate::limits::InstanceLimiter;
+use crate::outbound::{AllowList, OutboundState};
+use crate::output::{DiscardStream, LineStream, Stream};
+
+/// The state of one store.
+pub struct Host {
+    pub(crate) wasi: WasiP1Ctx,
+    pub(crate) limiter: InstanceLimiter,
+    pub(crate) outbound: OutboundState,
+}
+
+/// A host directory the guest sees at `guest`.
+#[derive(Clone, Debug)]
+pub struct Preopen {
+    pub host: PathBuf,
+    pub guest: String,
+    pub read_only: bool,
+}
+
+/// What to run and with what.
+#[derive(Clone, Debug)]
+pub struct Invocation {
+    /// Exported function to call: `_start` for commands, or a WAGI entrypoint.
+    pub entrypoint: String,
+    pub args: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub stdin: Bytes,
+    pub stdout: Stream,
+    pub stderr: Stream,
+    pub preopens: Vec<Preopen>,
+    pub allowed_hosts: Arc<AllowList>,
+    /// Wall-clock limit for the whole invocation; `None` runs until the guest returns.
+    pub timeout: Option<Duration>,
+}
+
+impl Invocation {
+    pub fn new(entrypoint: impl Into<String>) -> Self {
+        Self {
+            entrypoint: entrypoint.into(),
+            args: Vec::new(),
+            env: Vec::new(),
+            stdin: Bytes::new(),
+            stdout: Stream::Capture { limit: 32 << 20 },
+            stderr: Stream::Capture { limit: 1 << 20 },
+            preopens: Vec::new(),
+            allowed_hosts: Arc::new(AllowList::deny_all()),
+            timeout: None,
+        }
+    }
+}
+
+/// How a guest ended when it ended on its own.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    /// 0 when the entrypoint returned or called `proc_exit(0)`.
+    pub exit_code: i32,
+    /// What the guest wrote, for streams set to `Capture`.
+    pub stdout: Bytes,
+    pub stderr: Bytes,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("the module did not finish within {0:?}")]
+    Timeout(Duration),
+    #[error("the module tried to use more than {limit} bytes of memory")]
+    MemoryLimit { limit: usize, stderr: Bytes },
+    #[error("the module trapped: {message}")]
+    Trap { message: String, stderr: Bytes },
+    #[error("the module has no exported function {0:?}")]
+    NoEntrypoint(String),
+    #[error("too many instances running at once; try again")]
+    Busy,
+    #[error("cannot start the module: {0}")]
+    Setup(String),
+}
+
+fn pipe_for(
+    stream: &Stream,
+) -> (
+    Option<MemoryOutputPipe>,
+    Box<dyn wasmtime_wasi::cli::StdoutStream + Sync>,
+) {
+    match stream {
+        Stream::Capture { limit } => {
+            let pipe = MemoryOutputPipe::new(*limit);
+            (Some(pipe.clone()), Box::new(pipe))
+        }
+        Stream::Lines(sink) => (None, Box::new(LineStream(sink.clone()))),
+        Stream::Discard => (None, Box::new(DiscardStream)),
+    }
+}
+
+fn captured(pipe: &Option<MemoryOutputPipe>) -> Bytes {
+    pipe.as_ref().map(|p| p.contents()).unwrap_or_default()
+}
+
+impl Runtime {
+    /// Runs `inv` on a fresh instance of `program`. Each call is isolated: a trap, a timeout or a
+    /// memory limit ends only this invocation.
+    pub async fn run(&self, program: &Program, inv: Invocation) -> Result<Outcome, RunError> {
+        let timeout = inv.timeout;
+        let fut = self.run_inner(program, inv);
+        match timeout {
+            // Guests yield at every epoch tick, so dropping the future on timeout stops the guest
+            // even in a tight loop, and stops it too while it waits on an outbound request.
+            Some(t) => tokio::time::timeout(t, fut)
+                .await
+                .map_err(|_| RunError::Timeout(t))?,
+            None => fut.await,
+        }
+    }
+
+    async fn run_inner(&self, program: &Program, inv: Invocation) -> Result<Outcome, RunError> {
+        let mut b = WasiCtxBuilder::new();
+        b.args(&inv.args).envs(&inv.env);
+        b.stdin(MemoryInputPipe::new(inv.stdin));
+        let (stdout_pipe, stdout) = pipe_for(&inv.stdout);
+        let (stderr_pipe, stderr) = pipe_for(&inv.stderr);
+        b.stdout(stdout).stderr(stderr);
+        for p in &inv.preopens {
+            let perms = if p.read_only {
+                FsPerms::ReadOnly
+            } else {
+                FsPerms::ReadWrite
+            };
+            b.preopened_dir(&p.host, &p.guest, perms).map_err(|e| {
+                RunError::Setup(format!(
+                    "cannot open {} for {}: {e:#}",
+                    p.host.display(),
+                    p.guest
+                ))
+            })?;
+        }
+        let host = Host {
+            wasi: b.build_p1(),
+            limiter: InstanceLimiter::new(self.inner.config.max_memory),
+            outbound: OutboundState::new(inv.allowed_hosts.clone(), self.inner.http.clone()),
+        };
+        let mut store = Store::new(&self.inner.engine, host);
+        store.limiter(|h| &mut h.limiter);
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_callback(|_| Ok(UpdateDeadline::Yield(1)));
+
+        let instance = match program.pre.instantiate_async(&mut store).await {
+            Ok(i) => i,
+            Err(e) => {
+                let msg = format!("{e:#}");
+                if store.data().limiter.refused {
+                    return Err(RunError::MemoryLimit {
+                        limit: self.inner.config.max_memory,
+                        stderr: Bytes::new(),
+                    });
+                }
+                if msg.contains("concurrent") || msg.contains("maximum") {
+                    return Err(RunError::Busy);
+                }
+                return Err(RunError::Setup(msg));
+            }
+        };
+        let func = instance
+            .get_typed_func::<(), ()>(&mut store, &inv.entrypoint)
+            .map_err(|_| RunError::NoEntrypoint(inv.entrypoint.clone()))?;
+        let result = func.call_async(&mut store, ()).await;
+        let refused = store.data().limiter.refused;
+        drop(store);
+        let stderr = captured(&stderr_pipe);
+        let exit_code = match result {
+            Ok(()) => 0,
+            Err(e) => match e.downcast_ref::<I32Exit>() {
+                Some(I32Exit(code)) => *code,
+                None if refused => {
+                    return Err(RunError::MemoryLimit {
+                        limit: self.inner.config.max_memory,
+                        stderr,
+                    });
+                }
+                None => {
+                    let message = match e.downcast_ref::<wasmtime::Trap>() {
+                        Some(trap) => trap.to_string(),
+                        None => format!("{e:#}"),
+                    };
+                    return Err(RunError::Trap { message, stderr });
+                }
+            },
+        };
+        Ok(Outcome {
+            exit_code,
+            stdout: captured(&stdout_pipe),
+            stderr,
+        })
+    }
+}

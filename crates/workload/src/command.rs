@@ -1,0 +1,160 @@
+//! A container of a pod without WAGI annotations: its module runs as a WASI command, stdout and
+//! stderr go to its log, and `restartPolicy` decides whether it runs again (with the kubelet's
+//! doubling back-off).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use runtime::{AllowList, Invocation, Preopen, Program, RunError, Runtime, Stream};
+use tokio_util::sync::CancellationToken;
+
+use crate::logs::{ContainerLog, LogStore};
+use crate::plan::{PodKey, RestartPolicy};
+use crate::report::{ContainerState, EventType, Reporter};
+
+pub struct CommandSpec {
+    pub pod: PodKey,
+    pub container: String,
+    pub program: Arc<Program>,
+    /// argv[1..]; argv[0] is the container name.
+    pub args: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub mounts: Vec<Preopen>,
+    pub log: ContainerLog,
+}
+
+/// Back-off between restarts: `initial`, doubling up to `max`; reset after a run of 10 minutes.
+#[derive(Clone, Copy, Debug)]
+pub struct RestartBackoff {
+    pub initial: Duration,
+    pub max: Duration,
+}
+
+impl Default for RestartBackoff {
+    fn default() -> Self {
+        Self {
+            initial: Duration::from_secs(10),
+            max: Duration::from_secs(300),
+        }
+    }
+}
+
+/// Runs the container until it is done under its restart policy, or until `stop`.
+/// Returns the last exit code (`None` when stopped).
+pub async fn run_container(
+    rt: Runtime,
+    spec: CommandSpec,
+    restart: RestartPolicy,
+    backoff: RestartBackoff,
+    reports: Reporter,
+    logs: LogStore,
+    stop: CancellationToken,
+) -> Option<i32> {
+    let image_id = Some(spec.program.digest().to_string());
+    let mut argv = vec![spec.container.clone()];
+    argv.extend(spec.args.iter().cloned());
+    let mut restarts = 0u32;
+    let mut delay = backoff.initial;
+    loop {
+        let started = SystemTime::now();
+        let began = Instant::now();
+        reports.container(
+            &spec.pod,
+            &spec.container,
+            ContainerState::Running {
+                started_at: started,
+            },
+            true,
+            restarts,
+            image_id.clone(),
+        );
+        if restarts == 0 {
+            reports.event(
+                &spec.pod,
+                EventType::Normal,
+                "Started",
+                format!("Started container {}", spec.container),
+            );
+        }
+        let inv = Invocation {
+            entrypoint: "_start".into(),
+            args: argv.clone(),
+            env: spec.env.clone(),
+            stdin: Default::default(),
+            stdout: Stream::Lines(Arc::new(spec.log.stdout())),
+            stderr: Stream::Lines(Arc::new(spec.log.clone())),
+            preopens: spec.mounts.clone(),
+            allowed_hosts: Arc::new(AllowList::deny_all()),
+            timeout: None,
+        };
+        let result = tokio::select! {
+            r = rt.run(&spec.program, inv) => r,
+            _ = stop.cancelled() => {
+                reports.container(&spec.pod, &spec.container, ContainerState::Terminated {
+                    exit_code: 137, reason: "Killed".into(), message: "stopped by wasinode".into(),
+                    started_at: started, finished_at: SystemTime::now(),
+                }, false, restarts, image_id.clone());
+                return None;
+            }
+        };
+        let (code, message) = match result {
+            Ok(o) => (o.exit_code, String::new()),
+            Err(RunError::Trap { message, .. }) => (1, format!("trap: {message}")),
+            Err(e) => (1, e.to_string()),
+        };
+        if !message.is_empty() {
+            spec.log.note(&format!("wasinode: {message}"));
+        }
+        let reason = if code == 0 { "Completed" } else { "Error" };
+        let finished = ContainerState::Terminated {
+            exit_code: code,
+            reason: reason.into(),
+            message: message.clone(),
+            started_at: started,
+            finished_at: SystemTime::now(),
+        };
+        reports.container(
+            &spec.pod,
+            &spec.container,
+            finished,
+            false,
+            restarts,
+            image_id.clone(),
+        );
+        let again = match restart {
+            RestartPolicy::Always => true,
+            RestartPolicy::OnFailure => code != 0,
+            RestartPolicy::Never => false,
+        };
+        if !again {
+            return Some(code);
+        }
+        if began.elapsed() > Duration::from_secs(600) {
+            delay = backoff.initial;
+        }
+        let msg = format!(
+            "Back-off {}s restarting container {} (exit code {code})",
+            delay.as_secs_f32(),
+            spec.container
+        );
+        reports.event(&spec.pod, EventType::Warning, "BackOff", msg.clone());
+        reports.container(
+            &spec.pod,
+            &spec.container,
+            ContainerState::Waiting {
+                reason: "CrashLoopBackOff".into(),
+                message: msg,
+            },
+            false,
+            restarts,
+            image_id.clone(),
+        );
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = stop.cancelled() => return None,
+        }
+        delay = (delay * 2).min(backoff.max);
+        logs.rotate(&spec.pod, &spec.container).await;
+        restarts += 1;
+    }
+}

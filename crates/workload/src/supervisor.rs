@@ -1,0 +1,549 @@
+//! The Supervisor: plan -> fetch -> compile -> start for each pod, and stop. Both fronts (the
+//! standalone `run` and the node agent) drive pods only through this type.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use k8s_openapi::api::core::v1::Pod;
+use oci::Credentials;
+use runtime::{Invocation, Program, Runtime, Stream};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use wagi::routes::{RouteTable, join, parse_routes_output};
+
+use crate::command::{CommandSpec, RestartBackoff, run_container};
+use crate::image::Images;
+use crate::logs::LogStore;
+use crate::plan::{ContainerPlan, Plan, PlanContext, PlanKind, PodKey, plan};
+use crate::report::{ContainerState, EventType, Phase, Reporter};
+use crate::serve::{Handler, WagiApp, serve};
+
+#[derive(Clone, Debug)]
+pub struct SupervisorConfig {
+    /// Per-request deadline of WAGI routes.
+    pub request_timeout: Duration,
+    /// Sent as SERVER_SOFTWARE.
+    pub server_software: String,
+    pub restart_backoff: RestartBackoff,
+}
+
+impl Default for SupervisorConfig {
+    fn default() -> Self {
+        Self {
+            request_timeout: Duration::from_secs(30),
+            server_software: format!("wasinode/{}", env!("CARGO_PKG_VERSION")),
+            restart_backoff: RestartBackoff::default(),
+        }
+    }
+}
+
+/// Why a pod could not start: a kubelet-style reason and a message that says exactly what is wrong.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{reason}: {message}")]
+pub struct StartError {
+    pub reason: String,
+    pub message: String,
+    /// The container the error is about, if any.
+    pub container: Option<String>,
+}
+
+/// A pod that started.
+#[derive(Debug, Clone)]
+pub struct Started {
+    pub key: PodKey,
+    /// The address a WAGI pod listens on.
+    pub listen: Option<SocketAddr>,
+    /// Routes served (WAGI), including `_routes` sub-routes.
+    pub routes: Vec<String>,
+    pub warnings: Vec<String>,
+    /// Container name -> module digest.
+    pub digests: Vec<(String, String)>,
+}
+
+struct Running {
+    stop: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+#[derive(Clone)]
+pub struct Supervisor {
+    runtime: Runtime,
+    images: Images,
+    logs: LogStore,
+    reports: Reporter,
+    config: SupervisorConfig,
+    pods: Arc<Mutex<HashMap<PodKey, Running>>>,
+}
+
+impl Supervisor {
+    pub fn new(
+        runtime: Runtime,
+        images: Images,
+        logs: LogStore,
+        reports: Reporter,
+        config: SupervisorConfig,
+    ) -> Self {
+        Self {
+            runtime,
+            images,
+            logs,
+            reports,
+            config,
+            pods: Arc::default(),
+        }
+    }
+
+    pub fn logs(&self) -> &LogStore {
+        &self.logs
+    }
+
+    pub fn runtime(&self) -> &Runtime {
+        &self.runtime
+    }
+
+    /// Pods that are running now.
+    pub fn running(&self) -> Vec<PodKey> {
+        let pods = self.pods.lock().unwrap_or_else(|p| p.into_inner());
+        pods.iter()
+            .filter(|(_, r)| !r.task.is_finished())
+            .map(|(k, _)| k.clone())
+            .collect()
+    }
+
+    fn fail(&self, key: &PodKey, e: &StartError) {
+        if let Some(c) = &e.container {
+            self.reports.container(
+                key,
+                c,
+                ContainerState::Waiting {
+                    reason: e.reason.clone(),
+                    message: e.message.clone(),
+                },
+                false,
+                0,
+                None,
+            );
+        }
+        self.reports
+            .event(key, EventType::Warning, "Failed", e.message.clone());
+        self.reports
+            .phase(key, Phase::Failed, Some(&e.reason), Some(e.message.clone()));
+    }
+
+    /// Plans, fetches, compiles and starts `pod`. On error the pod is reported Failed with the
+    /// reason, and nothing of it is left running.
+    pub async fn start(
+        &self,
+        pod: &Pod,
+        ctx: &PlanContext,
+        creds: Option<&Credentials>,
+    ) -> Result<Started, StartError> {
+        let key = crate::plan::pod_key(pod);
+        let result = self.start_inner(pod, ctx, creds).await;
+        if let Err(e) = &result {
+            self.fail(&key, e);
+        }
+        result
+    }
+
+    async fn start_inner(
+        &self,
+        pod: &Pod,
+        ctx: &PlanContext,
+        creds: Option<&Credentials>,
+    ) -> Result<Started, StartError> {
+        let plan = plan(pod, ctx).map_err(|e| StartError {
+            reason: "InvalidPodSpec".into(),
+            message: e.to_string(),
+            container: None,
+        })?;
+        let key = plan.key.clone();
+        if self
+            .pods
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(&key)
+        {
+            return Err(StartError {
+                reason: "AlreadyRunning".into(),
+                message: format!("pod {key} is already running"),
+                container: None,
+            });
+        }
+        for w in &plan.warnings {
+            self.reports
+                .event(&key, EventType::Warning, "PodSpecWarning", w.clone());
+        }
+        let mut programs = HashMap::new();
+        for c in &plan.containers {
+            let program = self.load_container(&key, c, ctx, creds).await?;
+            programs.insert(c.name.clone(), program);
+        }
+        for c in &plan.containers {
+            for m in &c.mounts {
+                if m.host.starts_with(&ctx.volume_dir) && !ctx.volume_dir.as_os_str().is_empty() {
+                    tokio::fs::create_dir_all(&m.host)
+                        .await
+                        .map_err(|e| StartError {
+                            reason: "CreateContainerConfigError".into(),
+                            message: format!("cannot create volume {}: {e}", m.host.display()),
+                            container: Some(c.name.clone()),
+                        })?;
+                }
+            }
+        }
+        let digests = plan
+            .containers
+            .iter()
+            .filter_map(|c| {
+                programs
+                    .get(&c.name)
+                    .map(|p| (c.name.clone(), p.digest().to_string()))
+            })
+            .collect();
+        let started = match &plan.kind {
+            PlanKind::Wagi { listen, routes } => {
+                self.start_wagi(&plan, *listen, routes, &programs).await?
+            }
+            PlanKind::Wasi { restart } => self.start_wasi(&plan, *restart, &programs),
+        };
+        Ok(Started {
+            key,
+            warnings: plan.warnings.clone(),
+            digests,
+            ..started
+        })
+    }
+
+    async fn load_container(
+        &self,
+        key: &PodKey,
+        c: &ContainerPlan,
+        ctx: &PlanContext,
+        creds: Option<&Credentials>,
+    ) -> Result<Arc<Program>, StartError> {
+        let waiting = |reason: &str, message: String| {
+            self.reports.container(
+                key,
+                &c.name,
+                ContainerState::Waiting {
+                    reason: reason.into(),
+                    message,
+                },
+                false,
+                0,
+                None,
+            );
+        };
+        waiting("ContainerCreating", String::new());
+        self.reports.event(
+            key,
+            EventType::Normal,
+            "Pulling",
+            format!("Pulling image {:?}", c.image),
+        );
+        let fetched = self
+            .images
+            .fetch(
+                &c.image,
+                c.image_pull_policy.as_deref(),
+                ctx.base_dir.as_deref(),
+                creds,
+            )
+            .await
+            .map_err(|e| StartError {
+                reason: e.reason().into(),
+                message: format!("container {}: {e}", c.name),
+                container: Some(c.name.clone()),
+            })?;
+        self.reports.event(
+            key,
+            EventType::Normal,
+            "Pulled",
+            format!(
+                "Image {:?} is {} ({} bytes)",
+                c.image,
+                fetched.digest,
+                fetched.bytes.len()
+            ),
+        );
+        if let Some(p) = self.runtime.loaded(&fetched.digest) {
+            return Ok(p);
+        }
+        let rt = self.runtime.clone();
+        let digest = fetched.digest.clone();
+        let loaded = tokio::task::spawn_blocking(move || rt.load(&digest, &fetched.bytes)).await;
+        match loaded {
+            Ok(Ok(p)) => Ok(p),
+            Ok(Err(e)) => Err(StartError {
+                reason: "CreateContainerError".into(),
+                message: format!("container {}: {e}", c.name),
+                container: Some(c.name.clone()),
+            }),
+            Err(e) => Err(StartError {
+                reason: "CreateContainerError".into(),
+                message: format!("container {}: compiler task failed: {e}", c.name),
+                container: Some(c.name.clone()),
+            }),
+        }
+    }
+
+    async fn start_wagi(
+        &self,
+        plan: &Plan,
+        listen: SocketAddr,
+        routes: &[crate::plan::RoutePlan],
+        programs: &HashMap<String, Arc<Program>>,
+    ) -> Result<Started, StartError> {
+        let key = &plan.key;
+        let mut table = RouteTable::new();
+        let mut served = Vec::new();
+        for r in routes {
+            let c = plan.containers.iter().find(|c| c.name == r.container);
+            let (Some(c), Some(program)) = (c, programs.get(&r.container)) else {
+                continue;
+            };
+            let handler = |entrypoint: String| {
+                Arc::new(Handler {
+                    container: c.name.clone(),
+                    program: program.clone(),
+                    entrypoint,
+                    argv: r.argv.clone(),
+                    env: c.env.clone(),
+                    mounts: c.mounts.clone(),
+                    allowed_hosts: r.allowed_hosts.clone(),
+                    log: self.logs.container(key, &c.name),
+                })
+            };
+            let clash = |e: wagi::routes::RouteError| StartError {
+                reason: "RouteConflict".into(),
+                message: format!("container {}: {e}", c.name),
+                container: Some(c.name.clone()),
+            };
+            table
+                .insert(r.pattern.clone(), handler(r.entrypoint.clone()))
+                .map_err(clash)?;
+            served.push(r.pattern.as_declared());
+            if program.exports_func("_routes") {
+                for sub in self.sub_routes(c, program).await? {
+                    let pattern = join(&r.pattern, &sub.pattern).map_err(clash)?;
+                    served.push(pattern.as_declared());
+                    table
+                        .insert(pattern, handler(sub.entrypoint))
+                        .map_err(clash)?;
+                }
+            }
+        }
+        let listener = TcpListener::bind(listen).await.map_err(|e| StartError {
+            reason: if e.kind() == std::io::ErrorKind::AddrInUse {
+                "PortInUse".into()
+            } else {
+                "CannotListen".into()
+            },
+            message: format!(
+                "cannot listen on {listen} ({}): {e}",
+                crate::plan::DEFAULT_HOST_ANNOTATION
+            ),
+            container: None,
+        })?;
+        let bound = listener.local_addr().unwrap_or(listen);
+        let app = Arc::new(WagiApp {
+            pod: key.to_string(),
+            routes: table,
+            runtime: self.runtime.clone(),
+            timeout: self.config.request_timeout,
+            server_software: self.config.server_software.clone(),
+        });
+        let stop = CancellationToken::new();
+        let now = SystemTime::now();
+        for c in &plan.containers {
+            let image_id = programs.get(&c.name).map(|p| p.digest().to_string());
+            self.reports.container(
+                key,
+                &c.name,
+                ContainerState::Running { started_at: now },
+                true,
+                0,
+                image_id,
+            );
+            self.reports.event(
+                key,
+                EventType::Normal,
+                "Started",
+                format!("Started container {}: serving on {bound}", c.name),
+            );
+        }
+        self.reports.phase(key, Phase::Running, None, None);
+        // The grace period is enforced by `stop`, which aborts the server (and with it every open
+        // connection) when it runs out; the server itself waits for in-flight requests.
+        let task = tokio::spawn(serve(
+            listener,
+            app,
+            stop.clone(),
+            Duration::from_secs(24 * 3600),
+        ));
+        self.pods
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key.clone(), Running { stop, task });
+        Ok(Started {
+            key: key.clone(),
+            listen: Some(bound),
+            routes: served,
+            warnings: vec![],
+            digests: vec![],
+        })
+    }
+
+    async fn sub_routes(
+        &self,
+        c: &ContainerPlan,
+        program: &Arc<Program>,
+    ) -> Result<Vec<wagi::routes::SubRoute>, StartError> {
+        let err = |m: String| StartError {
+            reason: "CreateContainerError".into(),
+            message: format!("container {}: _routes: {m}", c.name),
+            container: Some(c.name.clone()),
+        };
+        let mut inv = Invocation::new("_routes");
+        inv.env = c.env.clone();
+        inv.stdout = Stream::Capture { limit: 1 << 20 };
+        inv.timeout = Some(self.config.request_timeout);
+        let out = self
+            .runtime
+            .run(program, inv)
+            .await
+            .map_err(|e| err(e.to_string()))?;
+        parse_routes_output(&String::from_utf8_lossy(&out.stdout)).map_err(|e| err(e.to_string()))
+    }
+
+    fn start_wasi(
+        &self,
+        plan: &Plan,
+        restart: crate::plan::RestartPolicy,
+        programs: &HashMap<String, Arc<Program>>,
+    ) -> Started {
+        let key = plan.key.clone();
+        let stop = CancellationToken::new();
+        let mut handles = Vec::new();
+        for c in &plan.containers {
+            let Some(program) = programs.get(&c.name) else {
+                continue;
+            };
+            let spec = CommandSpec {
+                pod: key.clone(),
+                container: c.name.clone(),
+                program: program.clone(),
+                args: c.args.clone(),
+                env: c.env.clone(),
+                mounts: c.mounts.clone(),
+                log: self.logs.container(&key, &c.name),
+            };
+            handles.push(tokio::spawn(run_container(
+                self.runtime.clone(),
+                spec,
+                restart,
+                self.config.restart_backoff,
+                self.reports.clone(),
+                self.logs.clone(),
+                stop.clone(),
+            )));
+        }
+        self.reports.phase(&key, Phase::Running, None, None);
+        let reports = self.reports.clone();
+        let pod = key.clone();
+        let task = tokio::spawn(async move {
+            let mut codes = Vec::new();
+            for h in handles {
+                codes.push(h.await.ok().flatten());
+            }
+            if codes.iter().any(Option::is_none) {
+                return; // stopped, not finished
+            }
+            let failed = codes.iter().flatten().filter(|c| **c != 0).count();
+            if failed == 0 {
+                reports.phase(&pod, Phase::Succeeded, Some("Completed"), None);
+            } else {
+                reports.phase(
+                    &pod,
+                    Phase::Failed,
+                    Some("Error"),
+                    Some(format!("{failed} container(s) exited with a non-zero code")),
+                );
+            }
+        });
+        self.pods
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key.clone(), Running { stop, task });
+        Started {
+            key,
+            listen: None,
+            routes: vec![],
+            warnings: vec![],
+            digests: vec![],
+        }
+    }
+
+    /// Stops a pod: listeners stop accepting, in-flight requests get `grace`, commands are
+    /// cancelled. Returns once nothing of the pod runs and its port is free.
+    pub async fn stop(&self, key: &PodKey, grace: Duration) -> bool {
+        let running = self
+            .pods
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(key);
+        let Some(Running { stop, mut task }) = running else {
+            return false;
+        };
+        self.reports.event(
+            key,
+            EventType::Normal,
+            "Killing",
+            "Stopping pod".to_string(),
+        );
+        stop.cancel();
+        if tokio::time::timeout(grace + Duration::from_secs(1), &mut task)
+            .await
+            .is_err()
+        {
+            task.abort();
+            let _ = task.await;
+        }
+        true
+    }
+
+    /// Stops every pod.
+    pub async fn stop_all(&self, grace: Duration) {
+        let keys: Vec<PodKey> = self
+            .pods
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .cloned()
+            .collect();
+        let stops = keys.iter().map(|k| self.stop(k, grace));
+        futures::future::join_all(stops).await;
+        self.logs.flush().await;
+    }
+
+    /// Resolves when no started pod has anything left running (all commands finished; WAGI pods
+    /// never finish on their own).
+    pub async fn finished(&self) {
+        loop {
+            if self.running().is_empty() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Where a pod's emptyDir volumes go under `data_dir`.
+    pub fn volume_dir(data_dir: &std::path::Path) -> PathBuf {
+        data_dir.join("volumes")
+    }
+}
