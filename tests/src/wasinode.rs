@@ -1,1 +1,207 @@
-//! (being written)
+//! Runs the real `wasinode` binary and talks HTTP to it.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+/// The binary under test: `$WASINODE_BIN`, else `target/release/wasinode` next to this test
+/// executable's own profile folder (tests run with `cargo test --release`).
+pub fn binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("WASINODE_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().unwrap_or_default();
+    // target/<profile>/deps/<test> -> target/<profile>/wasinode
+    let profile = exe.parent().and_then(Path::parent).map(Path::to_path_buf).unwrap_or_default();
+    let candidate = profile.join("wasinode");
+    if candidate.exists() {
+        return candidate;
+    }
+    crate::guests::repo_root().join("target/release/wasinode")
+}
+
+/// A loopback port nobody listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).unwrap_or(0)
+}
+
+/// A running `wasinode` process; killed on drop.
+pub struct Wasinode {
+    child: Child,
+    log: PathBuf,
+    pub data_dir: PathBuf,
+    _tmp: tempfile::TempDir,
+}
+
+impl Wasinode {
+    /// `wasinode <args...> --data-dir <fresh temp dir>`; stdout and stderr go to a file.
+    pub fn start(args: &[&str]) -> Result<Wasinode> {
+        let tmp = tempfile::tempdir()?;
+        Self::start_in(args, tmp)
+    }
+
+    /// The same with a given data dir (kept by the caller).
+    pub fn start_in(args: &[&str], tmp: tempfile::TempDir) -> Result<Wasinode> {
+        let data_dir = tmp.path().join("data");
+        let log = tmp.path().join("wasinode.out");
+        let out = std::fs::File::create(&log)?;
+        let err = out.try_clone()?;
+        let bin = binary();
+        let child = Command::new(&bin)
+            .args(args)
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .env("WASINODE_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .with_context(|| format!("cannot start {} (build it with cargo build --release)", bin.display()))?;
+        Ok(Wasinode { child, log, data_dir, _tmp: tmp })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Everything the process printed so far.
+    pub fn output(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until `addr` accepts connections; fails early (with the output) if the process exits.
+    pub fn wait_listening(&mut self, addr: &str, timeout: Duration) -> Result<()> {
+        let until = Instant::now() + timeout;
+        loop {
+            if TcpStream::connect(addr).is_ok() {
+                return Ok(());
+            }
+            if let Some(status) = self.child.try_wait()? {
+                bail!("wasinode exited ({status}) before listening on {addr}:\n{}", self.output());
+            }
+            if Instant::now() > until {
+                bail!("nothing listens on {addr} after {timeout:?}:\n{}", self.output());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits until the output contains `text`.
+    pub fn wait_output(&mut self, text: &str, timeout: Duration) -> Result<String> {
+        let until = Instant::now() + timeout;
+        loop {
+            let out = self.output();
+            if out.contains(text) {
+                return Ok(out);
+            }
+            if Instant::now() > until {
+                bail!("no {text:?} in the output after {timeout:?}:\n{out}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Sends a signal (`INT`, `TERM`, `KILL`).
+    pub fn signal(&self, sig: &str) -> Result<()> {
+        let st = Command::new("kill").arg(format!("-{sig}")).arg(self.child.id().to_string()).status()?;
+        if !st.success() {
+            bail!("kill -{sig} failed");
+        }
+        Ok(())
+    }
+
+    /// Waits for the process to exit.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<ExitStatus> {
+        let until = Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.child.try_wait()? {
+                return Ok(s);
+            }
+            if Instant::now() > until {
+                bail!("wasinode still running after {timeout:?}:\n{}", self.output());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Resident memory of the process in KiB (from /proc).
+    pub fn rss_kib(&self) -> Result<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .context("no VmRSS")
+    }
+}
+
+impl Drop for Wasinode {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A response as a client sees it.
+#[derive(Debug, Clone)]
+pub struct HttpResponse {
+    pub status: u16,
+    /// In order, repeated names kept; names lowercased.
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl HttpResponse {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+    }
+    pub fn headers_named(&self, name: &str) -> Vec<&str> {
+        self.headers.iter().filter(|(k, _)| k == name).map(|(_, v)| v.as_str()).collect()
+    }
+}
+
+/// One HTTP/1.1 request over a fresh connection (`Connection: close`), with extra headers and body.
+pub fn http(method: &str, addr: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Result<HttpResponse> {
+    let mut s = TcpStream::connect(addr).with_context(|| format!("connect {addr}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(60)))?;
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes())?;
+    s.write_all(body)?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").context("no header end in response")?;
+    let mut lines = head.lines();
+    let status_line = lines.next().unwrap_or_default();
+    let status = status_line.split_whitespace().nth(1).and_then(|c| c.parse().ok()).context("bad status line")?;
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    Ok(HttpResponse { status, headers, body: body.to_string() })
+}
+
+pub fn get(addr: &str, path: &str) -> Result<HttpResponse> {
+    http("GET", addr, path, &[], b"")
+}
+
+/// Whether something accepts connections on `addr`.
+pub fn listening(addr: &str) -> bool {
+    TcpStream::connect(addr).is_ok()
+}
+
+/// Writes `text` to `dir/name` and returns the path.
+pub fn write_file(dir: &Path, name: &str, text: &str) -> Result<PathBuf> {
+    let p = dir.join(name);
+    std::fs::write(&p, text)?;
+    Ok(p)
+}
