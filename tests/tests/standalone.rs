@@ -1,0 +1,587 @@
+//! `wasinode run` end to end: the real binary, guest modules built from examples/, real HTTP.
+//! Each test asserts what a user observes: status codes, bodies, headers, exit codes, log lines.
+
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use e2e::guests::{guest, wat};
+use e2e::wasinode::{Wasinode, free_port, get, http, listening, write_file};
+
+const T: Duration = Duration::from_secs(30);
+
+/// A WAGI pod manifest: `modules` is the annotation JSON, `containers` (name, image) pairs.
+fn wagi_pod(
+    name: &str,
+    addr: &str,
+    modules: &str,
+    containers: &[(&str, &Path)],
+    extra_container_yaml: &str,
+) -> String {
+    let mut y = format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  annotations:\n    alpha.wagi.krustlet.dev/default-host: \"{addr}\"\n    alpha.wagi.krustlet.dev/modules: '{modules}'\nspec:\n  containers:\n"
+    );
+    for (c, image) in containers {
+        y.push_str(&format!(
+            "    - name: {c}\n      image: file://{}\n{extra_container_yaml}",
+            image.display()
+        ));
+    }
+    y
+}
+
+fn addr() -> String {
+    format!("127.0.0.1:{}", free_port())
+}
+
+fn run_one(yaml: &str, args: &[&str]) -> Result<(Wasinode, tempfile::TempDir)> {
+    let dir = tempfile::tempdir()?;
+    let m = write_file(dir.path(), "pod.yaml", yaml)?;
+    let mut all: Vec<&str> = vec!["run"];
+    all.extend_from_slice(args);
+    let m = m.display().to_string();
+    all.push(&m);
+    Ok((Wasinode::start(&all)?, dir))
+}
+
+#[test]
+fn seed_demo_serves_routes_and_stops_cleanly_on_sigint() -> Result<()> {
+    e2e::guests::guests()?;
+    // The README's example manifest, as is, but on a free port (the seed's 3001 may be taken).
+    let port = free_port();
+    let text = std::fs::read_to_string(e2e::guests::repo_root().join("examples/wagi-demo.yaml"))?
+        .replace("0.0.0.0:3001", &format!("127.0.0.1:{port}"));
+    let dir = e2e::guests::repo_root().join("examples");
+    let manifest = dir.join(format!(".test-demo-{port}.yaml"));
+    std::fs::write(&manifest, text)?;
+    let mut w = Wasinode::start(&["run", manifest.to_str().unwrap_or_default()])?;
+    let a = format!("127.0.0.1:{port}");
+    let ready = w.wait_listening(&a, T);
+    let _ = std::fs::remove_file(&manifest);
+    ready?;
+    let r = get(&a, "/hello")?;
+    assert_eq!((r.status, r.body.as_str()), (200, "hello world\n"));
+    assert_eq!(
+        get(&a, "/hello/a/b")?.body,
+        "hello world\n",
+        "prefix route serves sub-paths"
+    );
+    assert_eq!(
+        get(&a, "/helloworld")?.status,
+        404,
+        "/hello/... stops at a segment boundary and \"/\" is exact, so nothing matches"
+    );
+    let idx = get(&a, "/")?;
+    assert_eq!(idx.status, 200);
+    assert!(idx.body.contains("/hello"), "{}", idx.body);
+    assert_eq!(get(&a, "/error")?.status, 500);
+    assert_eq!(get(&a, "/log")?.body, "logged 3 lines\n");
+    w.signal("INT")?;
+    let st = w.wait_exit(T)?;
+    assert_eq!(st.code(), Some(0), "{}", w.output());
+    assert!(!listening(&a), "port still open after exit");
+    let out = w.output();
+    assert!(
+        out.contains("[default/krustlet-wagi-demo/krustlet-wagi-demo-log] log line 1"),
+        "{out}"
+    );
+    Ok(())
+}
+
+#[test]
+fn cgi_environment_argv_body_and_container_env() -> Result<()> {
+    let a = addr();
+    let y = wagi_pod(
+        "echo",
+        &a,
+        r#"{"echo": {"route": "/echo/..."}}"#,
+        &[("echo", &guest("cgi_echo")?)],
+        "      env: [{name: GREETING, value: \"hi there\"}]\n",
+    );
+    let (mut w, _d) = run_one(&y, &["--quiet"])?;
+    w.wait_listening(&a, T)?;
+    let r = http(
+        "POST",
+        &a,
+        "/echo/sub%20dir/x?b=2&a=hello%20world",
+        &[
+            ("Content-Type", "application/json"),
+            ("X-Trace", "t1"),
+            ("X-Trace", "t2"),
+        ],
+        b"{\"k\":1}",
+    )?;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let env: std::collections::HashMap<&str, &str> =
+        r.body.lines().filter_map(|l| l.split_once('=')).collect();
+    let port = a.rsplit(':').next().unwrap_or_default();
+    for (k, v) in [
+        ("REQUEST_METHOD", "POST"),
+        ("SCRIPT_NAME", "/echo"),
+        ("PATH_INFO", "/sub dir/x"),
+        ("X_RAW_PATH_INFO", "/sub%20dir/x"),
+        ("PATH_TRANSLATED", "/sub dir/x"),
+        ("X_MATCHED_ROUTE", "/echo/..."),
+        ("QUERY_STRING", "b=2&a=hello%20world"),
+        ("CONTENT_TYPE", "application/json"),
+        ("CONTENT_LENGTH", "7"),
+        ("GATEWAY_INTERFACE", "CGI/1.1"),
+        ("SERVER_PROTOCOL", "HTTP/1.1"),
+        ("SERVER_NAME", "127.0.0.1"),
+        ("SERVER_PORT", port),
+        ("REMOTE_ADDR", "127.0.0.1"),
+        ("REMOTE_HOST", "127.0.0.1"),
+        ("AUTH_TYPE", ""),
+        ("REMOTE_USER", ""),
+        ("HTTP_X_TRACE", "t1, t2"),
+        ("GREETING", "hi there"),
+    ] {
+        assert_eq!(env.get(k).copied(), Some(v), "{k} in:\n{}", r.body);
+    }
+    assert!(
+        env.get("SERVER_SOFTWARE")
+            .is_some_and(|s| s.starts_with("wasinode/"))
+    );
+    assert_eq!(
+        env.get("X_FULL_URL").copied(),
+        Some(format!("http://{a}/echo/sub%20dir/x?b=2&a=hello%20world").as_str())
+    );
+    assert!(
+        r.body
+            .contains("argv[0]=/echo\nargv[1]=b=2\nargv[2]=a=hello world\n"),
+        "{}",
+        r.body
+    );
+    assert!(r.body.ends_with("stdin={\"k\":1}"), "{}", r.body);
+    w.signal("INT")?;
+    assert_eq!(w.wait_exit(T)?.code(), Some(0));
+    Ok(())
+}
+
+#[test]
+fn response_headers_redirects_bad_output_and_route_precedence() -> Result<()> {
+    let a = addr();
+    let modules = r#"{"headers": {"route": "/h/b"}, "hello": {"route": "/h/..."}, "bad": {"route": "/bad"}, "routes": {"route": "/r/..."}}"#;
+    let y = wagi_pod(
+        "resp",
+        &a,
+        modules,
+        &[
+            ("headers", &guest("headers")?),
+            ("hello", &guest("hello")?),
+            ("bad", &wat("bad_header")),
+            ("routes", &wat("routes")),
+        ],
+        "",
+    );
+    let (mut w, _d) = run_one(&y, &["--quiet"])?;
+    w.wait_listening(&a, T)?;
+    // Exact beats prefix; the prefix serves its own path and below, not siblings.
+    let r = get(&a, "/h/b")?;
+    assert_eq!(r.body, "ok\n");
+    assert_eq!(
+        r.headers_named("set-cookie"),
+        vec!["a=1", "b=2"],
+        "repeated headers kept in order"
+    );
+    assert_eq!(r.header("x-custom"), Some("yes"));
+    assert_eq!(get(&a, "/h/bc")?.body, "hello world\n");
+    assert_eq!(get(&a, "/h")?.body, "hello world\n");
+    assert_eq!(get(&a, "/hx")?.status, 404);
+    let redirect = get(&a, "/h/b?redirect")?;
+    assert_eq!(
+        (redirect.status, redirect.header("location")),
+        (302, Some("/hello"))
+    );
+    // Output with no CGI header block: 502, and the reason in the container's log.
+    assert_eq!(get(&a, "/bad")?.status, 502);
+    // _routes: the module's own sub-routes with their entrypoints.
+    assert_eq!(get(&a, "/r")?.body, "root\n");
+    assert_eq!(get(&a, "/r/one")?.body, "one\n");
+    assert_eq!(get(&a, "/r/two/deeper")?.body, "two\n");
+    assert_eq!(
+        get(&a, "/r/three")?.body,
+        "root\n",
+        "unmatched sub-paths fall back to the module's prefix route"
+    );
+    w.signal("INT")?;
+    assert_eq!(w.wait_exit(T)?.code(), Some(0));
+    let log = find_log(&w.data_dir, "bad")?;
+    assert!(
+        log.contains("bad CGI response") && log.contains("header block"),
+        "{log}"
+    );
+    Ok(())
+}
+
+fn find_log(data_dir: &Path, container: &str) -> Result<String> {
+    for entry in std::fs::read_dir(data_dir.join("logs"))? {
+        let p = entry?.path().join(format!("{container}.log"));
+        if p.exists() {
+            return Ok(std::fs::read_to_string(p)?);
+        }
+    }
+    anyhow::bail!("no log for {container} under {}", data_dir.display())
+}
+
+#[test]
+fn a_trap_a_hang_and_a_memory_hog_fail_only_their_own_request() -> Result<()> {
+    let a = addr();
+    let modules = r#"{"loop": {"route": "/loop"}, "grow": {"route": "/grow"}, "trap": {"route": "/trap"}, "hello": {"route": "/hello"}}"#;
+    let y = wagi_pod(
+        "bad-guests",
+        &a,
+        modules,
+        &[
+            ("loop", &wat("loop")),
+            ("grow", &wat("grow")),
+            ("trap", &wat("trap")),
+            ("hello", &guest("hello")?),
+        ],
+        "",
+    );
+    let (mut w, _d) = run_one(
+        &y,
+        &[
+            "--quiet",
+            "--request-timeout",
+            "1s",
+            "--max-memory",
+            "32MiB",
+        ],
+    )?;
+    w.wait_listening(&a, T)?;
+    let before = w.rss_kib()?;
+    let hang = {
+        let a = a.clone();
+        std::thread::spawn(move || {
+            let t = Instant::now();
+            (get(&a, "/loop").map(|r| r.status).unwrap_or(0), t.elapsed())
+        })
+    };
+    // While one request spins, others are served.
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(get(&a, "/hello")?.body, "hello world\n");
+    let (status, took) = hang
+        .join()
+        .map_err(|_| anyhow::anyhow!("thread panicked"))?;
+    assert_eq!(status, 504);
+    assert!(
+        took < Duration::from_secs(10),
+        "cut at the request timeout, took {took:?}"
+    );
+    for _ in 0..10 {
+        assert_eq!(get(&a, "/grow")?.status, 500);
+        assert_eq!(get(&a, "/trap")?.status, 500);
+    }
+    assert_eq!(get(&a, "/hello")?.body, "hello world\n");
+    let after = w.rss_kib()?;
+    assert!(
+        after < before + 64 * 1024,
+        "resident memory grew from {before} KiB to {after} KiB after 10 memory hogs of 32 MiB"
+    );
+    w.signal("INT")?;
+    assert_eq!(w.wait_exit(T)?.code(), Some(0));
+    let log = find_log(&w.data_dir, "grow")?;
+    assert!(log.contains("more than 33554432 bytes of memory"), "{log}");
+    let log = find_log(&w.data_dir, "loop")?;
+    assert!(log.contains("did not finish within"), "{log}");
+    Ok(())
+}
+
+/// A loopback HTTP server answering every request with `body` after `delay`; counts requests.
+fn upstream(
+    body: &'static str,
+    delay: Duration,
+) -> Result<(String, std::sync::Arc<std::sync::atomic::AtomicUsize>)> {
+    let l = TcpListener::bind("127.0.0.1:0")?;
+    let a = l.local_addr()?.to_string();
+    let hits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let h = hits.clone();
+    std::thread::spawn(move || {
+        for s in l.incoming().take(50) {
+            let Ok(mut s) = s else { continue };
+            h.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf);
+            std::thread::sleep(delay);
+            let _ = write!(
+                s,
+                "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    Ok((a, hits))
+}
+
+#[test]
+fn outbound_http_only_to_allowed_hosts() -> Result<()> {
+    let (up, hits) = upstream("upstream ok", Duration::ZERO)?;
+    let a = addr();
+    let modules = format!(
+        r#"{{"allowed": {{"route": "/allowed", "allowed_hosts": ["http://{up}"]}}, "denied": {{"route": "/denied"}}}}"#
+    );
+    let y = wagi_pod(
+        "outbound",
+        &a,
+        &modules,
+        &[
+            ("allowed", &guest("http_example")?),
+            ("denied", &guest("http_example")?),
+        ],
+        "",
+    );
+    let (mut w, _d) = run_one(&y, &["--quiet"])?;
+    w.wait_listening(&a, T)?;
+    let ok = get(&a, &format!("/allowed?url=http://{up}/x"))?;
+    assert_eq!(ok.status, 200, "{}", ok.body);
+    assert!(
+        ok.body.contains("status: 200") && ok.body.contains("upstream ok"),
+        "{}",
+        ok.body
+    );
+    let n = hits.load(std::sync::atomic::Ordering::SeqCst);
+    let denied = get(&a, &format!("/denied?url=http://{up}/x"))?;
+    assert_eq!(denied.status, 403, "{}", denied.body);
+    assert!(denied.body.contains("error 7"), "{}", denied.body);
+    // Same host, other port: not the allowed origin.
+    let port: u16 = up
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(1);
+    let other = get(
+        &a,
+        &format!("/allowed?url=http://127.0.0.1:{}/x", port.wrapping_add(1)),
+    )?;
+    assert_eq!(other.status, 403, "{}", other.body);
+    // And "localhost" is not "127.0.0.1".
+    assert_eq!(
+        get(&a, &format!("/allowed?url=http://localhost:{port}/x"))?.status,
+        403
+    );
+    assert_eq!(
+        hits.load(std::sync::atomic::Ordering::SeqCst),
+        n,
+        "denied requests must not reach the upstream"
+    );
+    w.signal("INT")?;
+    assert_eq!(w.wait_exit(T)?.code(), Some(0));
+    Ok(())
+}
+
+#[test]
+fn sigint_lets_an_in_flight_request_finish() -> Result<()> {
+    let (up, _hits) = upstream("slow answer", Duration::from_millis(1500))?;
+    let a = addr();
+    let modules = format!(r#"{{"slow": {{"route": "/slow", "allowed_hosts": ["http://{up}"]}}}}"#);
+    let y = wagi_pod(
+        "graceful",
+        &a,
+        &modules,
+        &[("slow", &guest("http_example")?)],
+        "",
+    );
+    let (mut w, _d) = run_one(&y, &["--quiet"])?;
+    w.wait_listening(&a, T)?;
+    let req = {
+        let a = a.clone();
+        let up = up.clone();
+        std::thread::spawn(move || get(&a, &format!("/slow?url=http://{up}/")))
+    };
+    std::thread::sleep(Duration::from_millis(400));
+    w.signal("INT")?;
+    let r = req
+        .join()
+        .map_err(|_| anyhow::anyhow!("thread panicked"))??;
+    assert_eq!(r.status, 200);
+    assert!(r.body.contains("slow answer"), "{}", r.body);
+    assert_eq!(w.wait_exit(T)?.code(), Some(0));
+    assert!(!listening(&a));
+    Ok(())
+}
+
+#[test]
+fn module_stderr_reaches_terminal_and_log_file() -> Result<()> {
+    let a = addr();
+    let y = wagi_pod(
+        "logger",
+        &a,
+        r#"{"log": {"route": "/log"}}"#,
+        &[("log", &guest("log")?)],
+        "",
+    );
+    let (mut w, _d) = run_one(&y, &[])?;
+    w.wait_listening(&a, T)?;
+    get(&a, "/log?x=1")?;
+    w.wait_output("[default/logger/log] log line 3: path= query=x=1", T)?;
+    w.signal("INT")?;
+    w.wait_exit(T)?;
+    let log = find_log(&w.data_dir, "log")?;
+    let lines: Vec<&str> = log.lines().collect();
+    assert_eq!(lines.len(), 3, "{log}");
+    assert!(
+        lines[0].ends_with(" stderr F log line 1"),
+        "CRI format: {}",
+        lines[0]
+    );
+    Ok(())
+}
+
+#[test]
+fn broken_pods_are_reported_and_the_others_keep_serving() -> Result<()> {
+    let a = addr();
+    let good = wagi_pod(
+        "good",
+        &a,
+        r#"{"hello": {"route": "/hello"}}"#,
+        &[("hello", &guest("hello")?)],
+        "",
+    );
+    let broken_json = wagi_pod(
+        "broken-json",
+        &addr(),
+        r#"{"hello": {"route": "/hello"}"#,
+        &[("hello", &guest("hello")?)],
+        "",
+    );
+    let same_port = wagi_pod(
+        "same-port",
+        &a,
+        r#"{"hello": {"route": "/hello"}}"#,
+        &[("hello", &guest("hello")?)],
+        "",
+    );
+    let not_wasm = wagi_pod(
+        "not-wasm",
+        &addr(),
+        r#"{"x": {"route": "/x"}}"#,
+        &[("x", Path::new("/etc/hostname"))],
+        "",
+    );
+    let missing = wagi_pod(
+        "missing-file",
+        &addr(),
+        r#"{"x": {"route": "/x"}}"#,
+        &[("x", Path::new("/nonexistent/x.wasm"))],
+        "",
+    );
+    // The good pod first so it owns the port; the others are in a second file.
+    let dir = tempfile::tempdir()?;
+    let m1 = write_file(dir.path(), "good.yaml", &good)?;
+    let m2 = write_file(
+        dir.path(),
+        "bad.yaml",
+        &[broken_json, same_port, not_wasm, missing].join("---\n"),
+    )?;
+    let mut w = Wasinode::start(&["run", "--quiet", m1.to_str().unwrap_or_default()])?;
+    w.wait_listening(&a, T)?;
+    let mut w2 = Wasinode::start(&["run", "--quiet", m2.to_str().unwrap_or_default()])?;
+    let st = w2.wait_exit(T)?;
+    let out = w2.output();
+    assert_ne!(
+        st.code(),
+        Some(0),
+        "no pod could start: must exit non-zero\n{out}"
+    );
+    assert!(
+        out.contains("pod default/broken-json")
+            && out.contains("alpha.wagi.krustlet.dev/modules")
+            && out.contains("JSON"),
+        "{out}"
+    );
+    assert!(out.contains("PortInUse") && out.contains(&a), "{out}");
+    assert!(
+        out.contains("not-wasm") && out.contains("not valid WebAssembly"),
+        "{out}"
+    );
+    assert!(out.contains("/nonexistent/x.wasm"), "{out}");
+    assert_eq!(
+        get(&a, "/hello")?.body,
+        "hello world\n",
+        "the first process is unaffected"
+    );
+    w.signal("INT")?;
+    assert_eq!(w.wait_exit(T)?.code(), Some(0));
+    Ok(())
+}
+
+fn wasi_pod(name: &str, restart: &str, env: &str, extra_spec: &str) -> Result<String> {
+    Ok(format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\nspec:\n  restartPolicy: {restart}\n  containers:\n    - name: main\n      image: file://{}\n      args: [\"one\", \"two\"]\n      env: [{env}]\n{extra_spec}",
+        guest("wasi_cmd")?.display()
+    ))
+}
+
+#[test]
+fn wasi_command_pods_args_env_volumes_exit_codes() -> Result<()> {
+    let vol = tempfile::tempdir()?;
+    std::fs::write(vol.path().join("x.txt"), "from the volume")?;
+    let extra = format!(
+        "      volumeMounts: [{{name: data, mountPath: /data, readOnly: true}}]\n  volumes: [{{name: data, hostPath: {{path: {}}}}}]\n",
+        vol.path().display()
+    );
+    let y = wasi_pod(
+        "job",
+        "Never",
+        "{name: APP_COLOR, value: blue}, {name: READ_FILE, value: /data/x.txt}, {name: EXIT_CODE, value: \"3\"}",
+        &extra,
+    )?;
+    let (mut w, _d) = run_one(&y, &[])?;
+    let st = w.wait_exit(T)?;
+    let out = w.output();
+    assert_eq!(
+        st.code(),
+        Some(1),
+        "a failed command pod makes run exit non-zero\n{out}"
+    );
+    assert!(out.contains("[default/job/main] args=one two"), "{out}");
+    assert!(out.contains("[default/job/main] APP_COLOR=blue"), "{out}");
+    assert!(out.contains("[default/job/main] from the volume"), "{out}");
+    assert!(out.contains("exit code 3 (Error)"), "{out}");
+    assert!(out.contains("default/job: Failed"), "{out}");
+
+    let ok = wasi_pod("ok-job", "Never", "{name: EXIT_CODE, value: \"0\"}", "")?;
+    let (mut w, _d) = run_one(&ok, &["--quiet"])?;
+    assert_eq!(w.wait_exit(T)?.code(), Some(0), "{}", w.output());
+    assert!(w.output().contains("default/ok-job: Succeeded"));
+    Ok(())
+}
+
+#[test]
+fn restart_policy_restarts_failed_commands_with_backoff() -> Result<()> {
+    let y = wasi_pod("crashy", "OnFailure", "{name: EXIT_CODE, value: \"1\"}", "")?;
+    let (mut w, _d) = run_one(&y, &["--quiet", "--restart-backoff", "100ms"])?;
+    w.wait_output("restarts 2", T)?;
+    let out = w.wait_output("CrashLoopBackOff", T)?;
+    assert!(out.contains("BackOff"), "{out}");
+    w.signal("INT")?;
+    assert_eq!(w.wait_exit(T)?.code(), Some(0));
+    // The previous run's log is kept beside the current one.
+    let dir = std::fs::read_dir(w.data_dir.join("logs"))?
+        .next()
+        .ok_or_else(|| anyhow::anyhow!("no log dir"))??
+        .path();
+    assert!(dir.join("main.log.previous").exists());
+    Ok(())
+}
+
+#[test]
+fn help_explains_itself() -> Result<()> {
+    let out = std::process::Command::new(e2e::wasinode::binary())
+        .args(["run", "--help"])
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    for flag in [
+        "--request-timeout",
+        "--max-memory",
+        "--data-dir",
+        "MANIFEST",
+    ] {
+        assert!(text.contains(flag), "{flag} missing from:\n{text}");
+    }
+    Ok(())
+}
