@@ -105,7 +105,7 @@ impl Runtime {
             .total_memories(config.max_instances)
             .total_tables(config.max_instances)
             .total_stacks(config.max_instances)
-            .max_memories_per_module(1)
+            .max_memories_per_module(4)
             .max_memory_size(config.max_memory)
             // Keep the first pages of a reused slot resident: cheaper than faulting them in again.
             .linear_memory_keep_resident(64 << 10)

@@ -1,0 +1,132 @@
+//! The runtime crate on small WAT modules: compile once per digest (and from the disk cache),
+//! per-instance memory limits, deadlines, exit codes, captured output.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use runtime::{Invocation, RunError, Runtime, RuntimeConfig, Stream};
+
+const HELLO: &str = r#"(module
+  (import "wasi_snapshot_preview1" "fd_write" (func $w (param i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 16) "hi\n")
+  (func (export "_start")
+    (i32.store (i32.const 0) (i32.const 16)) (i32.store (i32.const 4) (i32.const 3))
+    (drop (call $w (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))))"#;
+
+const EXIT7: &str = r#"(module
+  (import "wasi_snapshot_preview1" "proc_exit" (func $exit (param i32)))
+  (memory (export "memory") 1)
+  (func (export "_start") (call $exit (i32.const 7))))"#;
+
+/// Two memories of 20 MiB each: one instance with a 32 MiB budget must not get both.
+const TWO_MEMORIES: &str = r#"(module
+  (memory $a (export "memory") 0)
+  (memory $b 0)
+  (func (export "_start")
+    (if (i32.eq (memory.grow $a (i32.const 320)) (i32.const -1)) (then unreachable))
+    (if (i32.eq (memory.grow $b (i32.const 320)) (i32.const -1)) (then unreachable))))"#;
+
+const SPIN: &str =
+    r#"(module (memory (export "memory") 1) (func (export "_start") (loop $l (br $l))))"#;
+
+fn rt(cache: Option<&std::path::Path>, max_memory: usize) -> Runtime {
+    Runtime::new(RuntimeConfig {
+        max_memory,
+        max_instances: 16,
+        cache_dir: cache.map(Into::into),
+        ..Default::default()
+    })
+    .unwrap_or_else(|e| panic!("{e}"))
+}
+
+#[tokio::test]
+async fn compiles_once_per_digest_and_reuses_the_disk_cache() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let a = rt(Some(dir.path()), 64 << 20);
+    let p1 = a
+        .load("sha256:hello", HELLO.as_bytes())
+        .unwrap_or_else(|e| panic!("{e}"));
+    let p2 = a
+        .load("sha256:hello", b"not even wasm")
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(Arc::ptr_eq(&p1, &p2), "same digest, same program");
+    // A second engine (a restart) finds the precompiled artifact: the bytes are not compiled again.
+    let b = rt(Some(dir.path()), 64 << 20);
+    let p3 = b
+        .load("sha256:hello", b"not even wasm")
+        .unwrap_or_else(|e| panic!("{e}"));
+    let out = b
+        .run(&p3, Invocation::new("_start"))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(&out.stdout[..], b"hi\n");
+    // Without the cache, garbage is refused with the digest named.
+    let err = rt(None, 64 << 20)
+        .load("sha256:bad", b"not even wasm")
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(
+        err.contains("sha256:bad") && err.contains("not valid WebAssembly"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn exit_codes_and_missing_entrypoints() {
+    let r = rt(None, 64 << 20);
+    let p = r
+        .load("d:exit", EXIT7.as_bytes())
+        .unwrap_or_else(|e| panic!("{e}"));
+    let out = r
+        .run(&p, Invocation::new("_start"))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(out.exit_code, 7);
+    let err = r.run(&p, Invocation::new("nope")).await;
+    assert!(
+        matches!(err, Err(RunError::NoEntrypoint(ref n)) if n == "nope"),
+        "{err:?}"
+    );
+}
+
+#[tokio::test]
+async fn the_memory_limit_is_per_instance_not_per_memory() {
+    let r = rt(None, 32 << 20);
+    let p = r
+        .load("d:two", TWO_MEMORIES.as_bytes())
+        .unwrap_or_else(|e| panic!("{e}"));
+    let err = r.run(&p, Invocation::new("_start")).await;
+    assert!(
+        matches!(err, Err(RunError::MemoryLimit { limit, .. }) if limit == 32 << 20),
+        "{err:?}"
+    );
+    // With room for both it runs.
+    let r = rt(None, 64 << 20);
+    let p = r
+        .load("d:two", TWO_MEMORIES.as_bytes())
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(r.run(&p, Invocation::new("_start")).await.is_ok());
+}
+
+#[tokio::test]
+async fn a_spinning_guest_is_cut_at_its_deadline_and_others_still_run() {
+    let r = rt(None, 64 << 20);
+    let spin = r
+        .load("d:spin", SPIN.as_bytes())
+        .unwrap_or_else(|e| panic!("{e}"));
+    let hello = r
+        .load("d:hello", HELLO.as_bytes())
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut inv = Invocation::new("_start");
+    inv.timeout = Some(Duration::from_millis(300));
+    let r2 = r.clone();
+    let spinning = tokio::spawn(async move { r2.run(&spin, inv).await });
+    let mut quick = Invocation::new("_start");
+    quick.stdout = Stream::Capture { limit: 16 };
+    let out = r.run(&hello, quick).await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(&out.stdout[..], b"hi\n");
+    let res = spinning.await.unwrap_or_else(|e| panic!("{e}"));
+    assert!(matches!(res, Err(RunError::Timeout(_))), "{res:?}");
+}
