@@ -7,7 +7,7 @@ use std::collections::HashSet;
 use oci::manifest::{DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST, WASM_CONFIG_V1, WASM_LAYER_V1};
 use oci::store::sha256_digest;
 use oci::{Client, Credentials, NoProgress, OciError, PullPolicy, Store};
-use support::{Registry, wasm_file};
+use support::{Registry, RegistryExt, wasm_file};
 
 struct Node {
     _dir: tempfile::TempDir,
@@ -108,9 +108,9 @@ async fn push_wat_and_refuse_non_wasm_file() {
 async fn wasm_to_oci_v1_layout_is_pulled() {
     let reg = Registry::start();
     let bytes = support::wasm("krustlet");
-    let layer = reg.raw_blob("krustlet/hello", &bytes).await;
+    let layer = reg.raw_blob("krustlet/hello", &bytes);
     let config = br#"{}"#;
-    let config_d = reg.raw_blob("krustlet/hello", config).await;
+    let config_d = reg.raw_blob("krustlet/hello", config);
     // what wasm-to-oci wrote for Krustlet's images
     let manifest = format!(
         r#"{{"schemaVersion":2,"config":{{"mediaType":"{WASM_CONFIG_V1}","digest":"{config_d}","size":{}}},"layers":[{{"mediaType":"{WASM_LAYER_V1}","digest":"{layer}","size":{},"annotations":{{"org.opencontainers.image.title":"module.wasm"}}}}]}}"#,
@@ -122,8 +122,7 @@ async fn wasm_to_oci_v1_layout_is_pulled() {
         "v1.0.0",
         OCI_MANIFEST,
         manifest.as_bytes(),
-    )
-    .await;
+    );
     let n = node(Credentials::default());
     let p = n
         .client
@@ -143,21 +142,19 @@ async fn docker_image_and_foreign_index_refused_saying_what_was_found() {
     let reg = Registry::start();
     let config =
         br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#;
-    let config_d = reg.raw_blob("library/busybox", config).await;
+    let config_d = reg.raw_blob("library/busybox", config);
     let tar = vec![0u8; 1024];
-    let tar_d = reg.raw_blob("library/busybox", &tar).await;
+    let tar_d = reg.raw_blob("library/busybox", &tar);
     let manifest = format!(
         r#"{{"schemaVersion":2,"mediaType":"{DOCKER_MANIFEST}","config":{{"mediaType":"application/vnd.docker.container.image.v1+json","digest":"{config_d}","size":{}}},"layers":[{{"mediaType":"application/vnd.docker.image.rootfs.diff.tar.gzip","digest":"{tar_d}","size":1024}}]}}"#,
         config.len()
     );
-    let md = reg
-        .raw_manifest(
-            "library/busybox",
-            "1.36",
-            DOCKER_MANIFEST,
-            manifest.as_bytes(),
-        )
-        .await;
+    let md = reg.raw_manifest(
+        "library/busybox",
+        "1.36",
+        DOCKER_MANIFEST,
+        manifest.as_bytes(),
+    );
     let n = node(Credentials::default());
     let r = reg.reference("library/busybox:1.36");
     let e = n
@@ -184,8 +181,7 @@ async fn docker_image_and_foreign_index_refused_saying_what_was_found() {
         r#"{{"schemaVersion":2,"mediaType":"{OCI_INDEX}","manifests":[{{"mediaType":"{DOCKER_MANIFEST}","digest":"{md}","size":{},"platform":{{"os":"linux","architecture":"amd64"}}}}]}}"#,
         manifest.len()
     );
-    reg.raw_manifest("library/busybox", "multi", OCI_INDEX, index.as_bytes())
-        .await;
+    reg.raw_manifest("library/busybox", "multi", OCI_INDEX, index.as_bytes());
     let e = n
         .client
         .pull(
@@ -220,8 +216,7 @@ async fn index_with_a_wasm_entry_is_followed() {
     let index = format!(
         r#"{{"schemaVersion":2,"mediaType":"{OCI_INDEX}","manifests":[{{"mediaType":"{OCI_MANIFEST}","digest":"{md}","size":{size},"platform":{{"os":"wasip1","architecture":"wasm"}}}}]}}"#
     );
-    reg.raw_manifest("multi/m", "idx", OCI_INDEX, index.as_bytes())
-        .await;
+    reg.raw_manifest("multi/m", "idx", OCI_INDEX, index.as_bytes());
     let n2 = node(Credentials::default());
     let p = n2
         .client
@@ -514,7 +509,7 @@ async fn gc_removes_unreferenced_and_keeps_referenced() {
 
 #[tokio::test]
 async fn bearer_token_auth_through_a_token_server() {
-    let (reg, tokens) = Registry::start_with_token_auth("tok", "p4ss", &["bearer/m"]);
+    let (reg, tokens) = support::start_with_token_auth("tok", "p4ss", &["bearer/m"]);
     let r = reg.reference("bearer/m:v1");
     let mut good = Credentials::default();
     good.insert_basic(&reg.addr, "tok", "p4ss");
