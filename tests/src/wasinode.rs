@@ -16,7 +16,11 @@ pub fn binary() -> PathBuf {
     }
     let exe = std::env::current_exe().unwrap_or_default();
     // target/<profile>/deps/<test> -> target/<profile>/wasinode
-    let profile = exe.parent().and_then(Path::parent).map(Path::to_path_buf).unwrap_or_default();
+    let profile = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
     let candidate = profile.join("wasinode");
     if candidate.exists() {
         return candidate;
@@ -26,7 +30,10 @@ pub fn binary() -> PathBuf {
 
 /// A loopback port nobody listens on right now.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).unwrap_or(0)
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or(0)
 }
 
 /// A running `wasinode` process; killed on drop.
@@ -60,8 +67,18 @@ impl Wasinode {
             .stdout(out)
             .stderr(err)
             .spawn()
-            .with_context(|| format!("cannot start {} (build it with cargo build --release)", bin.display()))?;
-        Ok(Wasinode { child, log, data_dir, _tmp: tmp })
+            .with_context(|| {
+                format!(
+                    "cannot start {} (build it with cargo build --release)",
+                    bin.display()
+                )
+            })?;
+        Ok(Wasinode {
+            child,
+            log,
+            data_dir,
+            _tmp: tmp,
+        })
     }
 
     pub fn pid(&self) -> u32 {
@@ -81,10 +98,16 @@ impl Wasinode {
                 return Ok(());
             }
             if let Some(status) = self.child.try_wait()? {
-                bail!("wasinode exited ({status}) before listening on {addr}:\n{}", self.output());
+                bail!(
+                    "wasinode exited ({status}) before listening on {addr}:\n{}",
+                    self.output()
+                );
             }
             if Instant::now() > until {
-                bail!("nothing listens on {addr} after {timeout:?}:\n{}", self.output());
+                bail!(
+                    "nothing listens on {addr} after {timeout:?}:\n{}",
+                    self.output()
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -107,7 +130,10 @@ impl Wasinode {
 
     /// Sends a signal (`INT`, `TERM`, `KILL`).
     pub fn signal(&self, sig: &str) -> Result<()> {
-        let st = Command::new("kill").arg(format!("-{sig}")).arg(self.child.id().to_string()).status()?;
+        let st = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.child.id().to_string())
+            .status()?;
         if !st.success() {
             bail!("kill -{sig} failed");
         }
@@ -122,7 +148,10 @@ impl Wasinode {
                 return Ok(s);
             }
             if Instant::now() > until {
-                bail!("wasinode still running after {timeout:?}:\n{}", self.output());
+                bail!(
+                    "wasinode still running after {timeout:?}:\n{}",
+                    self.output()
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -158,18 +187,34 @@ pub struct HttpResponse {
 
 impl HttpResponse {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
     }
     pub fn headers_named(&self, name: &str) -> Vec<&str> {
-        self.headers.iter().filter(|(k, _)| k == name).map(|(_, v)| v.as_str()).collect()
+        self.headers
+            .iter()
+            .filter(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+            .collect()
     }
 }
 
 /// One HTTP/1.1 request over a fresh connection (`Connection: close`), with extra headers and body.
-pub fn http(method: &str, addr: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Result<HttpResponse> {
+pub fn http(
+    method: &str,
+    addr: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Result<HttpResponse> {
     let mut s = TcpStream::connect(addr).with_context(|| format!("connect {addr}"))?;
     s.set_read_timeout(Some(Duration::from_secs(60)))?;
-    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
     for (k, v) in headers {
         req.push_str(&format!("{k}: {v}\r\n"));
     }
@@ -179,15 +224,25 @@ pub fn http(method: &str, addr: &str, path: &str, headers: &[(&str, &str)], body
     let mut raw = Vec::new();
     s.read_to_end(&mut raw)?;
     let text = String::from_utf8_lossy(&raw).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n").context("no header end in response")?;
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .context("no header end in response")?;
     let mut lines = head.lines();
     let status_line = lines.next().unwrap_or_default();
-    let status = status_line.split_whitespace().nth(1).and_then(|c| c.parse().ok()).context("bad status line")?;
+    let status = status_line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .context("bad status line")?;
     let headers = lines
         .filter_map(|l| l.split_once(':'))
         .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
         .collect();
-    Ok(HttpResponse { status, headers, body: body.to_string() })
+    Ok(HttpResponse {
+        status,
+        headers,
+        body: body.to_string(),
+    })
 }
 
 pub fn get(addr: &str, path: &str) -> Result<HttpResponse> {
