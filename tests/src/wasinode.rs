@@ -41,7 +41,7 @@ pub struct Wasinode {
     child: Child,
     log: PathBuf,
     pub data_dir: PathBuf,
-    _tmp: tempfile::TempDir,
+    _tmp: Option<tempfile::TempDir>,
 }
 
 impl Wasinode {
@@ -54,15 +54,26 @@ impl Wasinode {
     /// The same with a given data dir (kept by the caller).
     pub fn start_in(args: &[&str], tmp: tempfile::TempDir) -> Result<Wasinode> {
         let data_dir = tmp.path().join("data");
-        let log = tmp.path().join("wasinode.out");
-        let out = std::fs::File::create(&log)?;
-        let err = out.try_clone()?;
-        let bin = binary();
-        let child = Command::new(&bin)
-            .args(args)
+        let mut cmd = Command::new(binary());
+        cmd.args(args)
             .arg("--data-dir")
             .arg(&data_dir)
-            .env("WASINODE_LOG", "warn")
+            .env("WASINODE_LOG", "warn");
+        let log = tmp.path().join("wasinode.out");
+        Self::spawn(cmd, log, data_dir, Some(tmp))
+    }
+
+    /// Spawns a prepared command (arguments, data dir and environment already set); its output
+    /// goes to `log`. `keep` is dropped with the process.
+    pub fn spawn(
+        mut cmd: Command,
+        log: PathBuf,
+        data_dir: PathBuf,
+        keep: Option<tempfile::TempDir>,
+    ) -> Result<Wasinode> {
+        let out = std::fs::File::create(&log)?;
+        let err = out.try_clone()?;
+        let child = cmd
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
@@ -70,14 +81,14 @@ impl Wasinode {
             .with_context(|| {
                 format!(
                     "cannot start {} (build it with cargo build --release)",
-                    bin.display()
+                    binary().display()
                 )
             })?;
         Ok(Wasinode {
             child,
             log,
             data_dir,
-            _tmp: tmp,
+            _tmp: keep,
         })
     }
 
@@ -138,6 +149,12 @@ impl Wasinode {
             bail!("kill -{sig} failed");
         }
         Ok(())
+    }
+
+    /// Ctrl-C, then the exit status.
+    pub fn interrupt(&mut self, timeout: Duration) -> Result<ExitStatus> {
+        self.signal("INT")?;
+        self.wait_exit(timeout)
     }
 
     /// Waits for the process to exit.

@@ -4,13 +4,13 @@
 //! access log saw.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use e2e::guests::guest;
 use e2e::registry::{Registry, base64, sha256_digest};
-use e2e::wasinode::{binary, free_port, get, write_file};
+use e2e::wasinode::{Wasinode, binary, free_port, get, write_file};
 
 const T: Duration = Duration::from_secs(60);
 
@@ -90,97 +90,12 @@ impl Node {
     }
 
     /// `wasinode run --quiet <manifest>` with `yaml` written to a file in this node's dir.
-    fn run(&self, yaml: &str) -> Result<Run> {
+    fn run(&self, yaml: &str) -> Result<Wasinode> {
         let n = std::fs::read_dir(self.dir.path())?.count();
         let manifest = write_file(self.dir.path(), &format!("pod-{n}.yaml"), yaml)?;
         let log = self.dir.path().join(format!("run-{n}.out"));
-        let out = std::fs::File::create(&log)?;
-        let err = out.try_clone()?;
-        let child = self
-            .command(&["run", "--quiet", &manifest.display().to_string()])
-            .stdout(out)
-            .stderr(err)
-            .spawn()
-            .with_context(|| format!("cannot start {}", binary().display()))?;
-        Ok(Run { child, log })
-    }
-}
-
-/// A running `wasinode run`; killed on drop.
-struct Run {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Run {
-    fn output(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Waits until `addr` accepts connections; fails early (with the output) if the process exits.
-    fn wait_listening(&mut self, addr: &str) -> Result<()> {
-        let until = Instant::now() + T;
-        loop {
-            if std::net::TcpStream::connect(addr).is_ok() {
-                return Ok(());
-            }
-            if let Some(status) = self.child.try_wait()? {
-                bail!(
-                    "wasinode exited ({status}) before listening on {addr}:\n{}",
-                    self.output()
-                );
-            }
-            if Instant::now() > until {
-                bail!("nothing listens on {addr} after {T:?}:\n{}", self.output());
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn wait_output(&mut self, text: &str) -> Result<String> {
-        let until = Instant::now() + T;
-        loop {
-            let out = self.output();
-            if out.contains(text) {
-                return Ok(out);
-            }
-            if Instant::now() > until {
-                bail!("no {text:?} in the output after {T:?}:\n{out}");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn wait_exit(&mut self) -> Result<ExitStatus> {
-        let until = Instant::now() + T;
-        loop {
-            if let Some(s) = self.child.try_wait()? {
-                return Ok(s);
-            }
-            if Instant::now() > until {
-                bail!("wasinode still running after {T:?}:\n{}", self.output());
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    /// Ctrl-C, then the exit status.
-    fn interrupt(&mut self) -> Result<ExitStatus> {
-        let st = Command::new("kill")
-            .arg("-INT")
-            .arg(self.child.id().to_string())
-            .status()?;
-        if !st.success() {
-            bail!("kill -INT failed");
-        }
-        self.wait_exit()
-    }
-}
-
-impl Drop for Run {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let cmd = self.command(&["run", "--quiet", &manifest.display().to_string()]);
+        Wasinode::spawn(cmd, log, self.data_dir(), None)
     }
 }
 
@@ -192,7 +107,7 @@ fn hello_wasm() -> Result<PathBuf> {
 fn serve_hello(node: &Node, image: &str) -> Result<String> {
     let a = addr();
     let mut run = node.run(&wagi_pod("hello", &a, image))?;
-    run.wait_listening(&a)?;
+    run.wait_listening(&a, T)?;
     let r = get(&a, "/hello")?;
     assert_eq!(
         (r.status, r.body.as_str()),
@@ -206,7 +121,7 @@ fn serve_hello(node: &Node, image: &str) -> Result<String> {
         "{out}"
     );
     assert!(!out.contains("error"), "{out}");
-    let st = run.interrupt()?;
+    let st = run.interrupt(T)?;
     assert!(st.success(), "Ctrl-C exits 0: {st}\n{}", run.output());
     Ok(out)
 }
@@ -308,7 +223,7 @@ fn private_registry_needs_credentials_from_the_docker_config() -> Result<()> {
     let anon = Node::new()?;
     let a = addr();
     let mut run = anon.run(&wagi_pod("hello", &a, &image))?;
-    let st = run.wait_exit()?;
+    let st = run.wait_exit(T)?;
     let out = run.output();
     assert!(!st.success(), "{out}");
     let err = out
@@ -322,7 +237,7 @@ fn private_registry_needs_credentials_from_the_docker_config() -> Result<()> {
     let wrong = Node::new()?;
     wrong.login(&reg.addr, "wasi", "nope")?;
     let mut run = wrong.run(&wagi_pod("hello", &a, &image))?;
-    assert!(!run.wait_exit()?.success());
+    assert!(!run.wait_exit(T)?.success());
     assert!(run.output().contains("unauthorized"), "{}", run.output());
 
     // with $DOCKER_CONFIG/config.json auths: served
@@ -348,7 +263,7 @@ fn a_pulled_module_is_served_when_the_registry_is_gone() -> Result<()> {
     // a tag this node never pulled cannot start without the registry
     let a = addr();
     let mut run = node.run(&wagi_pod("other", &a, &reg.image("offline/hello:v2")))?;
-    assert!(!run.wait_exit()?.success());
+    assert!(!run.wait_exit(T)?.success());
     assert!(
         run.output().contains("offline/hello:v2"),
         "{}",
@@ -367,7 +282,7 @@ fn a_missing_reference_fails_its_pod_only() -> Result<()> {
     // alone: nothing started, exit non-zero, the error names the reference
     let node = Node::new()?;
     let mut run = node.run(&wagi_pod("lost", &addr(), &missing))?;
-    let st = run.wait_exit()?;
+    let st = run.wait_exit(T)?;
     let out = run.output();
     assert!(!st.success(), "{out}");
     assert!(
@@ -385,8 +300,8 @@ fn a_missing_reference_fails_its_pod_only() -> Result<()> {
         wagi_pod("hello", &a, &good)
     );
     let mut run = node.run(&yaml)?;
-    run.wait_listening(&a)?;
-    let out = run.wait_output("1 of 2 pod(s) started")?;
+    run.wait_listening(&a, T)?;
+    let out = run.wait_output("1 of 2 pod(s) started", T)?;
     assert_eq!(get(&a, "/hello")?.body, "hello world\n");
     assert!(
         out.lines()
@@ -394,7 +309,7 @@ fn a_missing_reference_fails_its_pod_only() -> Result<()> {
         "{out}"
     );
     assert!(!e2e::wasinode::listening(&b));
-    let st = run.interrupt()?;
+    let st = run.interrupt(T)?;
     assert!(
         st.success(),
         "Ctrl-C exits 0 when a pod started: {st}\n{}",
@@ -420,12 +335,12 @@ fn two_pods_with_one_reference_download_the_layer_once() -> Result<()> {
     );
     let node = Node::new()?;
     let mut run = node.run(&yaml)?;
-    run.wait_listening(&a)?;
-    run.wait_listening(&b)?;
+    run.wait_listening(&a, T)?;
+    run.wait_listening(&b, T)?;
     assert_eq!(get(&a, "/hello")?.body, "hello world\n");
     assert_eq!(get(&b, "/hello")?.body, "hello world\n");
     assert_eq!(reg.blob_gets(&layer), 1, "{}", reg.log_text());
-    assert!(run.interrupt()?.success());
+    assert!(run.interrupt(T)?.success());
     Ok(())
 }
 
