@@ -1,5 +1,7 @@
 //! The `wasinode` binary: run WAGI/WASI pods standalone, or push and pull wasm modules.
 
+mod engine;
+mod node;
 mod pushpull;
 mod run;
 
@@ -24,6 +26,8 @@ struct Cli {
 enum Command {
     /// Serve Pod manifests on this machine, no cluster needed, until SIGINT/SIGTERM.
     Run(run::RunArgs),
+    /// Join a Kubernetes cluster as a node that runs the pods bound to it, until SIGINT/SIGTERM.
+    Node(node::NodeArgs),
     /// Publish a .wasm (or .wat) module to an OCI registry; prints the manifest digest.
     Push(pushpull::PushArgs),
     /// Fetch a module from an OCI registry into the local store; prints the manifest digest.
@@ -52,6 +56,7 @@ fn main() -> std::process::ExitCode {
     let result = rt.block_on(async move {
         match cli.command {
             Command::Run(a) => run::run(a).await,
+            Command::Node(a) => node::node(a).await,
             Command::Push(a) => pushpull::push(a).await.map(|_| 0),
             Command::Pull(a) => pushpull::pull(a).await.map(|_| 0),
         }

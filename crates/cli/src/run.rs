@@ -5,11 +5,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::Context;
-use workload::{
-    ContainerState, EventType, Images, LogStore, Phase, PlanContext, PodKey, PullRetry, Report,
-    Reporter, Supervisor, SupervisorConfig,
-};
+use workload::{ContainerState, EventType, Phase, PlanContext, PodKey, Report, Supervisor};
 
 #[derive(clap::Args, Debug)]
 pub struct RunArgs {
@@ -77,45 +73,19 @@ pub fn parse_size(s: &str) -> Result<usize, String> {
 
 pub async fn run(args: RunArgs) -> anyhow::Result<i32> {
     let data_dir = args.data_dir.clone().unwrap_or_else(oci::default_data_dir);
-    std::fs::create_dir_all(&data_dir)
-        .with_context(|| format!("cannot create data dir {}", data_dir.display()))?;
-    let rt = runtime::Runtime::new(runtime::RuntimeConfig {
-        max_memory: args.max_memory,
-        max_instances: args.max_instances,
-        cache_dir: Some(data_dir.join("modules")),
-        ..Default::default()
-    })?;
-    let store = oci::Store::open(&data_dir)?;
-    let creds = oci::Credentials::from_docker_config_env().unwrap_or_else(|e| {
-        eprintln!("wasinode: warning: ignoring Docker credentials: {e}");
-        oci::Credentials::default()
-    });
-    let client = oci::Client::new(store, creds, args.insecure_registry.clone());
-    let images = Images::new(
-        Some(client),
-        PullRetry {
-            attempts: 3,
-            first_delay: Duration::from_millis(500),
+    let (sup, reports) = crate::engine::start(
+        &data_dir,
+        &crate::engine::EngineOptions {
+            max_memory: args.max_memory,
+            max_instances: args.max_instances,
+            insecure_registry: args.insecure_registry.clone(),
+            request_timeout: args.request_timeout,
+            restart_backoff: args.restart_backoff,
+            echo_logs: !args.quiet,
         },
-    );
-    let logs = LogStore::start(data_dir.join("logs"), !args.quiet);
-    let (reporter, reports) = Reporter::channel();
+    )?;
     let phases: Arc<Mutex<HashMap<PodKey, Phase>>> = Arc::default();
     let printer = tokio::spawn(print_reports(reports, phases.clone()));
-    let sup = Supervisor::new(
-        rt,
-        images,
-        logs,
-        reporter,
-        SupervisorConfig {
-            request_timeout: args.request_timeout,
-            restart_backoff: workload::command::RestartBackoff {
-                initial: args.restart_backoff,
-                max: Duration::from_secs(300),
-            },
-            ..Default::default()
-        },
-    );
 
     let mut pods = Vec::new();
     let mut load_errors = 0;
@@ -204,7 +174,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<i32> {
     Ok(0)
 }
 
-async fn shutdown_signal() {
+pub async fn shutdown_signal() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};

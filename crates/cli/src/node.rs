@@ -1,0 +1,86 @@
+//! `wasinode node`: join a Kubernetes cluster as a node whose runtime is wasmtime.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::run::{parse_duration, parse_size};
+
+#[derive(clap::Args, Debug)]
+pub struct NodeArgs {
+    /// Kubeconfig the agent acts with (its current context).
+    #[arg(long, value_name = "FILE")]
+    pub kubeconfig: PathBuf,
+    /// The Node's name (also its `kubernetes.io/hostname` label).
+    #[arg(long, value_name = "NAME")]
+    pub node_name: String,
+    /// The node's InternalIP; pods report it as hostIP and podIP.
+    #[arg(long, value_name = "IP")]
+    pub node_ip: IpAddr,
+    /// The `agentpool` label.
+    #[arg(long, default_value = "wasinode", value_name = "NAME")]
+    pub pool: String,
+    /// The kubelet API port advertised in the Node's daemonEndpoints.
+    #[arg(long, default_value_t = 10250)]
+    pub port: u16,
+    /// Where modules, compiled code and container logs are kept
+    /// [default: $WASINODE_DATA_DIR, else $XDG_DATA_HOME/wasinode, else ~/.local/share/wasinode].
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Longest a WAGI request may run before it is cut with 504.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub request_timeout: Duration,
+    /// Memory one module instance may use, all its memories together.
+    #[arg(long, default_value = "128MiB", value_parser = parse_size)]
+    pub max_memory: usize,
+    /// Module instances that may run at once.
+    #[arg(long, default_value_t = 1000)]
+    pub max_instances: u32,
+    /// A plain-HTTP registry to allow besides loopback ones (HOST[:PORT]; repeatable).
+    #[arg(long, value_name = "HOST[:PORT]")]
+    pub insecure_registry: Vec<String>,
+    /// Time running pods get to stop after SIGINT/SIGTERM.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub shutdown_grace: Duration,
+    /// First wait before restarting a WASI container (doubles up to 5 minutes).
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub restart_backoff: Duration,
+}
+
+pub async fn node(args: NodeArgs) -> anyhow::Result<i32> {
+    let data_dir = args.data_dir.clone().unwrap_or_else(oci::default_data_dir);
+    let (sup, reports) = crate::engine::start(
+        &data_dir,
+        &crate::engine::EngineOptions {
+            max_memory: args.max_memory,
+            max_instances: args.max_instances,
+            insecure_registry: args.insecure_registry.clone(),
+            request_timeout: args.request_timeout,
+            restart_backoff: args.restart_backoff,
+            echo_logs: false,
+        },
+    )?;
+    let client = node::client_from_kubeconfig(&args.kubeconfig).await?;
+    let cfg = node::Config {
+        node_name: args.node_name.clone(),
+        node_ip: args.node_ip,
+        pool: args.pool.clone(),
+        port: args.port,
+        shutdown_grace: args.shutdown_grace,
+    };
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        crate::run::shutdown_signal().await;
+        eprintln!("wasinode: stopping node (grace {:?})", args.shutdown_grace);
+        let _ = tx.send(());
+    });
+    eprintln!(
+        "wasinode: node {} ({}) joining the cluster",
+        args.node_name, args.node_ip
+    );
+    node::run(cfg, client, sup, reports, data_dir, async move {
+        let _ = rx.await;
+    })
+    .await?;
+    Ok(0)
+}

@@ -1,0 +1,244 @@
+//! The pods bound to this node: a kube-runtime Controller over a `spec.nodeName=<node>` watch
+//! (never two reconciles of one pod at once, retries with backoff) drives the Supervisor.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, DeleteParams, Preconditions};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::reflector::Store;
+use kube::runtime::watcher;
+use workload::plan::pod_key;
+use workload::{PlanContext, PodKey, Supervisor};
+
+use crate::status::Statuses;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+}
+
+pub struct Context {
+    pub client: kube::Client,
+    pub sup: Supervisor,
+    pub statuses: Statuses,
+    pub plan: PlanContext,
+    /// Uids of the pods this agent has taken in hand (started or tried to).
+    pub handled: Mutex<HashSet<String>>,
+}
+
+impl Context {
+    fn handled(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.handled.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+fn grace_of(pod: &Pod) -> Duration {
+    let secs = pod
+        .metadata
+        .deletion_grace_period_seconds
+        .or_else(|| {
+            pod.spec
+                .as_ref()
+                .and_then(|s| s.termination_grace_period_seconds)
+        })
+        .unwrap_or(30);
+    Duration::from_secs(secs.clamp(0, 3600) as u64)
+}
+
+fn is_terminal(pod: &Pod) -> bool {
+    matches!(
+        pod.status.as_ref().and_then(|s| s.phase.as_deref()),
+        Some("Succeeded" | "Failed")
+    )
+}
+
+async fn reconcile(pod: Arc<Pod>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let key = pod_key(&pod);
+    if pod.metadata.deletion_timestamp.is_some() {
+        delete(&pod, &key, &ctx).await?;
+        return Ok(Action::await_change());
+    }
+    if ctx.handled().contains(&key.uid) || is_terminal(&pod) {
+        return Ok(Action::await_change());
+    }
+    ctx.handled().insert(key.uid.clone());
+    ctx.statuses.track(&key, &pod);
+    if let Err(e) = ctx.statuses.write(&key).await {
+        tracing::warn!(pod = %key, "writing initial status: {e}");
+    }
+    let pod = without_service_account_token(&pod);
+    match ctx.sup.start(&pod, &ctx.plan, None).await {
+        Ok(s) => tracing::info!(pod = %key, listen = ?s.listen, "pod started"),
+        // The supervisor reported the failure (status + Event) already.
+        Err(e) => tracing::warn!(pod = %key, "pod failed to start: {e}"),
+    }
+    Ok(Action::await_change())
+}
+
+/// The pod without the projected `kube-api-access-*` volume the ServiceAccount admission plugin
+/// adds to every pod (token, `kube-root-ca.crt`, namespace): wasm modules get no API credentials
+/// from this node yet, so it is left out rather than failing the pod. Other projected volumes
+/// stay, and the planner reports them as unsupported.
+pub fn without_service_account_token(pod: &Pod) -> Pod {
+    let mut pod = pod.clone();
+    let Some(spec) = pod.spec.as_mut() else {
+        return pod;
+    };
+    let Some(volumes) = spec.volumes.as_mut() else {
+        return pod;
+    };
+    let is_token = |v: &k8s_openapi::api::core::v1::Volume| {
+        v.projected.as_ref().is_some_and(|p| {
+            let sources = p.sources.as_deref().unwrap_or_default();
+            sources.iter().any(|s| s.service_account_token.is_some())
+                && sources.iter().all(|s| {
+                    s.service_account_token.is_some()
+                        || s.config_map
+                            .as_ref()
+                            .is_some_and(|c| c.name == "kube-root-ca.crt")
+                        || s.downward_api.is_some()
+                })
+        })
+    };
+    let dropped: HashSet<String> = volumes
+        .iter()
+        .filter(|v| is_token(v))
+        .map(|v| v.name.clone())
+        .collect();
+    if dropped.is_empty() {
+        return pod;
+    }
+    volumes.retain(|v| !dropped.contains(&v.name));
+    for c in spec
+        .containers
+        .iter_mut()
+        .chain(spec.init_containers.iter_mut().flatten())
+    {
+        if let Some(mounts) = c.volume_mounts.as_mut() {
+            mounts.retain(|m| !dropped.contains(&m.name));
+        }
+    }
+    pod
+}
+
+/// Graceful deletion as the kubelet does it: stop within the grace period, write the final
+/// status, then delete with grace 0 and a UID precondition.
+async fn delete(pod: &Pod, key: &PodKey, ctx: &Context) -> Result<(), Error> {
+    let grace = grace_of(pod);
+    ctx.sup.stop(key, grace).await;
+    ctx.statuses.track(key, pod);
+    ctx.statuses.terminate(key);
+    ctx.statuses.write(key).await?;
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &key.namespace);
+    let dp = DeleteParams {
+        grace_period_seconds: Some(0),
+        preconditions: Some(Preconditions {
+            uid: Some(key.uid.clone()),
+            resource_version: None,
+        }),
+        ..DeleteParams::default()
+    };
+    match pods.delete(&key.name, &dp).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => {}
+        Err(e) => return Err(e.into()),
+    }
+    ctx.statuses.forget(key);
+    ctx.handled().remove(&key.uid);
+    ctx.sup.logs().remove_pod(key).await;
+    tracing::info!(pod = %key, "pod deleted");
+    Ok(())
+}
+
+fn error_policy(pod: Arc<Pod>, e: &Error, _ctx: Arc<Context>) -> Action {
+    tracing::warn!(pod = ?pod.metadata.name, "reconcile failed: {e}; retrying");
+    Action::requeue(Duration::from_secs(2))
+}
+
+/// Stops pods that run here but whose object is gone (force-deleted while the agent was busy).
+async fn sweep_orphans(store: Store<Pod>, ctx: Arc<Context>) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        if store.is_empty() && ctx.sup.running().is_empty() {
+            continue;
+        }
+        let live: HashSet<String> = store
+            .state()
+            .iter()
+            .filter_map(|p| p.metadata.uid.clone())
+            .collect();
+        for key in ctx.sup.running() {
+            if !live.contains(&key.uid) {
+                tracing::info!(pod = %key, "pod object is gone; stopping it");
+                ctx.sup.stop(&key, Duration::from_secs(0)).await;
+                ctx.statuses.forget(&key);
+                ctx.handled().remove(&key.uid);
+            }
+        }
+    }
+}
+
+/// Runs the pod controller until `shutdown` resolves.
+pub async fn run(
+    node_name: &str,
+    ctx: Arc<Context>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    let pods: Api<Pod> = Api::all(ctx.client.clone());
+    let wc = watcher::Config::default().fields(&format!("spec.nodeName={node_name}"));
+    let controller = Controller::new(pods, wc).graceful_shutdown_on(shutdown);
+    let sweeper = tokio::spawn(sweep_orphans(controller.store(), ctx.clone()));
+    controller
+        .run(reconcile, error_policy, ctx)
+        .for_each(|r| async move {
+            if let Err(e) = r {
+                tracing::debug!("pod controller: {e}");
+            }
+        })
+        .await;
+    sweeper.abort();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn drops_only_the_service_account_token_volume() {
+        let pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "p", "namespace": "default", "uid": "u"},
+            "spec": {
+                "containers": [{"name": "c", "image": "x", "volumeMounts": [
+                    {"name": "kube-api-access-abcde", "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount"},
+                    {"name": "data", "mountPath": "/data"},
+                ]}],
+                "volumes": [
+                    {"name": "kube-api-access-abcde", "projected": {"sources": [
+                        {"serviceAccountToken": {"path": "token", "expirationSeconds": 3607}},
+                        {"configMap": {"name": "kube-root-ca.crt", "items": [{"key": "ca.crt", "path": "ca.crt"}]}},
+                        {"downwardAPI": {"items": [{"path": "namespace", "fieldRef": {"fieldPath": "metadata.namespace"}}]}},
+                    ]}},
+                    {"name": "data", "emptyDir": {}},
+                ],
+            },
+        }))
+        .unwrap();
+        let p = without_service_account_token(&pod);
+        let spec = p.spec.unwrap();
+        let vols: Vec<_> = spec.volumes.unwrap().into_iter().map(|v| v.name).collect();
+        assert_eq!(vols, ["data"]);
+        let mounts: Vec<_> = spec.containers[0]
+            .volume_mounts
+            .clone()
+            .unwrap()
+            .into_iter()
+            .map(|m| m.name)
+            .collect();
+        assert_eq!(mounts, ["data"]);
+    }
+}

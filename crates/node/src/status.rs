@@ -1,0 +1,523 @@
+//! The node's status sink: the Supervisor's reports become pod status (PATCH `pods/<p>/status`)
+//! and core/v1 Events, as the kubelet writes them.
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use k8s_openapi::api::core::v1::{Event, Pod};
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use serde_json::{Value, json};
+use tokio::sync::mpsc::UnboundedReceiver;
+use workload::{ContainerState, EventType, Phase, PodKey, Report};
+
+use crate::time;
+
+#[derive(Debug, Clone)]
+struct ContainerRecord {
+    state: ContainerState,
+    last_state: Option<ContainerState>,
+    ready: bool,
+    restart_count: u32,
+    image_id: Option<String>,
+}
+
+/// What the node knows of one pod's status.
+#[derive(Debug, Clone)]
+pub struct PodRecord {
+    /// Container name and image, in spec order.
+    containers: Vec<(String, String)>,
+    records: HashMap<String, ContainerRecord>,
+    phase: Phase,
+    reason: Option<String>,
+    message: Option<String>,
+    start_time: SystemTime,
+    /// Condition type -> (status, lastTransitionTime).
+    conditions: HashMap<&'static str, (bool, SystemTime)>,
+}
+
+impl PodRecord {
+    pub fn new(pod: &Pod, now: SystemTime) -> PodRecord {
+        let containers = pod
+            .spec
+            .as_ref()
+            .map(|s| {
+                s.containers
+                    .iter()
+                    .map(|c| (c.name.clone(), c.image.clone().unwrap_or_default()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        PodRecord {
+            containers,
+            records: HashMap::new(),
+            phase: Phase::Pending,
+            reason: None,
+            message: None,
+            start_time: now,
+            conditions: HashMap::new(),
+        }
+    }
+
+    /// Applies a container or pod report (events are not status).
+    pub fn apply(&mut self, report: &Report) {
+        match report {
+            Report::Container {
+                container,
+                state,
+                ready,
+                restart_count,
+                image_id,
+                ..
+            } => {
+                let rec =
+                    self.records
+                        .entry(container.clone())
+                        .or_insert_with(|| ContainerRecord {
+                            state: state.clone(),
+                            last_state: None,
+                            ready: false,
+                            restart_count: 0,
+                            image_id: None,
+                        });
+                if matches!(rec.state, ContainerState::Terminated { .. })
+                    && !matches!(state, ContainerState::Terminated { .. })
+                {
+                    rec.last_state = Some(rec.state.clone());
+                }
+                rec.state = state.clone();
+                rec.ready = *ready;
+                rec.restart_count = *restart_count;
+                if image_id.is_some() {
+                    rec.image_id = image_id.clone();
+                }
+            }
+            Report::Pod {
+                phase,
+                reason,
+                message,
+                ..
+            } => {
+                self.phase = *phase;
+                self.reason = reason.clone();
+                self.message = message.clone();
+            }
+            Report::Event { .. } => {}
+        }
+    }
+
+    /// The pod was stopped for deletion: running containers become terminated.
+    pub fn terminate(&mut self, now: SystemTime) {
+        for (name, _) in &self.containers {
+            let rec = self
+                .records
+                .entry(name.clone())
+                .or_insert_with(|| ContainerRecord {
+                    state: ContainerState::Waiting {
+                        reason: "ContainerCreating".into(),
+                        message: String::new(),
+                    },
+                    last_state: None,
+                    ready: false,
+                    restart_count: 0,
+                    image_id: None,
+                });
+            rec.ready = false;
+            match &rec.state {
+                ContainerState::Running { started_at } => {
+                    rec.state = ContainerState::Terminated {
+                        exit_code: 0,
+                        reason: "Completed".into(),
+                        message: "stopped by wasinode for pod deletion".into(),
+                        started_at: *started_at,
+                        finished_at: now,
+                    };
+                }
+                ContainerState::Waiting { .. } => {
+                    rec.state = ContainerState::Terminated {
+                        exit_code: 0,
+                        reason: "ContainerStatusUnknown".into(),
+                        message: "the pod was deleted before the container started".into(),
+                        started_at: now,
+                        finished_at: now,
+                    };
+                }
+                ContainerState::Terminated { .. } => {}
+            }
+        }
+        if self.phase != Phase::Failed {
+            self.phase = Phase::Succeeded;
+        }
+    }
+
+    fn condition(&mut self, type_: &'static str, status: bool, now: SystemTime) -> Value {
+        let entry = self.conditions.entry(type_).or_insert((status, now));
+        if entry.0 != status {
+            *entry = (status, now);
+        }
+        let mut c = json!({
+            "type": type_,
+            "status": if status { "True" } else { "False" },
+            "lastTransitionTime": time(entry.1),
+            "lastProbeTime": null,
+        });
+        if !status && matches!(type_, "Ready" | "ContainersReady") {
+            let reason = match self.phase {
+                Phase::Succeeded => "PodCompleted",
+                Phase::Failed => "PodFailed",
+                _ => "ContainersNotReady",
+            };
+            c["reason"] = json!(reason);
+        }
+        c
+    }
+
+    /// The `status` the kubelet would write now (a strategic merge patch body).
+    pub fn status(&mut self, uid: &str, node_ip: IpAddr, now: SystemTime) -> Value {
+        let terminal = matches!(self.phase, Phase::Succeeded | Phase::Failed);
+        let all_ready = !self.containers.is_empty()
+            && self
+                .containers
+                .iter()
+                .all(|(n, _)| self.records.get(n).is_some_and(|r| r.ready));
+        let ready = all_ready && self.phase == Phase::Running;
+        let conditions = vec![
+            self.condition("PodReadyToStartContainers", !terminal, now),
+            self.condition("Initialized", true, now),
+            self.condition("ContainersReady", ready, now),
+            self.condition("Ready", ready, now),
+        ];
+        let statuses: Vec<Value> = self
+            .containers
+            .iter()
+            .map(|(name, image)| {
+                let rec = self.records.get(name);
+                let state = match rec {
+                    Some(r) => state_json(&r.state),
+                    None if self.phase == Phase::Failed => json!({"waiting": {
+                        "reason": self.reason.clone().unwrap_or_else(|| "Failed".into()),
+                        "message": self.message.clone().unwrap_or_default(),
+                    }}),
+                    None => json!({"waiting": {"reason": "ContainerCreating"}}),
+                };
+                let image_id = rec.and_then(|r| r.image_id.clone()).unwrap_or_default();
+                let mut s = json!({
+                    "name": name,
+                    "image": image,
+                    "imageID": image_id,
+                    "ready": rec.is_some_and(|r| r.ready),
+                    "started": rec.is_some_and(|r| matches!(r.state, ContainerState::Running { .. })),
+                    "restartCount": rec.map_or(0, |r| r.restart_count),
+                    "state": state,
+                    "lastState": rec.and_then(|r| r.last_state.as_ref()).map_or(json!({}), state_json),
+                });
+                if !image_id.is_empty() {
+                    s["containerID"] = json!(format!("wasm://{uid}/{name}"));
+                }
+                s
+            })
+            .collect();
+        let ip = node_ip.to_string();
+        json!({
+            "metadata": {"uid": uid},
+            "status": {
+                "phase": phase_name(self.phase),
+                "reason": self.reason,
+                "message": self.message,
+                "hostIP": ip,
+                "hostIPs": [{"ip": ip}],
+                "podIP": ip,
+                "podIPs": [{"ip": ip}],
+                "startTime": time(self.start_time),
+                "conditions": conditions,
+                "containerStatuses": statuses,
+            }
+        })
+    }
+}
+
+fn phase_name(p: Phase) -> &'static str {
+    match p {
+        Phase::Pending => "Pending",
+        Phase::Running => "Running",
+        Phase::Succeeded => "Succeeded",
+        Phase::Failed => "Failed",
+    }
+}
+
+fn state_json(s: &ContainerState) -> Value {
+    match s {
+        ContainerState::Waiting { reason, message } => {
+            let mut w = json!({"reason": reason});
+            if !message.is_empty() {
+                w["message"] = json!(message);
+            }
+            json!({"waiting": w})
+        }
+        ContainerState::Running { started_at } => {
+            json!({"running": {"startedAt": time(*started_at)}})
+        }
+        ContainerState::Terminated {
+            exit_code,
+            reason,
+            message,
+            started_at,
+            finished_at,
+        } => {
+            let mut t = json!({
+                "exitCode": exit_code, "reason": reason,
+                "startedAt": time(*started_at), "finishedAt": time(*finished_at),
+            });
+            if !message.is_empty() {
+                t["message"] = json!(message);
+            }
+            json!({"terminated": t})
+        }
+    }
+}
+
+/// Pod status records shared by the reconciler and the report sink, and the writer of both.
+#[derive(Clone)]
+pub struct Statuses {
+    client: kube::Client,
+    node_name: String,
+    node_ip: IpAddr,
+    pods: Arc<Mutex<HashMap<PodKey, PodRecord>>>,
+}
+
+impl Statuses {
+    pub fn new(client: kube::Client, node_name: String, node_ip: IpAddr) -> Statuses {
+        Statuses {
+            client,
+            node_name,
+            node_ip,
+            pods: Arc::default(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PodKey, PodRecord>> {
+        self.pods.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Starts keeping the status of `pod` (no-op if already kept).
+    pub fn track(&self, key: &PodKey, pod: &Pod) {
+        self.lock()
+            .entry(key.clone())
+            .or_insert_with(|| PodRecord::new(pod, SystemTime::now()));
+    }
+
+    pub fn forget(&self, key: &PodKey) {
+        self.lock().remove(key);
+    }
+
+    /// Marks the pod's containers terminated (it is being deleted).
+    pub fn terminate(&self, key: &PodKey) {
+        if let Some(r) = self.lock().get_mut(key) {
+            r.terminate(SystemTime::now());
+        }
+    }
+
+    /// Writes the pod's status to the API server. A pod that is gone is not an error.
+    pub async fn write(&self, key: &PodKey) -> kube::Result<()> {
+        let body = match self.lock().get_mut(key) {
+            Some(r) => r.status(&key.uid, self.node_ip, SystemTime::now()),
+            None => return Ok(()),
+        };
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), &key.namespace);
+        match pods
+            .patch_status(&key.name, &PatchParams::default(), &Patch::Strategic(&body))
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Records a report; returns the pod whose status changed.
+    fn apply(&self, report: &Report) -> Option<PodKey> {
+        let (Report::Container { pod, .. } | Report::Pod { pod, .. }) = report else {
+            return None;
+        };
+        let mut pods = self.lock();
+        let rec = pods.get_mut(pod)?;
+        rec.apply(report);
+        Some(pod.clone())
+    }
+
+    /// Creates a core/v1 Event about the pod, as the kubelet does.
+    pub async fn event(&self, pod: &PodKey, kind: EventType, reason: &str, message: &str) {
+        let now = SystemTime::now();
+        let nanos = now
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos();
+        let ev = json!({
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"name": format!("{}.{nanos:x}", pod.name), "namespace": pod.namespace},
+            "involvedObject": {
+                "apiVersion": "v1", "kind": "Pod",
+                "namespace": pod.namespace, "name": pod.name, "uid": pod.uid,
+            },
+            "reason": reason,
+            "message": message,
+            "type": match kind { EventType::Normal => "Normal", EventType::Warning => "Warning" },
+            "source": {"component": "wasinode", "host": self.node_name},
+            "reportingComponent": "wasinode",
+            "reportingInstance": self.node_name,
+            "firstTimestamp": time(now),
+            "lastTimestamp": time(now),
+            "count": 1,
+        });
+        let ev: Event = match serde_json::from_value(ev) {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::warn!("building event: {e}");
+                return;
+            }
+        };
+        let events: Api<Event> = Api::namespaced(self.client.clone(), &pod.namespace);
+        if let Err(e) = events.create(&PostParams::default(), &ev).await {
+            tracing::warn!(%pod, reason, "cannot create event: {e}");
+        }
+    }
+
+    /// The sink: applies reports, coalesces them, and writes each changed pod's status; failed
+    /// writes are retried every 2 s while the API server is away.
+    pub async fn sink(self, mut rx: UnboundedReceiver<Report>) {
+        let mut pending: BTreeSet<PodKey> = BTreeSet::new();
+        loop {
+            let first = if pending.is_empty() {
+                rx.recv().await
+            } else {
+                tokio::time::timeout(Duration::from_secs(2), rx.recv())
+                    .await
+                    .ok()
+                    .flatten()
+            };
+            let mut batch: Vec<Report> = first.into_iter().collect();
+            while let Ok(r) = rx.try_recv() {
+                batch.push(r);
+            }
+            if batch.is_empty() && rx.is_closed() {
+                if pending.is_empty() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+            for r in &batch {
+                if let Report::Event {
+                    pod,
+                    kind,
+                    reason,
+                    message,
+                } = r
+                {
+                    let me = self.clone();
+                    let (pod, kind, reason, message) =
+                        (pod.clone(), *kind, reason.clone(), message.clone());
+                    tokio::spawn(async move { me.event(&pod, kind, &reason, &message).await });
+                } else if let Some(k) = self.apply(r) {
+                    pending.insert(k);
+                }
+            }
+            for key in std::mem::take(&mut pending) {
+                if let Err(e) = self.write(&key).await {
+                    tracing::warn!(pod = %key, "writing pod status: {e}; will retry");
+                    pending.insert(key);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod() -> Pod {
+        serde_json::from_value(json!({
+            "metadata": {"name": "p", "namespace": "default", "uid": "u1"},
+            "spec": {"containers": [{"name": "c", "image": "file:///x.wasm"}]},
+        }))
+        .unwrap()
+    }
+
+    fn key() -> PodKey {
+        workload::plan::pod_key(&pod())
+    }
+
+    #[test]
+    fn running_and_ready_after_start() {
+        let now = SystemTime::now();
+        let mut r = PodRecord::new(&pod(), now);
+        let s = r.status("u1", "10.0.0.1".parse().unwrap(), now);
+        assert_eq!(s["status"]["phase"], "Pending");
+        assert_eq!(
+            s["status"]["containerStatuses"][0]["state"]["waiting"]["reason"],
+            "ContainerCreating"
+        );
+        r.apply(&Report::Container {
+            pod: key(),
+            container: "c".into(),
+            state: ContainerState::Running { started_at: now },
+            ready: true,
+            restart_count: 0,
+            image_id: Some("sha256:ab".into()),
+        });
+        r.apply(&Report::Pod {
+            pod: key(),
+            phase: Phase::Running,
+            reason: None,
+            message: None,
+        });
+        let s = r.status("u1", "10.0.0.1".parse().unwrap(), now);
+        assert_eq!(s["status"]["phase"], "Running");
+        assert_eq!(s["status"]["podIP"], "10.0.0.1");
+        let cs = &s["status"]["containerStatuses"][0];
+        assert_eq!(cs["ready"], true);
+        assert_eq!(cs["started"], true);
+        assert_eq!(cs["imageID"], "sha256:ab");
+        assert!(cs["state"]["running"]["startedAt"].is_string());
+        let ready = s["status"]["conditions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["type"] == "Ready")
+            .unwrap();
+        assert_eq!(ready["status"], "True");
+        // The body is a valid Pod status.
+        let _: Pod =
+            serde_json::from_value(json!({"metadata": {}, "status": s["status"]})).unwrap();
+
+        r.terminate(now);
+        let s = r.status("u1", "10.0.0.1".parse().unwrap(), now);
+        assert_eq!(s["status"]["phase"], "Succeeded");
+        assert_eq!(
+            s["status"]["containerStatuses"][0]["state"]["terminated"]["exitCode"],
+            0
+        );
+    }
+
+    #[test]
+    fn failed_pod_says_why() {
+        let now = SystemTime::now();
+        let mut r = PodRecord::new(&pod(), now);
+        r.apply(&Report::Pod {
+            pod: key(),
+            phase: Phase::Failed,
+            reason: Some("InvalidPodSpec".into()),
+            message: Some("bad modules annotation".into()),
+        });
+        let s = r.status("u1", "10.0.0.1".parse().unwrap(), now);
+        assert_eq!(s["status"]["phase"], "Failed");
+        assert_eq!(s["status"]["reason"], "InvalidPodSpec");
+        assert_eq!(s["status"]["message"], "bad modules annotation");
+        assert_eq!(
+            s["status"]["containerStatuses"][0]["state"]["waiting"]["reason"],
+            "InvalidPodSpec"
+        );
+    }
+}

@@ -1,0 +1,307 @@
+//! `wasinode node` on the real control plane (kube-apiserver, kube-scheduler,
+//! kube-controller-manager): one cluster and one agent for the whole binary, and in order:
+//! - the node joins: `kubectl get nodes` shows it Ready, with the seed's labels and taints, the
+//!   real kernel and OS image, a runtime version naming wasinode and wasmtime, and its Lease;
+//! - a WAGI pod with the seed's nodeSelector and tolerations is scheduled there by kube-scheduler,
+//!   shows Running and READY 1/1, and answers `hello world` on /hello;
+//! - a pod without the tolerations is never scheduled there (it stays Pending);
+//! - a pod with a broken modules annotation shows Failed with its reason in `kubectl describe`;
+//! - `kubectl delete pod` frees the port and the pod object disappears.
+//!
+//! The agent uses the admin kubeconfig here (bootstrap-token identity is a later step).
+//! Run: `cargo build --release && cargo test --release -p wasinode-e2e --test node -- --nocapture`
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, ensure};
+use e2e::cluster::Cluster;
+use e2e::guests::guest;
+use e2e::wasinode::{Wasinode, free_port, get, listening};
+use serde_json::{Value, json};
+
+const TIMEOUT: Duration = Duration::from_secs(60);
+const NODE: &str = "wasi-node-1";
+
+fn wagi_pod(name: &str, addr: &str, modules: &str, image: &str, tolerate: bool) -> Value {
+    let mut pod = json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": name,
+            "namespace": "default",
+            "annotations": {
+                "alpha.wagi.krustlet.dev/default-host": addr,
+                "alpha.wagi.krustlet.dev/modules": modules,
+            },
+        },
+        "spec": {
+            "nodeSelector": {"kubernetes.io/arch": "wasm32-wagi"},
+            "terminationGracePeriodSeconds": 5,
+            "containers": [{"name": "hello", "image": image}],
+        },
+    });
+    if tolerate {
+        pod["spec"]["tolerations"] = json!([
+            {"key": "kubernetes.io/arch", "operator": "Equal", "value": "wasm32-wagi", "effect": "NoSchedule"},
+            {"key": "kubernetes.io/arch", "operator": "Equal", "value": "wasm32-wagi", "effect": "NoExecute"},
+        ]);
+    }
+    pod
+}
+
+fn pod_json(cluster: &Cluster, name: &str) -> Result<Value> {
+    cluster.kubectl_json(&["get", "pod", name, "-n", "default"])
+}
+
+#[test]
+fn node_joins_and_runs_pods() -> Result<()> {
+    let hello = guest("hello")?;
+    let cluster = Cluster::up()?;
+    let kubeconfig = cluster.kubeconfig();
+    let mut agent = Wasinode::start(&[
+        "node",
+        "--kubeconfig",
+        kubeconfig.to_str().context("kubeconfig path")?,
+        "--node-name",
+        NODE,
+        "--node-ip",
+        "127.0.0.1",
+    ])?;
+    let image = format!("file://{}", hello.display());
+
+    node_joins(&cluster).with_context(|| agent.output())?;
+    wagi_pod_runs(&cluster, &image).with_context(|| agent.output())?;
+    untolerated_pod_stays_pending(&cluster, &image)?;
+    broken_pod_is_failed(&cluster, &image).with_context(|| agent.output())?;
+    agent.signal("TERM")?;
+    agent.wait_exit(Duration::from_secs(20))?;
+    cluster.down()
+}
+
+fn node_joins(cluster: &Cluster) -> Result<()> {
+    let started = Instant::now();
+    cluster.wait_for("the node to be Ready", TIMEOUT, || {
+        let node = cluster.kubectl_json(&["get", "node", NODE])?;
+        let conditions = node["status"]["conditions"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        Ok(conditions
+            .iter()
+            .any(|c| c["type"] == "Ready" && c["status"] == "True"))
+    })?;
+    eprintln!("node Ready after {:?}", started.elapsed());
+    let node = cluster.kubectl_json(&["get", "node", NODE])?;
+    let labels = &node["metadata"]["labels"];
+    ensure!(labels["kubernetes.io/arch"] == "wasm32-wagi", "{labels}");
+    ensure!(labels["kubernetes.io/os"] == "linux", "{labels}");
+    ensure!(labels["kubernetes.io/hostname"] == NODE, "{labels}");
+    ensure!(labels["agentpool"] == "wasinode", "{labels}");
+    let taints = node["spec"]["taints"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    for effect in ["NoSchedule", "NoExecute"] {
+        ensure!(
+            taints.iter().any(|t| t["key"] == "kubernetes.io/arch"
+                && t["value"] == "wasm32-wagi"
+                && t["effect"] == effect),
+            "no {effect} taint: {taints:?}"
+        );
+    }
+    let info = &node["status"]["nodeInfo"];
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")?;
+    ensure!(info["kernelVersion"] == kernel.trim(), "{info}");
+    ensure!(
+        info["containerRuntimeVersion"]
+            .as_str()
+            .is_some_and(|v| v.starts_with("wasinode://") && v.contains("wasmtime")),
+        "{info}"
+    );
+    ensure!(
+        info["osImage"] != "" && info["osImage"] != "unknown",
+        "{info}"
+    );
+    ensure!(node["status"]["allocatable"]["pods"] == "110", "{node}");
+    let wide = cluster.kubectl(&["get", "nodes", "-o", "wide"])?;
+    eprintln!("{wide}");
+    ensure!(
+        wide.lines()
+            .any(|l| l.starts_with(NODE) && l.contains(" Ready ") && l.contains("127.0.0.1")),
+        "kubectl get nodes -o wide:\n{wide}"
+    );
+    cluster.wait_for("the node's Lease", TIMEOUT, || {
+        let lease = cluster.kubectl_json(&["get", "lease", NODE, "-n", "kube-node-lease"])?;
+        Ok(lease["spec"]["holderIdentity"] == NODE
+            && lease["spec"]["leaseDurationSeconds"] == 40
+            && lease["metadata"]["ownerReferences"][0]["kind"] == "Node")
+    })?;
+    Ok(())
+}
+
+fn wagi_pod_runs(cluster: &Cluster, image: &str) -> Result<()> {
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let pod = wagi_pod(
+        "hello-wagi",
+        &addr,
+        r#"{"hello": {"route": "/hello"}}"#,
+        image,
+        true,
+    );
+    let created = Instant::now();
+    cluster.kubectl_stdin(&["apply", "-f", "-"], &pod.to_string())?;
+    let mut bound_at = None;
+    cluster.wait_for("hello-wagi Running and Ready", TIMEOUT, || {
+        let p = pod_json(cluster, "hello-wagi")?;
+        if bound_at.is_none() && p["spec"]["nodeName"] == NODE {
+            bound_at = Some(Instant::now());
+        }
+        let ready = p["status"]["conditions"].as_array().is_some_and(|cs| {
+            cs.iter()
+                .any(|c| c["type"] == "Ready" && c["status"] == "True")
+        });
+        Ok(p["status"]["phase"] == "Running" && ready)
+    })?;
+    eprintln!(
+        "hello-wagi: Running+Ready {:?} after create (bound seen after {:?})",
+        created.elapsed(),
+        bound_at.map(|b| b - created)
+    );
+    let p = pod_json(cluster, "hello-wagi")?;
+    ensure!(p["spec"]["nodeName"] == NODE, "{}", p["spec"]);
+    let cs = &p["status"]["containerStatuses"][0];
+    ensure!(cs["ready"] == true && cs["started"] == true, "{cs}");
+    ensure!(
+        cs["imageID"]
+            .as_str()
+            .is_some_and(|i| i.starts_with("sha256:")),
+        "{cs}"
+    );
+    ensure!(cs["state"]["running"]["startedAt"].is_string(), "{cs}");
+    ensure!(p["status"]["podIP"] == "127.0.0.1", "{}", p["status"]);
+    ensure!(p["status"]["startTime"].is_string(), "{}", p["status"]);
+    let table = cluster.kubectl(&["get", "pod", "hello-wagi", "-n", "default"])?;
+    eprintln!("{table}");
+    ensure!(
+        table
+            .lines()
+            .any(|l| l.starts_with("hello-wagi") && l.contains("1/1") && l.contains("Running")),
+        "kubectl get pod:\n{table}"
+    );
+    let resp = get(&addr, "/hello")?;
+    ensure!(
+        resp.status == 200 && resp.body == "hello world\n",
+        "GET /hello: {} {:?}",
+        resp.status,
+        resp.body
+    );
+    let events = cluster.kubectl(&[
+        "get",
+        "events",
+        "-n",
+        "default",
+        "--field-selector",
+        "involvedObject.name=hello-wagi",
+    ])?;
+    for reason in ["Scheduled", "Pulling", "Pulled", "Started"] {
+        ensure!(events.contains(reason), "no {reason} event:\n{events}");
+    }
+
+    // Deletion: the port is freed and the object goes away.
+    let deleted = Instant::now();
+    cluster.kubectl(&[
+        "delete",
+        "pod",
+        "hello-wagi",
+        "-n",
+        "default",
+        "--wait=false",
+    ])?;
+    cluster.wait_for("the pod object to disappear", TIMEOUT, || {
+        Ok(cluster
+            .kubectl(&["get", "pods", "-n", "default", "-o", "name"])?
+            .lines()
+            .all(|l| l != "pod/hello-wagi"))
+    })?;
+    eprintln!(
+        "hello-wagi: gone {:?} after kubectl delete",
+        deleted.elapsed()
+    );
+    ensure!(
+        !listening(&addr),
+        "{addr} still listens after the pod was deleted"
+    );
+    Ok(())
+}
+
+fn untolerated_pod_stays_pending(cluster: &Cluster, image: &str) -> Result<()> {
+    let addr = format!("127.0.0.1:{}", free_port());
+    let pod = wagi_pod(
+        "no-tolerations",
+        &addr,
+        r#"{"hello": {"route": "/hello"}}"#,
+        image,
+        false,
+    );
+    cluster.kubectl_stdin(&["apply", "-f", "-"], &pod.to_string())?;
+    cluster.wait_for("no-tolerations Unschedulable", TIMEOUT, || {
+        let p = pod_json(cluster, "no-tolerations")?;
+        let conditions = p["status"]["conditions"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        Ok(conditions.iter().any(|c| {
+            c["type"] == "PodScheduled" && c["status"] == "False" && c["reason"] == "Unschedulable"
+        }))
+    })?;
+    let p = pod_json(cluster, "no-tolerations")?;
+    ensure!(p["spec"]["nodeName"].is_null(), "{}", p["spec"]);
+    ensure!(p["status"]["phase"] == "Pending", "{}", p["status"]);
+    ensure!(!listening(&addr), "{addr} listens for an unscheduled pod");
+    cluster.kubectl(&[
+        "delete",
+        "pod",
+        "no-tolerations",
+        "-n",
+        "default",
+        "--wait=false",
+    ])?;
+    Ok(())
+}
+
+fn broken_pod_is_failed(cluster: &Cluster, image: &str) -> Result<()> {
+    let addr = format!("127.0.0.1:{}", free_port());
+    let pod = wagi_pod("broken-json", &addr, r#"{"hello": {"route": "#, image, true);
+    cluster.kubectl_stdin(&["apply", "-f", "-"], &pod.to_string())?;
+    cluster.wait_for("broken-json Failed", TIMEOUT, || {
+        Ok(pod_json(cluster, "broken-json")?["status"]["phase"] == "Failed")
+    })?;
+    let p = pod_json(cluster, "broken-json")?;
+    ensure!(p["status"]["reason"] == "InvalidPodSpec", "{}", p["status"]);
+    let describe = cluster.kubectl(&["describe", "pod", "broken-json", "-n", "default"])?;
+    ensure!(
+        describe.contains("InvalidPodSpec") && describe.contains("alpha.wagi.krustlet.dev/modules"),
+        "kubectl describe pod broken-json:\n{describe}"
+    );
+    cluster.wait_for("the Failed event", TIMEOUT, || {
+        let d = cluster.kubectl(&["describe", "pod", "broken-json", "-n", "default"])?;
+        Ok(d.lines()
+            .any(|l| l.contains("Warning") && l.contains("Failed")))
+    })?;
+    cluster.kubectl(&[
+        "delete",
+        "pod",
+        "broken-json",
+        "-n",
+        "default",
+        "--wait=false",
+    ])?;
+    cluster.wait_for("broken-json to disappear", TIMEOUT, || {
+        Ok(cluster
+            .kubectl(&["get", "pods", "-n", "default", "-o", "name"])?
+            .lines()
+            .all(|l| l != "pod/broken-json"))
+    })?;
+    Ok(())
+}
