@@ -1,6 +1,8 @@
 //! `wasinode node` on the real control plane (kube-apiserver, kube-scheduler,
 //! kube-controller-manager): one cluster and one agent for the whole binary, and in order:
-//! - the node joins: `kubectl get nodes` shows it Ready, with the seed's labels and taints, the
+//! - the node joins by bootstrap token: its client-certificate CSR is auto-approved, and from then
+//!   on it acts as `system:node:<name>` (Node authorizer + NodeRestriction accept all it does);
+//! - `kubectl get nodes` shows it Ready, with the seed's labels and taints, the
 //!   real kernel and OS image, a runtime version naming wasinode and wasmtime, and its Lease;
 //! - a WAGI pod with the seed's nodeSelector and tolerations is scheduled there by kube-scheduler,
 //!   shows Running and READY 1/1, and answers `hello world` on /hello;
@@ -8,7 +10,6 @@
 //! - a pod with a broken modules annotation shows Failed with its reason in `kubectl describe`;
 //! - `kubectl delete pod` frees the port and the pod object disappears.
 //!
-//! The agent uses the admin kubeconfig here (bootstrap-token identity is a later step).
 //! Run: `cargo build --release && cargo test --release -p wasinode-e2e --test node -- --nocapture`
 
 use std::time::{Duration, Instant};
@@ -57,11 +58,11 @@ fn pod_json(cluster: &Cluster, name: &str) -> Result<Value> {
 fn node_joins_and_runs_pods() -> Result<()> {
     let hello = guest("hello")?;
     let cluster = Cluster::up()?;
-    let kubeconfig = cluster.kubeconfig();
+    let bootstrap = cluster.bootstrap_kubeconfig();
     let mut agent = Wasinode::start(&[
         "node",
-        "--kubeconfig",
-        kubeconfig.to_str().context("kubeconfig path")?,
+        "--bootstrap-kubeconfig",
+        bootstrap.to_str().context("kubeconfig path")?,
         "--node-name",
         NODE,
         "--node-ip",
@@ -70,6 +71,7 @@ fn node_joins_and_runs_pods() -> Result<()> {
     let image = format!("file://{}", hello.display());
 
     node_joins(&cluster).with_context(|| agent.output())?;
+    acts_as_the_node(&cluster, &agent)?;
     wagi_pod_runs(&cluster, &image).with_context(|| agent.output())?;
     untolerated_pod_stays_pending(&cluster, &image)?;
     broken_pod_is_failed(&cluster, &image).with_context(|| agent.output())?;
@@ -136,6 +138,45 @@ fn node_joins(cluster: &Cluster) -> Result<()> {
             && lease["spec"]["leaseDurationSeconds"] == 40
             && lease["metadata"]["ownerReferences"][0]["kind"] == "Node")
     })?;
+    Ok(())
+}
+
+fn acts_as_the_node(cluster: &Cluster, agent: &Wasinode) -> Result<()> {
+    let csrs = cluster.kubectl_json(&["get", "csr"])?;
+    let csr = csrs["items"]
+        .as_array()
+        .and_then(|items| {
+            items.iter().find(|c| {
+                c["spec"]["signerName"] == "kubernetes.io/kube-apiserver-client-kubelet"
+                    && c["spec"]["username"]
+                        .as_str()
+                        .is_some_and(|u| u.starts_with("system:bootstrap:"))
+            })
+        })
+        .cloned()
+        .with_context(|| format!("no node client CSR from the bootstrap token: {csrs}"))?;
+    ensure!(
+        csr["status"]["conditions"][0]["type"] == "Approved"
+            && csr["status"]["certificate"].is_string(),
+        "CSR not approved and issued: {csr}"
+    );
+    let kubeconfig = agent.data_dir.join("kubelet.kubeconfig");
+    let whoami = cluster.kubectl_with(&kubeconfig, &["auth", "whoami", "-o", "json"], None)?;
+    let whoami: Value = serde_json::from_str(&whoami)?;
+    ensure!(
+        whoami["status"]["userInfo"]["username"] == format!("system:node:{NODE}"),
+        "{whoami}"
+    );
+    ensure!(
+        whoami["status"]["userInfo"]["groups"]
+            .as_array()
+            .is_some_and(|g| g.iter().any(|g| g == "system:nodes")),
+        "{whoami}"
+    );
+    eprintln!(
+        "node identity: {} via CSR {}",
+        whoami["status"]["userInfo"]["username"], csr["metadata"]["name"]
+    );
     Ok(())
 }
 

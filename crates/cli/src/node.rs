@@ -8,9 +8,18 @@ use crate::run::{parse_duration, parse_size};
 
 #[derive(clap::Args, Debug)]
 pub struct NodeArgs {
-    /// Kubeconfig the agent acts with (its current context).
+    /// Kubeconfig the agent acts with (its current context). With --bootstrap-kubeconfig and no
+    /// such file yet, the node's own kubeconfig is written here after the CSR is issued
+    /// [default: <data-dir>/kubelet.kubeconfig].
     #[arg(long, value_name = "FILE")]
-    pub kubeconfig: PathBuf,
+    pub kubeconfig: Option<PathBuf>,
+    /// Kubeconfig with a bootstrap token: used once to obtain the node's client certificate by
+    /// CSR (kubernetes.io/kube-apiserver-client-kubelet) when --kubeconfig does not exist yet.
+    #[arg(long, value_name = "FILE")]
+    pub bootstrap_kubeconfig: Option<PathBuf>,
+    /// Longest wait for the client certificate to be issued.
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    pub bootstrap_timeout: Duration,
     /// The Node's name (also its `kubernetes.io/hostname` label).
     #[arg(long, value_name = "NAME")]
     pub node_name: String,
@@ -60,7 +69,30 @@ pub async fn node(args: NodeArgs) -> anyhow::Result<i32> {
             echo_logs: false,
         },
     )?;
-    let client = node::client_from_kubeconfig(&args.kubeconfig).await?;
+    let kubeconfig = args
+        .kubeconfig
+        .clone()
+        .unwrap_or_else(|| data_dir.join("kubelet.kubeconfig"));
+    if !kubeconfig.exists() {
+        let Some(bootstrap) = &args.bootstrap_kubeconfig else {
+            anyhow::bail!(
+                "kubeconfig {} does not exist; give --bootstrap-kubeconfig to obtain one by CSR",
+                kubeconfig.display()
+            );
+        };
+        eprintln!(
+            "wasinode: requesting the client certificate of system:node:{}",
+            args.node_name
+        );
+        node::bootstrap::bootstrap(
+            bootstrap,
+            &kubeconfig,
+            &args.node_name,
+            args.bootstrap_timeout,
+        )
+        .await?;
+    }
+    let client = node::client_from_kubeconfig(&kubeconfig).await?;
     let cfg = node::Config {
         node_name: args.node_name.clone(),
         node_ip: args.node_ip,

@@ -2,12 +2,13 @@
 //!
 //! Owns: registering the Node (labels, taints, addresses, capacity, nodeInfo, conditions), its
 //! Lease heartbeats and status updates, the watch of the pods bound to this node, turning the
-//! Supervisor's reports into pod status and Events, and graceful pod deletion. Later: the
-//! kubelet API (logs) and certificates (CSR bootstrap).
+//! Supervisor's reports into pod status and Events, graceful pod deletion, and the node's client
+//! certificate (CSR bootstrap). Later: the kubelet API (logs) and its serving certificate.
 //!
 //! Must not touch: how pods run (plan, fetch, compile, listeners, logs belong to the workload
 //! crate, driven only through its `Supervisor`), wasmtime, registries, terminal output (the CLI).
 
+pub mod bootstrap;
 pub mod host;
 pub mod pods;
 pub mod register;

@@ -108,16 +108,58 @@ pub async fn register(
     let nodes: Api<Node> = Api::all(client.clone());
     let want = node_object(cfg);
     let node = match nodes.get_opt(&cfg.node_name).await? {
-        Some(_) => {
-            // Merge patch: our labels win, other labels (set by admins) stay; taints are ours.
-            let patch = json!({"metadata": want["metadata"], "spec": want["spec"]});
-            nodes
+        Some(existing) => {
+            // Merge patch: our labels win, other labels (set by admins) stay. NodeRestriction
+            // forbids a node to change its own taints, so they are only sent when they differ
+            // (then an admin identity is needed; as a node we keep what the admin set).
+            let have = serde_json::to_value(
+                existing
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.taints.clone())
+                    .unwrap_or_default(),
+            )
+            .unwrap_or_default();
+            let want_taints = want["spec"]["taints"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            let has_ours = want_taints.iter().all(|t| {
+                have.as_array().is_some_and(|h| {
+                    h.iter().any(|x| {
+                        x["key"] == t["key"]
+                            && x["value"] == t["value"]
+                            && x["effect"] == t["effect"]
+                    })
+                })
+            });
+            let labels = json!({"metadata": {"labels": want["metadata"]["labels"]}});
+            let node = nodes
                 .patch(
                     &cfg.node_name,
                     &PatchParams::default(),
-                    &Patch::Merge(&patch),
+                    &Patch::Merge(&labels),
                 )
-                .await?
+                .await?;
+            if has_ours {
+                node
+            } else {
+                let taints = json!({"spec": want["spec"]});
+                match nodes
+                    .patch(
+                        &cfg.node_name,
+                        &PatchParams::default(),
+                        &Patch::Merge(&taints),
+                    )
+                    .await
+                {
+                    Ok(n) => n,
+                    Err(e) => {
+                        tracing::warn!("cannot set the taints of node {}: {e}", cfg.node_name);
+                        node
+                    }
+                }
+            }
         }
         None => {
             let obj: Node = serde_json::from_value(want).map_err(kube::Error::SerdeError)?;
