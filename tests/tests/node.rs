@@ -8,7 +8,12 @@
 //!   shows Running and READY 1/1, and answers `hello world` on /hello;
 //! - a pod without the tolerations is never scheduled there (it stays Pending);
 //! - a pod with a broken modules annotation shows Failed with its reason in `kubectl describe`;
-//! - `kubectl delete pod` frees the port and the pod object disappears.
+//! - `kubectl delete pod` frees the port and the pod object disappears;
+//! - env from a ConfigMap, a Secret and fieldRefs reaches a WAGI module; a secret volume and
+//!   configMap env reach a WASI command (its log file shows them) that ends Succeeded;
+//! - a pod referring to a missing ConfigMap waits with CreateContainerConfigError and starts
+//!   once the ConfigMap exists;
+//! - the agent killed with SIGKILL and started again re-adopts its pod, which keeps serving.
 //!
 //! Run: `cargo build --release && cargo test --release -p wasinode-e2e --test node -- --nocapture`
 
@@ -59,7 +64,7 @@ fn node_joins_and_runs_pods() -> Result<()> {
     let hello = guest("hello")?;
     let cluster = Cluster::up()?;
     let bootstrap = cluster.bootstrap_kubeconfig();
-    let mut agent = Wasinode::start(&[
+    let agent = Wasinode::start(&[
         "node",
         "--bootstrap-kubeconfig",
         bootstrap.to_str().context("kubeconfig path")?,
@@ -75,6 +80,9 @@ fn node_joins_and_runs_pods() -> Result<()> {
     wagi_pod_runs(&cluster, &image).with_context(|| agent.output())?;
     untolerated_pod_stays_pending(&cluster, &image)?;
     broken_pod_is_failed(&cluster, &image).with_context(|| agent.output())?;
+    references_are_resolved(&cluster, &agent).with_context(|| agent.output())?;
+    missing_config_map_waits(&cluster).with_context(|| agent.output())?;
+    let mut agent = restart_readopts(&cluster, agent, &image)?;
     agent.signal("TERM")?;
     agent.wait_exit(Duration::from_secs(20))?;
     cluster.down()
@@ -345,4 +353,213 @@ fn broken_pod_is_failed(cluster: &Cluster, image: &str) -> Result<()> {
             .all(|l| l != "pod/broken-json"))
     })?;
     Ok(())
+}
+
+fn apply(cluster: &Cluster, obj: &Value) -> Result<()> {
+    cluster.kubectl_stdin(&["apply", "-f", "-"], &obj.to_string())?;
+    Ok(())
+}
+
+fn image_of(name: &str) -> Result<String> {
+    Ok(format!("file://{}", guest(name)?.display()))
+}
+
+fn references_are_resolved(cluster: &Cluster, agent: &Wasinode) -> Result<()> {
+    apply(
+        cluster,
+        &json!({"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": "app-config", "namespace": "default"},
+            "data": {"GREETING": "hello from a configmap", "COLOR": "blue"}}),
+    )?;
+    apply(
+        cluster,
+        &json!({"apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": "app-secret", "namespace": "default"},
+            "stringData": {"PASSWORD": "s3cret", "token.txt": "secret file contents"}}),
+    )?;
+    let tolerations = json!([{"key": "kubernetes.io/arch", "operator": "Exists"}]);
+    // WAGI: env reaches the module's CGI environment.
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    apply(
+        cluster,
+        &json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "env-wagi", "namespace": "default", "labels": {"app": "envtest"},
+            "annotations": {
+                "alpha.wagi.krustlet.dev/default-host": addr,
+                "alpha.wagi.krustlet.dev/modules": r#"{"echo": {"route": "/env"}}"#}},
+        "spec": {
+            "nodeSelector": {"kubernetes.io/arch": "wasm32-wagi"},
+            "tolerations": tolerations,
+            "containers": [{"name": "echo", "image": image_of("cgi_echo")?,
+                "envFrom": [{"configMapRef": {"name": "app-config"}, "prefix": "CM_"}],
+                "env": [
+                    {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+                    {"name": "POD_APP", "valueFrom": {"fieldRef": {"fieldPath": "metadata.labels['app']"}}},
+                    {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
+                    {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+                    {"name": "PASSWORD", "valueFrom": {"secretKeyRef": {"name": "app-secret", "key": "PASSWORD"}}},
+                ]}]}}),
+    )?;
+    cluster.wait_for("env-wagi Running", TIMEOUT, || {
+        Ok(pod_json(cluster, "env-wagi")?["status"]["phase"] == "Running")
+    })?;
+    let body = get(&addr, "/env")?.body;
+    for line in [
+        "CM_GREETING=hello from a configmap",
+        "CM_COLOR=blue",
+        "POD_NAME=env-wagi",
+        "POD_APP=envtest",
+        &format!("NODE_NAME={NODE}"),
+        "POD_IP=127.0.0.1",
+        "PASSWORD=s3cret",
+    ] {
+        ensure!(body.lines().any(|l| l == line), "no {line:?} in:\n{body}");
+    }
+    // WASI command: a secret volume and configMap env; runs to completion.
+    apply(
+        cluster,
+        &json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "job-wasi", "namespace": "default"},
+        "spec": {
+            "restartPolicy": "Never",
+            "nodeSelector": {"kubernetes.io/arch": "wasm32-wagi"},
+            "tolerations": tolerations,
+            "volumes": [{"name": "sec", "secret": {"secretName": "app-secret"}}],
+            "containers": [{"name": "job", "image": image_of("wasi_cmd")?,
+                "volumeMounts": [{"name": "sec", "mountPath": "/secret", "readOnly": true}],
+                "env": [
+                    {"name": "READ_FILE", "value": "/secret/token.txt"},
+                    {"name": "APP_COLOR", "valueFrom": {"configMapKeyRef": {"name": "app-config", "key": "COLOR"}}},
+                ]}]}}),
+    )?;
+    cluster.wait_for("job-wasi Succeeded", TIMEOUT, || {
+        Ok(pod_json(cluster, "job-wasi")?["status"]["phase"] == "Succeeded")
+    })?;
+    let p = pod_json(cluster, "job-wasi")?;
+    let term = &p["status"]["containerStatuses"][0]["state"]["terminated"];
+    ensure!(term["exitCode"] == 0, "{}", p["status"]);
+    let uid = p["metadata"]["uid"].as_str().unwrap_or_default();
+    let log = agent
+        .data_dir
+        .join(format!("logs/default_job-wasi_{uid}/job.log"));
+    cluster.wait_for("the job's log", TIMEOUT, || {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        Ok(text.contains("APP_COLOR=blue") && text.contains("secret file contents"))
+    })?;
+    for name in ["env-wagi", "job-wasi"] {
+        cluster.kubectl(&["delete", "pod", name, "-n", "default", "--wait=false"])?;
+    }
+    cluster.wait_for("env-wagi and job-wasi to disappear", TIMEOUT, || {
+        let names = cluster.kubectl(&["get", "pods", "-n", "default", "-o", "name"])?;
+        Ok(!names.contains("pod/env-wagi") && !names.contains("pod/job-wasi"))
+    })?;
+    ensure!(!listening(&addr), "{addr} still listens");
+    Ok(())
+}
+
+fn missing_config_map_waits(cluster: &Cluster) -> Result<()> {
+    let addr = format!("127.0.0.1:{}", free_port());
+    apply(
+        cluster,
+        &json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "needs-config", "namespace": "default", "annotations": {
+                "alpha.wagi.krustlet.dev/default-host": addr,
+                "alpha.wagi.krustlet.dev/modules": r#"{"echo": {"route": "/env"}}"#}},
+            "spec": {
+                "nodeSelector": {"kubernetes.io/arch": "wasm32-wagi"},
+                "tolerations": [{"key": "kubernetes.io/arch", "operator": "Exists"}],
+                "containers": [{"name": "echo", "image": image_of("cgi_echo")?,
+                    "env": [{"name": "LATE", "valueFrom": {"configMapKeyRef": {"name": "late-config", "key": "VALUE"}}}]}]}}),
+    )?;
+    cluster.wait_for("needs-config CreateContainerConfigError", TIMEOUT, || {
+        let table = cluster.kubectl(&["get", "pod", "needs-config", "-n", "default"])?;
+        Ok(table.contains("CreateContainerConfigError"))
+    })?;
+    let describe = cluster.kubectl(&["describe", "pod", "needs-config", "-n", "default"])?;
+    ensure!(
+        describe.contains("configmap \"late-config\" not found"),
+        "kubectl describe pod needs-config:\n{describe}"
+    );
+    apply(
+        cluster,
+        &json!({"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": "late-config", "namespace": "default"},
+            "data": {"VALUE": "arrived"}}),
+    )?;
+    cluster.wait_for(
+        "needs-config Running once the ConfigMap exists",
+        TIMEOUT,
+        || Ok(pod_json(cluster, "needs-config")?["status"]["phase"] == "Running"),
+    )?;
+    let body = get(&addr, "/env")?.body;
+    ensure!(body.lines().any(|l| l == "LATE=arrived"), "{body}");
+    cluster.kubectl(&[
+        "delete",
+        "pod",
+        "needs-config",
+        "-n",
+        "default",
+        "--wait=false",
+    ])?;
+    cluster.wait_for("needs-config to disappear", TIMEOUT, || {
+        Ok(!cluster
+            .kubectl(&["get", "pods", "-n", "default", "-o", "name"])?
+            .contains("pod/needs-config"))
+    })?;
+    Ok(())
+}
+
+/// SIGKILL the agent while a pod runs; a new agent (same node identity) re-adopts the pod.
+fn restart_readopts(cluster: &Cluster, mut agent: Wasinode, image: &str) -> Result<Wasinode> {
+    let addr = format!("127.0.0.1:{}", free_port());
+    apply(
+        cluster,
+        &wagi_pod(
+            "survivor",
+            &addr,
+            r#"{"hello": {"route": "/hello"}}"#,
+            image,
+            true,
+        ),
+    )?;
+    cluster.wait_for("survivor Running", TIMEOUT, || {
+        Ok(pod_json(cluster, "survivor")?["status"]["phase"] == "Running")
+    })?;
+    let kubeconfig = agent.data_dir.join("kubelet.kubeconfig");
+    let kept = tempfile::tempdir()?;
+    let kept_kubeconfig = kept.path().join("kubelet.kubeconfig");
+    std::fs::copy(&kubeconfig, &kept_kubeconfig)?;
+    agent.signal("KILL")?;
+    agent.wait_exit(Duration::from_secs(10))?;
+    ensure!(!listening(&addr), "{addr} still listens after SIGKILL");
+    let restarted = Instant::now();
+    let mut agent = Wasinode::start(&[
+        "node",
+        "--kubeconfig",
+        kept_kubeconfig.to_str().context("path")?,
+        "--node-name",
+        NODE,
+        "--node-ip",
+        "127.0.0.1",
+    ])?;
+    agent
+        .wait_listening(&addr, TIMEOUT)
+        .context("the re-adopted pod's listener")?;
+    eprintln!(
+        "survivor: serving again {:?} after the agent restarted",
+        restarted.elapsed()
+    );
+    let resp = get(&addr, "/hello")?;
+    ensure!(resp.body == "hello world\n", "{resp:?}");
+    let p = pod_json(cluster, "survivor")?;
+    ensure!(p["status"]["phase"] == "Running", "{}", p["status"]);
+    cluster.kubectl(&["delete", "pod", "survivor", "-n", "default", "--wait=false"])?;
+    cluster.wait_for("survivor to disappear", TIMEOUT, || {
+        Ok(!cluster
+            .kubectl(&["get", "pods", "-n", "default", "-o", "name"])?
+            .contains("pod/survivor"))
+    })?;
+    ensure!(!listening(&addr), "{addr} still listens after delete");
+    Ok(agent)
 }

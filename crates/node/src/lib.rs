@@ -12,6 +12,7 @@ pub mod bootstrap;
 pub mod host;
 pub mod pods;
 pub mod register;
+pub mod resolve;
 pub mod status;
 
 use std::net::IpAddr;

@@ -12,8 +12,9 @@ use kube::runtime::controller::{Action, Controller};
 use kube::runtime::reflector::Store;
 use kube::runtime::watcher;
 use workload::plan::pod_key;
-use workload::{PlanContext, PodKey, Supervisor};
+use workload::{EventType, PlanContext, PodKey, Supervisor};
 
+use crate::resolve::{ApiObjects, resolve};
 use crate::status::Statuses;
 
 #[derive(Debug, thiserror::Error)]
@@ -72,7 +73,43 @@ async fn reconcile(pod: Arc<Pod>, ctx: Arc<Context>) -> Result<Action, Error> {
         tracing::warn!(pod = %key, "writing initial status: {e}");
     }
     let pod = without_service_account_token(&pod);
-    match ctx.sup.start(&pod, &ctx.plan, None).await {
+    let node_ip = ctx
+        .plan
+        .node_ip
+        .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into());
+    let mut objects = ApiObjects::new(ctx.client.clone());
+    let resolved = match resolve(&pod, &mut objects, node_ip, &ctx.plan.volume_dir).await {
+        Ok(r) => r,
+        Err(e) => {
+            // As the kubelet: the pod waits with CreateContainerConfigError and is retried.
+            tracing::warn!(pod = %key, "{e}");
+            ctx.statuses
+                .waiting(&key, "CreateContainerConfigError", &e.0);
+            ctx.statuses
+                .event(&key, EventType::Warning, "Failed", &format!("Error: {e}"))
+                .await;
+            if let Err(e) = ctx.statuses.write(&key).await {
+                tracing::warn!(pod = %key, "writing status: {e}");
+            }
+            ctx.handled().remove(&key.uid);
+            return Ok(Action::requeue(Duration::from_secs(10)));
+        }
+    };
+    for w in &resolved.warnings {
+        ctx.statuses
+            .event(
+                &key,
+                EventType::Warning,
+                "FailedToRetrieveImagePullSecret",
+                w,
+            )
+            .await;
+    }
+    match ctx
+        .sup
+        .start(&resolved.pod, &ctx.plan, resolved.creds.as_ref())
+        .await
+    {
         Ok(s) => tracing::info!(pod = %key, listen = ?s.listen, "pod started"),
         // The supervisor reported the failure (status + Event) already.
         Err(e) => tracing::warn!(pod = %key, "pod failed to start: {e}"),
@@ -151,6 +188,9 @@ async fn delete(pod: &Pod, key: &PodKey, ctx: &Context) -> Result<(), Error> {
     ctx.statuses.forget(key);
     ctx.handled().remove(&key.uid);
     ctx.sup.logs().remove_pod(key).await;
+    if !key.uid.is_empty() {
+        let _ = tokio::fs::remove_dir_all(ctx.plan.volume_dir.join(&key.uid)).await;
+    }
     tracing::info!(pod = %key, "pod deleted");
     Ok(())
 }

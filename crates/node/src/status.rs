@@ -318,6 +318,25 @@ impl Statuses {
         }
     }
 
+    /// Every container of the pod is waiting for `reason` (e.g. `CreateContainerConfigError`).
+    pub fn waiting(&self, key: &PodKey, reason: &str, message: &str) {
+        if let Some(r) = self.lock().get_mut(key) {
+            for (name, _) in r.containers.clone() {
+                r.apply(&Report::Container {
+                    pod: key.clone(),
+                    container: name,
+                    state: ContainerState::Waiting {
+                        reason: reason.into(),
+                        message: message.into(),
+                    },
+                    ready: false,
+                    restart_count: 0,
+                    image_id: None,
+                });
+            }
+        }
+    }
+
     /// Writes the pod's status to the API server. A pod that is gone is not an error.
     pub async fn write(&self, key: &PodKey) -> kube::Result<()> {
         let body = match self.lock().get_mut(key) {
