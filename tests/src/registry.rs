@@ -247,43 +247,19 @@ pub fn sha256_digest(bytes: &[u8]) -> String {
 
 /// Standard base64 with padding (for `Authorization: Basic` and Docker config `auth` fields).
 pub fn base64(bytes: &[u8]) -> String {
-    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut s = String::with_capacity(bytes.len().div_ceil(3) * 4);
-    for chunk in bytes.chunks(3) {
-        let b = [
-            chunk[0],
-            *chunk.get(1).unwrap_or(&0),
-            *chunk.get(2).unwrap_or(&0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..4 {
-            if i <= chunk.len() {
-                s.push(T[(n >> (18 - 6 * i) & 63) as usize] as char);
-            } else {
-                s.push('=');
-            }
-        }
-    }
-    s
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+/// Standard base64 (padding and whitespace tolerated).
+pub fn unbase64(text: &str) -> anyhow::Result<Vec<u8>> {
+    use base64::Engine as _;
+    let clean: String = text.chars().filter(|c| !c.is_ascii_whitespace()).collect();
+    Ok(base64::engine::general_purpose::STANDARD.decode(clean)?)
 }
 
 #[cfg(test)]
 mod tests {
-    #[test]
-    fn base64_matches_rfc4648() {
-        for (i, o) in [
-            ("", ""),
-            ("f", "Zg=="),
-            ("fo", "Zm8="),
-            ("foo", "Zm9v"),
-            ("foob", "Zm9vYg=="),
-            ("fooba", "Zm9vYmE="),
-            ("foobar", "Zm9vYmFy"),
-        ] {
-            assert_eq!(super::base64(i.as_bytes()), o);
-        }
-    }
-
     #[test]
     fn sha256_of_empty() {
         assert_eq!(

@@ -314,10 +314,7 @@ async fn basic_auth_refused_without_credentials_accepted_with_them() {
     assert_eq!(std::fs::read(&p.path).unwrap(), bytes);
 }
 
-fn base64_encode(b: &[u8]) -> String {
-    use base64::Engine as _;
-    base64::engine::general_purpose::STANDARD.encode(b)
-}
+use e2e::registry::base64 as base64_encode;
 
 #[tokio::test]
 async fn registry_gone_module_still_served_from_store() {

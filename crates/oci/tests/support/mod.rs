@@ -114,10 +114,7 @@ pub fn wasm_file(dir: &std::path::Path, tag: &str) -> (PathBuf, Vec<u8>) {
     (p, bytes)
 }
 
-fn b64(b: &[u8]) -> String {
-    use base64::Engine as _;
-    base64::engine::general_purpose::STANDARD.encode(b)
-}
+use e2e::registry::base64 as b64;
 
 fn b64url(b: &[u8]) -> String {
     use base64::Engine as _;
