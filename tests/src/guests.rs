@@ -53,7 +53,12 @@ pub fn guest(name: &str) -> anyhow::Result<PathBuf> {
         let have: Vec<String> = std::fs::read_dir(&dir)
             .with_context(|| format!("reading {}", dir.display()))?
             .filter_map(|e| e.ok())
-            .filter_map(|e| e.file_name().to_str().and_then(|n| n.strip_suffix(".wasm")).map(String::from))
+            .filter_map(|e| {
+                e.file_name()
+                    .to_str()
+                    .and_then(|n| n.strip_suffix(".wasm"))
+                    .map(String::from)
+            })
             .collect();
         bail!(
             "no guest module {name:?}: {} does not exist (built: {}; is there an examples/guests/{name}.rs?)",
