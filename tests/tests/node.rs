@@ -13,7 +13,11 @@
 //!   configMap env reach a WASI command (its log file shows them) that ends Succeeded;
 //! - a pod referring to a missing ConfigMap waits with CreateContainerConfigError and starts
 //!   once the ConfigMap exists;
-//! - the agent killed with SIGKILL and started again re-adopts its pod, which keeps serving.
+//! - the agent killed with SIGKILL and started again re-adopts its pod, which keeps serving;
+//! - the kubelet API on `--port`: `kubectl logs` (plain, `--tail`, `-f`) returns a module's
+//!   stderr through the API server; callers without credentials get 401, a service account
+//!   without `nodes/proxy` gets 403; its `kubelet-serving` CSR, once approved, replaces the
+//!   self-signed serving certificate with one from the cluster CA.
 //!
 //! Run: `cargo build --release && cargo test --release -p wasinode-e2e --test node -- --nocapture`
 
@@ -64,8 +68,11 @@ fn node_joins_and_runs_pods() -> Result<()> {
     let hello = guest("hello")?;
     let cluster = Cluster::up()?;
     let bootstrap = cluster.bootstrap_kubeconfig();
+    let port = free_port().to_string();
     let agent = Wasinode::start(&[
         "node",
+        "--port",
+        &port,
         "--bootstrap-kubeconfig",
         bootstrap.to_str().context("kubeconfig path")?,
         "--node-name",
@@ -77,6 +84,7 @@ fn node_joins_and_runs_pods() -> Result<()> {
 
     node_joins(&cluster).with_context(|| agent.output())?;
     acts_as_the_node(&cluster, &agent)?;
+    kubelet_api(&cluster, &port).with_context(|| agent.output())?;
     wagi_pod_runs(&cluster, &image).with_context(|| agent.output())?;
     untolerated_pod_stays_pending(&cluster, &image)?;
     broken_pod_is_failed(&cluster, &image).with_context(|| agent.output())?;
@@ -447,6 +455,18 @@ fn references_are_resolved(cluster: &Cluster, agent: &Wasinode) -> Result<()> {
         let text = std::fs::read_to_string(&log).unwrap_or_default();
         Ok(text.contains("APP_COLOR=blue") && text.contains("secret file contents"))
     })?;
+    let logs = cluster.kubectl(&["logs", "job-wasi", "-n", "default"])?;
+    ensure!(
+        logs.contains("APP_COLOR=blue") && logs.contains("stderr line"),
+        "kubectl logs job-wasi:\n{logs}"
+    );
+    let tail = cluster.kubectl(&["logs", "job-wasi", "-n", "default", "--tail=1"])?;
+    ensure!(tail.lines().count() == 1, "kubectl logs --tail=1:\n{tail}");
+    let stamped = cluster.kubectl(&["logs", "job-wasi", "-n", "default", "--timestamps"])?;
+    ensure!(
+        stamped.lines().all(|l| l.starts_with("20")),
+        "kubectl logs --timestamps:\n{stamped}"
+    );
     for name in ["env-wagi", "job-wasi"] {
         cluster.kubectl(&["delete", "pod", name, "-n", "default", "--wait=false"])?;
     }
@@ -534,8 +554,11 @@ fn restart_readopts(cluster: &Cluster, mut agent: Wasinode, image: &str) -> Resu
     agent.wait_exit(Duration::from_secs(10))?;
     ensure!(!listening(&addr), "{addr} still listens after SIGKILL");
     let restarted = Instant::now();
+    let port = free_port().to_string();
     let mut agent = Wasinode::start(&[
         "node",
+        "--port",
+        &port,
         "--kubeconfig",
         kept_kubeconfig.to_str().context("path")?,
         "--node-name",
@@ -562,4 +585,126 @@ fn restart_readopts(cluster: &Cluster, mut agent: Wasinode, image: &str) -> Resu
     })?;
     ensure!(!listening(&addr), "{addr} still listens after delete");
     Ok(agent)
+}
+
+fn curl(args: &[&str]) -> Result<String> {
+    let out = std::process::Command::new("curl")
+        .args(["-sk", "-o", "/dev/null", "-w", "%{http_code}"])
+        .args(args)
+        .output()?;
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+fn served_issuer(port: &str) -> Result<String> {
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "openssl s_client -connect 127.0.0.1:{port} </dev/null 2>/dev/null | openssl x509 -noout -issuer"
+        ))
+        .output()?;
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+fn kubelet_api(cluster: &Cluster, port: &str) -> Result<()> {
+    let base = format!("https://127.0.0.1:{port}");
+    ensure!(curl(&[&format!("{base}/healthz")])? == "200", "/healthz");
+    let logs_url = format!("{base}/containerLogs/default/x/y");
+    let code = curl(&[&logs_url])?;
+    ensure!(code == "401", "no credentials: HTTP {code}");
+    let token = cluster.kubectl(&["create", "token", "default", "-n", "default"])?;
+    let code = curl(&[
+        "-H",
+        &format!("Authorization: Bearer {}", token.trim()),
+        &logs_url,
+    ])?;
+    ensure!(
+        code == "403",
+        "service account without nodes/proxy: HTTP {code}"
+    );
+
+    // The serving certificate: approve the node's kubelet-serving CSR, as an admin would.
+    let before = served_issuer(port)?;
+    let mut csr_name = String::new();
+    cluster.wait_for("the kubelet-serving CSR", TIMEOUT, || {
+        let csrs = cluster.kubectl_json(&["get", "csr"])?;
+        if let Some(c) = csrs["items"].as_array().and_then(|items| {
+            items
+                .iter()
+                .find(|c| c["spec"]["signerName"] == "kubernetes.io/kubelet-serving")
+        }) {
+            csr_name = c["metadata"]["name"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            ensure!(
+                c["spec"]["username"] == format!("system:node:{NODE}"),
+                "serving CSR requested by {}",
+                c["spec"]["username"]
+            );
+            return Ok(true);
+        }
+        Ok(false)
+    })?;
+    cluster.kubectl(&["certificate", "approve", &csr_name])?;
+    let ca_subject = std::process::Command::new("openssl")
+        .args(["x509", "-noout", "-subject", "-in"])
+        .arg(cluster.ca_crt())
+        .output()?;
+    let ca_subject = String::from_utf8_lossy(&ca_subject.stdout)
+        .trim()
+        .trim_start_matches("subject=")
+        .to_string();
+    cluster.wait_for("the cluster-signed serving certificate", TIMEOUT, || {
+        Ok(served_issuer(port)?.trim_start_matches("issuer=") == ca_subject)
+    })?;
+    eprintln!("serving certificate: {before} -> issuer={ca_subject} (CSR {csr_name})");
+
+    // kubectl logs -f through the API server while a module writes to stderr.
+    let addr = format!("127.0.0.1:{}", free_port());
+    apply(
+        cluster,
+        &wagi_pod(
+            "logger",
+            &addr,
+            r#"{"hello": {"route": "/log"}}"#,
+            &image_of("log")?,
+            true,
+        ),
+    )?;
+    cluster.wait_for("logger Running", TIMEOUT, || {
+        Ok(pod_json(cluster, "logger")?["status"]["phase"] == "Running")
+    })?;
+    get(&addr, "/log?first")?;
+    cluster.wait_for("the first request's log lines", TIMEOUT, || {
+        Ok(cluster
+            .kubectl(&["logs", "logger", "-n", "default"])?
+            .contains("log line 3: path= query=first"))
+    })?;
+    let out_path = tempfile::NamedTempFile::new()?;
+    let mut follow = std::process::Command::new(&cluster.kubectl_path)
+        .arg("--kubeconfig")
+        .arg(cluster.kubeconfig())
+        .args(["logs", "-f", "logger", "-n", "default"])
+        .stdout(std::fs::File::create(out_path.path())?)
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    std::thread::sleep(Duration::from_millis(500));
+    get(&addr, "/log?second")?;
+    let followed = cluster.wait_for(
+        "kubectl logs -f to show the second request",
+        TIMEOUT,
+        || Ok(std::fs::read_to_string(out_path.path())?.contains("query=second")),
+    );
+    let _ = follow.kill();
+    let _ = follow.wait();
+    followed?;
+    let text = std::fs::read_to_string(out_path.path())?;
+    ensure!(text.contains("query=first"), "kubectl logs -f:\n{text}");
+    cluster.kubectl(&["delete", "pod", "logger", "-n", "default", "--wait=false"])?;
+    cluster.wait_for("logger to disappear", TIMEOUT, || {
+        Ok(!cluster
+            .kubectl(&["get", "pods", "-n", "default", "-o", "name"])?
+            .contains("pod/logger"))
+    })?;
+    Ok(())
 }

@@ -29,9 +29,14 @@ pub struct NodeArgs {
     /// The `agentpool` label.
     #[arg(long, default_value = "wasinode", value_name = "NAME")]
     pub pool: String,
-    /// The kubelet API port advertised in the Node's daemonEndpoints.
+    /// The kubelet API port (HTTPS; `kubectl logs` goes through it), advertised in the Node's
+    /// daemonEndpoints.
     #[arg(long, default_value_t = 10250)]
     pub port: u16,
+    /// CA certificates (PEM) that sign the client certificates of kubelet API callers
+    /// [default: the CA of the kubeconfig's cluster].
+    #[arg(long, value_name = "FILE")]
+    pub client_ca_file: Option<PathBuf>,
     /// Where modules, compiled code and container logs are kept
     /// [default: $WASINODE_DATA_DIR, else $XDG_DATA_HOME/wasinode, else ~/.local/share/wasinode].
     #[arg(long, value_name = "DIR")]
@@ -92,13 +97,17 @@ pub async fn node(args: NodeArgs) -> anyhow::Result<i32> {
         )
         .await?;
     }
-    let client = node::client_from_kubeconfig(&kubeconfig).await?;
+    let (client, mut client_ca) = node::connect(&kubeconfig).await?;
+    if let Some(file) = &args.client_ca_file {
+        client_ca = node::read_pem_certs(file)?;
+    }
     let cfg = node::Config {
         node_name: args.node_name.clone(),
         node_ip: args.node_ip,
         pool: args.pool.clone(),
         port: args.port,
         shutdown_grace: args.shutdown_grace,
+        client_ca,
     };
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(async move {

@@ -15,8 +15,21 @@ pub const CLIENT_SIGNER: &str = "kubernetes.io/kube-apiserver-client-kubelet";
 
 /// A new P-256 key and a PEM CSR for `system:node:<node_name>` in `system:nodes`.
 pub fn client_csr(node_name: &str) -> anyhow::Result<(String, String)> {
+    node_csr(node_name, &[], &[])
+}
+
+/// A new P-256 key and a PEM CSR for the node, with DNS and IP subject alternative names (for
+/// a `kubelet-serving` certificate).
+pub fn node_csr(
+    node_name: &str,
+    dns: &[String],
+    ips: &[std::net::IpAddr],
+) -> anyhow::Result<(String, String)> {
     let key = rcgen::KeyPair::generate().context("generating the node key")?;
-    let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+    let mut params = rcgen::CertificateParams::new(dns.to_vec())?;
+    params
+        .subject_alt_names
+        .extend(ips.iter().map(|ip| rcgen::SanType::IpAddress(*ip)));
     let mut dn = rcgen::DistinguishedName::new();
     dn.push(
         rcgen::DnType::CommonName,
@@ -30,6 +43,72 @@ pub fn client_csr(node_name: &str) -> anyhow::Result<(String, String)> {
         .pem()
         .context("encoding the CSR")?;
     Ok((csr, key.serialize_pem()))
+}
+
+/// Creates a CSR for `signer` and waits (at most `timeout`, if given) until it is issued;
+/// returns the certificate PEM. Fails hard on denial, failure or timeout.
+pub async fn request_certificate(
+    client: kube::Client,
+    signer: &str,
+    usages: &[&str],
+    csr_pem: &str,
+    name_prefix: &str,
+    timeout: Option<Duration>,
+) -> anyhow::Result<Vec<u8>> {
+    let csrs: Api<CertificateSigningRequest> = Api::all(client);
+    let obj: CertificateSigningRequest = serde_json::from_value(json!({
+        "apiVersion": "certificates.k8s.io/v1",
+        "kind": "CertificateSigningRequest",
+        "metadata": {"generateName": name_prefix},
+        "spec": {
+            "request": base64(csr_pem.as_bytes()),
+            "signerName": signer,
+            "usages": usages,
+        },
+    }))?;
+    let created = csrs
+        .create(&PostParams::default(), &obj)
+        .await
+        .with_context(|| format!("creating a {signer} CSR"))?;
+    let name = created.metadata.name.unwrap_or_default();
+    tracing::info!(csr = %name, signer, "waiting for the certificate");
+    let started = Instant::now();
+    loop {
+        match csrs.get(&name).await {
+            Ok(c) => {
+                let status = c.status.unwrap_or_default();
+                for cond in status.conditions.unwrap_or_default() {
+                    if (cond.type_ == "Denied" || cond.type_ == "Failed") && cond.status == "True" {
+                        bail!(
+                            "CSR {name} was {}: {} {}",
+                            cond.type_.to_lowercase(),
+                            cond.reason.unwrap_or_default(),
+                            cond.message.unwrap_or_default()
+                        );
+                    }
+                }
+                if let Some(cert) = status.certificate.filter(|c| !c.0.is_empty()) {
+                    tracing::info!(csr = %name, "certificate issued");
+                    return Ok(cert.0);
+                }
+            }
+            Err(e) => tracing::warn!(csr = %name, "reading CSR: {e}"),
+        }
+        if let Some(t) = timeout
+            && started.elapsed() >= t
+        {
+            bail!(
+                "CSR {name} not issued within {t:?} (is the csrapproving controller running, \
+                 or must an admin run `kubectl certificate approve {name}`?)"
+            );
+        }
+        let wait = if started.elapsed() < Duration::from_secs(10) {
+            250
+        } else {
+            2000
+        };
+        tokio::time::sleep(Duration::from_millis(wait)).await;
+    }
 }
 
 fn base64(bytes: &[u8]) -> String {
@@ -102,52 +181,15 @@ pub async fn bootstrap(
     let cluster = cluster_of(&kc)?;
     let client = crate::client_from_kubeconfig(bootstrap_kubeconfig).await?;
     let (csr_pem, key_pem) = client_csr(node_name)?;
-    let csrs: Api<CertificateSigningRequest> = Api::all(client);
-    let obj: CertificateSigningRequest = serde_json::from_value(json!({
-        "apiVersion": "certificates.k8s.io/v1",
-        "kind": "CertificateSigningRequest",
-        "metadata": {"generateName": format!("node-csr-{node_name}-")},
-        "spec": {
-            "request": base64(csr_pem.as_bytes()),
-            "signerName": CLIENT_SIGNER,
-            "usages": ["digital signature", "client auth"],
-        },
-    }))?;
-    let created = csrs
-        .create(&PostParams::default(), &obj)
-        .await
-        .context("creating the node client CSR")?;
-    let name = created.metadata.name.unwrap_or_default();
-    tracing::info!(csr = %name, "waiting for the node client certificate");
-    let deadline = Instant::now() + timeout;
-    let cert = loop {
-        match csrs.get(&name).await {
-            Ok(c) => {
-                let status = c.status.unwrap_or_default();
-                for cond in status.conditions.unwrap_or_default() {
-                    if (cond.type_ == "Denied" || cond.type_ == "Failed") && cond.status == "True" {
-                        bail!(
-                            "CSR {name} was {}: {} {}",
-                            cond.type_.to_lowercase(),
-                            cond.reason.unwrap_or_default(),
-                            cond.message.unwrap_or_default()
-                        );
-                    }
-                }
-                if let Some(cert) = status.certificate.filter(|c| !c.0.is_empty()) {
-                    break cert.0;
-                }
-            }
-            Err(e) => tracing::warn!(csr = %name, "reading CSR: {e}"),
-        }
-        if Instant::now() >= deadline {
-            bail!(
-                "CSR {name} not issued within {timeout:?} (is the csrapproving controller running, \
-                 or must an admin run `kubectl certificate approve {name}`?)"
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    };
+    let cert = request_certificate(
+        client,
+        CLIENT_SIGNER,
+        &["digital signature", "client auth"],
+        &csr_pem,
+        &format!("node-csr-{node_name}-"),
+        Some(timeout),
+    )
+    .await?;
     let user = format!("system:node:{node_name}");
     let config = json!({
         "apiVersion": "v1",
@@ -180,7 +222,7 @@ pub async fn bootstrap(
     }
     std::fs::rename(&tmp, kubeconfig)
         .with_context(|| format!("writing {}", kubeconfig.display()))?;
-    tracing::info!(csr = %name, kubeconfig = %kubeconfig.display(), "node client certificate issued");
+    tracing::info!(kubeconfig = %kubeconfig.display(), "node kubeconfig written");
     Ok(())
 }
 

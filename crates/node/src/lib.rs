@@ -10,9 +10,11 @@
 
 pub mod bootstrap;
 pub mod host;
+pub mod logs;
 pub mod pods;
 pub mod register;
 pub mod resolve;
+pub mod server;
 pub mod status;
 
 use std::net::IpAddr;
@@ -36,6 +38,8 @@ pub struct Config {
     pub port: u16,
     /// Time running pods get to stop when the agent shuts down.
     pub shutdown_grace: Duration,
+    /// DER certificates of the CA that signs callers' client certificates (the cluster CA).
+    pub client_ca: Vec<Vec<u8>>,
 }
 
 /// A Kubernetes `Time` (RFC 3339, seconds) as JSON.
@@ -47,13 +51,38 @@ pub(crate) fn time(t: SystemTime) -> Value {
 
 /// A client acting with the identity of `kubeconfig` (its current context).
 pub async fn client_from_kubeconfig(path: &Path) -> anyhow::Result<kube::Client> {
+    Ok(connect(path).await?.0)
+}
+
+/// A client acting with the identity of `kubeconfig`, and the DER certificates of the cluster
+/// CA it trusts (the kubelet API's client CA unless told otherwise).
+pub async fn connect(path: &Path) -> anyhow::Result<(kube::Client, Vec<Vec<u8>>)> {
     let kc = kube::config::Kubeconfig::read_from(path)
         .with_context(|| format!("reading kubeconfig {}", path.display()))?;
     let config =
         kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
             .await
             .with_context(|| format!("loading kubeconfig {}", path.display()))?;
-    kube::Client::try_from(config).context("creating the Kubernetes client")
+    let mut ca = config.root_cert.clone().unwrap_or_default();
+    if ca.is_empty()
+        && let Some(file) = &config.root_cert_file
+    {
+        ca = read_pem_certs(file)?;
+    }
+    let client = kube::Client::try_from(config).context("creating the Kubernetes client")?;
+    Ok((client, ca))
+}
+
+/// DER certificates of a PEM file.
+pub fn read_pem_certs(path: &Path) -> anyhow::Result<Vec<Vec<u8>>> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let pem = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let certs = CertificateDer::pem_slice_iter(&pem)
+        .map(|c| c.map(|c| c.as_ref().to_vec()))
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("parsing {}", path.display()))?;
+    Ok(certs)
 }
 
 /// Runs the node until `shutdown` resolves: registers and heartbeats, runs the pods bound to
@@ -67,10 +96,31 @@ pub async fn run(
     data_dir: PathBuf,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(("0.0.0.0", cfg.port))
+        .await
+        .with_context(|| format!("cannot listen on port {} (--port)", cfg.port))?;
     let host = host::HostInfo::detect();
     let heartbeat = tokio::spawn(register::heartbeat(client.clone(), cfg.clone(), host));
     let statuses = status::Statuses::new(client.clone(), cfg.node_name.clone(), cfg.node_ip);
     let sink = tokio::spawn(statuses.clone().sink(reports));
+    let slot = server::cert_slot(server::self_signed(&cfg.node_name, cfg.node_ip)?);
+    let rotate = tokio::spawn(server::rotate_serving_cert(
+        client.clone(),
+        cfg.node_name.clone(),
+        cfg.node_ip,
+        slot.clone(),
+    ));
+    let api = tokio::spawn(server::serve(
+        listener,
+        slot,
+        cfg.client_ca.clone(),
+        Arc::new(server::State {
+            client: client.clone(),
+            node_name: cfg.node_name.clone(),
+            logs_root: sup.logs().root().to_path_buf(),
+            statuses: statuses.clone(),
+        }),
+    ));
     let ctx = Arc::new(pods::Context {
         client,
         sup: sup.clone(),
@@ -85,6 +135,8 @@ pub async fn run(
     pods::run(&cfg.node_name, ctx, shutdown).await;
     sup.stop_all(cfg.shutdown_grace).await;
     heartbeat.abort();
+    rotate.abort();
+    api.abort();
     // Let the sink write what the stopped pods reported last.
     tokio::time::sleep(Duration::from_millis(100)).await;
     sink.abort();

@@ -290,6 +290,7 @@ mod tests {
             pool: "wasinode".into(),
             port: 10250,
             shutdown_grace: Duration::from_secs(1),
+            client_ca: vec![],
         }
     }
 

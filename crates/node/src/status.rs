@@ -307,6 +307,14 @@ impl Statuses {
             .or_insert_with(|| PodRecord::new(pod, SystemTime::now()));
     }
 
+    /// The kept pod named `ns/name`, if any.
+    pub fn find(&self, ns: &str, name: &str) -> Option<PodKey> {
+        self.lock()
+            .keys()
+            .find(|k| k.namespace == ns && k.name == name)
+            .cloned()
+    }
+
     pub fn forget(&self, key: &PodKey) {
         self.lock().remove(key);
     }

@@ -1,0 +1,476 @@
+//! The kubelet API on `--port` over TLS: `/healthz`, and `/containerLogs/{ns}/{pod}/{container}`
+//! for `kubectl logs`. Callers are authenticated by a client certificate of the cluster CA or a
+//! bearer token (TokenReview), and authorized by SubjectAccessReview on `nodes/<subresource>`
+//! as the kubelet does (401 unauthenticated, 403 unauthorized).
+//!
+//! The serving certificate starts self-signed and is replaced by one from a
+//! `kubernetes.io/kubelet-serving` CSR once a cluster admin approves it (such CSRs are never
+//! auto-approved: `kubectl certificate approve <csr>`, as for any kubelet).
+
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
+use hyper::body::{Frame, Incoming};
+use hyper_util::rt::TokioIo;
+use k8s_openapi::api::authentication::v1::TokenReview;
+use k8s_openapi::api::authorization::v1::SubjectAccessReview;
+use kube::api::{Api, PostParams};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+
+use crate::logs::{LogOptions, render, render_line, truncate_bytes};
+use crate::status::Statuses;
+
+type Body = BoxBody<Bytes, Infallible>;
+
+/// Who is calling.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    pub user: String,
+    pub groups: Vec<String>,
+}
+
+/// The serving certificate, swappable while serving.
+#[derive(Debug)]
+pub struct CertSlot(RwLock<Arc<CertifiedKey>>);
+
+impl CertSlot {
+    pub fn set(&self, key: Arc<CertifiedKey>) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = key;
+    }
+}
+
+impl ResolvesServerCert for CertSlot {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.read().unwrap_or_else(|p| p.into_inner()).clone())
+    }
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+}
+
+/// A certified key from PEM certificate chain and PEM private key.
+pub fn certified_key(cert_pem: &[u8], key_pem: &[u8]) -> anyhow::Result<Arc<CertifiedKey>> {
+    let chain: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_slice_iter(cert_pem).collect::<Result<_, _>>()?;
+    anyhow::ensure!(!chain.is_empty(), "no certificate in PEM");
+    let key = PrivateKeyDer::from_pem_slice(key_pem)?;
+    let signing = provider().key_provider.load_private_key(key)?;
+    Ok(Arc::new(CertifiedKey::new(chain, signing)))
+}
+
+/// A self-signed serving certificate for the node's name and IP.
+pub fn self_signed(node_name: &str, ip: IpAddr) -> anyhow::Result<Arc<CertifiedKey>> {
+    let key = rcgen::KeyPair::generate()?;
+    let mut params = rcgen::CertificateParams::new(vec![node_name.to_string()])?;
+    params.subject_alt_names.push(rcgen::SanType::IpAddress(ip));
+    let cert = params.self_signed(&key)?;
+    certified_key(cert.pem().as_bytes(), key.serialize_pem().as_bytes())
+}
+
+/// CN (user) and O (groups) of a DER client certificate.
+pub fn cert_identity(der: &[u8]) -> Option<Caller> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let subject = cert.subject();
+    let user = subject
+        .iter_common_name()
+        .next()
+        .and_then(|a| a.as_str().ok())?
+        .to_string();
+    let groups = subject
+        .iter_organization()
+        .filter_map(|a| a.as_str().ok().map(String::from))
+        .collect();
+    Some(Caller { user, groups })
+}
+
+pub struct State {
+    pub client: kube::Client,
+    pub node_name: String,
+    pub logs_root: PathBuf,
+    pub statuses: Statuses,
+}
+
+fn text(status: StatusCode, body: impl Into<String>) -> Response<Body> {
+    let mut r = Response::new(Full::new(Bytes::from(body.into())).boxed());
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+async fn token_review(state: &State, token: &str) -> Result<Option<Caller>, String> {
+    let api: Api<TokenReview> = Api::all(state.client.clone());
+    let tr: TokenReview = serde_json::from_value(json!({
+        "apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
+        "spec": {"token": token},
+    }))
+    .map_err(|e| e.to_string())?;
+    let out = api
+        .create(&PostParams::default(), &tr)
+        .await
+        .map_err(|e| format!("TokenReview: {e}"))?;
+    let st = out.status.unwrap_or_default();
+    if st.authenticated != Some(true) {
+        return Ok(None);
+    }
+    let user = st.user.unwrap_or_default();
+    Ok(Some(Caller {
+        user: user.username.unwrap_or_default(),
+        groups: user.groups.unwrap_or_default(),
+    }))
+}
+
+/// The kubelet's mapping of a request to `nodes/<subresource>` attributes.
+pub fn attributes(method: &Method, path: &str) -> (&'static str, &'static str) {
+    let verb = match *method {
+        Method::GET | Method::HEAD => "get",
+        Method::POST => "create",
+        Method::PUT => "update",
+        Method::PATCH => "patch",
+        Method::DELETE => "delete",
+        _ => "get",
+    };
+    let sub = if path.starts_with("/stats") {
+        "stats"
+    } else if path.starts_with("/metrics") {
+        "metrics"
+    } else if path.starts_with("/logs") {
+        "log"
+    } else if path.starts_with("/spec") {
+        "spec"
+    } else {
+        "proxy"
+    };
+    (verb, sub)
+}
+
+async fn authorize(state: &State, who: &Caller, verb: &str, sub: &str) -> Result<bool, String> {
+    let api: Api<SubjectAccessReview> = Api::all(state.client.clone());
+    let sar: SubjectAccessReview = serde_json::from_value(json!({
+        "apiVersion": "authorization.k8s.io/v1", "kind": "SubjectAccessReview",
+        "spec": {
+            "user": who.user, "groups": who.groups,
+            "resourceAttributes": {
+                "verb": verb, "resource": "nodes", "subresource": sub, "name": state.node_name,
+            },
+        },
+    }))
+    .map_err(|e| e.to_string())?;
+    let out = api
+        .create(&PostParams::default(), &sar)
+        .await
+        .map_err(|e| format!("SubjectAccessReview: {e}"))?;
+    Ok(out.status.is_some_and(|s| s.allowed))
+}
+
+async fn handle(state: Arc<State>, peer: Option<Caller>, req: Request<Incoming>) -> Response<Body> {
+    let path = req.uri().path().to_string();
+    if path == "/healthz" {
+        return text(StatusCode::OK, "ok");
+    }
+    let caller = match peer {
+        Some(c) => Some(c),
+        None => {
+            let token = req
+                .headers()
+                .get(http::header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .map(str::trim);
+            match token {
+                Some(t) if !t.is_empty() => match token_review(&state, t).await {
+                    Ok(c) => c,
+                    Err(e) => return text(StatusCode::INTERNAL_SERVER_ERROR, e),
+                },
+                _ => None,
+            }
+        }
+    };
+    let Some(caller) = caller else {
+        return text(StatusCode::UNAUTHORIZED, "Unauthorized");
+    };
+    let (verb, sub) = attributes(req.method(), &path);
+    match authorize(&state, &caller, verb, sub).await {
+        Ok(true) => {}
+        Ok(false) => {
+            return text(
+                StatusCode::FORBIDDEN,
+                format!(
+                    "Forbidden (user={}, verb={verb}, resource=nodes, subresource={sub})",
+                    caller.user
+                ),
+            );
+        }
+        Err(e) => return text(StatusCode::INTERNAL_SERVER_ERROR, e),
+    }
+    let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    match parts.as_slice() {
+        ["containerLogs", ns, pod, container] if req.method() == Method::GET => {
+            let query = req.uri().query().unwrap_or("");
+            container_logs(&state, ns, pod, container, query).await
+        }
+        _ => text(StatusCode::NOT_FOUND, format!("404 page not found: {path}")),
+    }
+}
+
+/// The log file of a container of a pod this node runs (or ran, while its logs are kept).
+fn log_path(
+    state: &State,
+    ns: &str,
+    pod: &str,
+    container: &str,
+    previous: bool,
+) -> Option<PathBuf> {
+    let key = state.statuses.find(ns, pod).or_else(|| {
+        // A pod whose status is no longer kept (e.g. after an agent restart): find its folder.
+        let prefix = format!("{ns}_{pod}_");
+        let dir = std::fs::read_dir(&state.logs_root).ok()?;
+        dir.filter_map(|e| e.ok())
+            .filter_map(|e| e.file_name().to_str().map(String::from))
+            .find(|n| n.starts_with(&prefix))
+            .map(|n| workload::PodKey {
+                namespace: ns.into(),
+                name: pod.into(),
+                uid: n[prefix.len()..].to_string(),
+            })
+    })?;
+    let dir = state
+        .logs_root
+        .join(format!("{}_{}_{}", key.namespace, key.name, key.uid));
+    Some(if previous {
+        dir.join(format!("{container}.log.previous"))
+    } else {
+        dir.join(format!("{container}.log"))
+    })
+}
+
+async fn container_logs(
+    state: &Arc<State>,
+    ns: &str,
+    pod: &str,
+    container: &str,
+    query: &str,
+) -> Response<Body> {
+    let opts = match LogOptions::parse(query, SystemTime::now()) {
+        Ok(o) => o,
+        Err(e) => return text(StatusCode::BAD_REQUEST, e),
+    };
+    let Some(path) = log_path(state, ns, pod, container, opts.previous) else {
+        return text(
+            StatusCode::NOT_FOUND,
+            format!("pod {ns}/{pod} is not on node {}", state.node_name),
+        );
+    };
+    let content = match tokio::fs::read(&path).await {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !opts.previous => Vec::new(),
+        Err(e) => {
+            return text(
+                StatusCode::NOT_FOUND,
+                format!("no logs for container {container} of pod {ns}/{pod}: {e}"),
+            );
+        }
+    };
+    let whole = String::from_utf8_lossy(&content);
+    let first = render(&whole, &opts);
+    if !opts.follow || opts.limit_bytes.is_some_and(|l| first.len() as u64 >= l) {
+        return text(StatusCode::OK, first);
+    }
+    // Follow: send what is there, then new complete lines as they are written, until the client
+    // goes away, the limit is reached, or the pod is gone.
+    let consumed = whole.rfind('\n').map_or(0, |i| i + 1);
+    let (tx, rx) = mpsc::channel::<Bytes>(16);
+    let state = state.clone();
+    let (ns, pod) = (ns.to_string(), pod.to_string());
+    tokio::spawn(async move {
+        let mut sent = first.len() as u64;
+        if tx.send(Bytes::from(first)).await.is_err() {
+            return;
+        }
+        let mut offset = consumed as u64;
+        let mut pending = Vec::new();
+        loop {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            if tx.is_closed() {
+                return;
+            }
+            let bytes = tokio::fs::read(&path).await.unwrap_or_default();
+            if (bytes.len() as u64) < offset {
+                offset = 0; // rotated
+            }
+            pending.extend_from_slice(&bytes[offset as usize..]);
+            offset = bytes.len() as u64;
+            let mut out = String::new();
+            while let Some(i) = pending.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = pending.drain(..=i).collect();
+                let line = String::from_utf8_lossy(&line[..line.len() - 1]).into_owned();
+                if let Some(l) = render_line(&line, &opts) {
+                    out.push_str(&l);
+                }
+            }
+            if let Some(limit) = opts.limit_bytes {
+                truncate_bytes(&mut out, (limit - sent) as usize);
+            }
+            sent += out.len() as u64;
+            if !out.is_empty() && tx.send(Bytes::from(out)).await.is_err() {
+                return;
+            }
+            if opts.limit_bytes.is_some_and(|l| sent >= l) {
+                return;
+            }
+            if state.statuses.find(&ns, &pod).is_none() && bytes.is_empty() {
+                return;
+            }
+        }
+    });
+    let stream = futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv()
+            .await
+            .map(|b| (Ok::<_, Infallible>(Frame::data(b)), rx))
+    });
+    let mut r = Response::new(BodyExt::boxed(StreamBody::new(stream)));
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+/// Serves the kubelet API on `listener` until the task is aborted.
+pub async fn serve(
+    listener: TcpListener,
+    cert: Arc<CertSlot>,
+    client_ca: Vec<Vec<u8>>,
+    state: Arc<State>,
+) -> anyhow::Result<()> {
+    let mut roots = rustls::RootCertStore::empty();
+    for der in client_ca {
+        roots.add(CertificateDer::from(der))?;
+    }
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+        .allow_unauthenticated()
+        .build()?;
+    let mut config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_client_cert_verifier(verifier)
+        .with_cert_resolver(cert);
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    loop {
+        let (tcp, peer_addr): (_, SocketAddr) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!("kubelet API accept: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let acceptor = acceptor.clone();
+        let state = state.clone();
+        tokio::spawn(async move {
+            let tls = match acceptor.accept(tcp).await {
+                Ok(t) => t,
+                Err(e) => {
+                    tracing::debug!(%peer_addr, "kubelet API TLS handshake: {e}");
+                    return;
+                }
+            };
+            let peer = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .and_then(|c| cert_identity(c.as_ref()));
+            let svc = hyper::service::service_fn(move |req| {
+                let state = state.clone();
+                let peer = peer.clone();
+                async move { Ok::<_, Infallible>(handle(state, peer, req).await) }
+            });
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(tls), svc)
+                .await
+            {
+                tracing::debug!(%peer_addr, "kubelet API connection: {e}");
+            }
+        });
+    }
+}
+
+/// Requests a `kubelet-serving` certificate and installs it in `slot` once issued (waits as
+/// long as it takes: an admin must approve it).
+pub async fn rotate_serving_cert(
+    client: kube::Client,
+    node_name: String,
+    node_ip: IpAddr,
+    slot: Arc<CertSlot>,
+) {
+    let result = async {
+        let (csr, key) =
+            crate::bootstrap::node_csr(&node_name, std::slice::from_ref(&node_name), &[node_ip])?;
+        let cert = crate::bootstrap::request_certificate(
+            client,
+            "kubernetes.io/kubelet-serving",
+            &["digital signature", "server auth"],
+            &csr,
+            &format!("node-serving-{node_name}-"),
+            None,
+        )
+        .await?;
+        certified_key(&cert, key.as_bytes())
+    }
+    .await;
+    match result {
+        Ok(k) => {
+            slot.set(k);
+            tracing::info!("kubelet API now serves the cluster-signed certificate");
+        }
+        Err(e) => tracing::warn!("serving certificate: {e:#}; keeping the self-signed one"),
+    }
+}
+
+pub fn cert_slot(initial: Arc<CertifiedKey>) -> Arc<CertSlot> {
+    Arc::new(CertSlot(RwLock::new(initial)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn maps_paths_like_the_kubelet() {
+        assert_eq!(
+            attributes(&Method::GET, "/containerLogs/a/b/c"),
+            ("get", "proxy")
+        );
+        assert_eq!(attributes(&Method::GET, "/stats/summary"), ("get", "stats"));
+        assert_eq!(
+            attributes(&Method::POST, "/exec/a/b/c"),
+            ("create", "proxy")
+        );
+    }
+
+    #[test]
+    fn self_signed_cert_and_identity() {
+        let k = self_signed("n1", "127.0.0.1".parse().unwrap()).unwrap();
+        assert_eq!(k.cert.len(), 1);
+        // rcgen's default subject is CN=rcgen self signed cert.
+        let who = cert_identity(k.cert[0].as_ref()).unwrap();
+        assert!(!who.user.is_empty());
+    }
+}
