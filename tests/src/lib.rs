@@ -4,5 +4,6 @@
 
 pub mod cluster;
 pub mod guests;
+pub mod nginx;
 pub mod registry;
 pub mod wasinode;
