@@ -2,27 +2,82 @@
 //! LogStore and the Supervisor with its report channel. `run` and `node` differ only in where
 //! pods come from and where reports go.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
 use tokio::sync::mpsc::UnboundedReceiver;
 use workload::{Images, LogStore, PullRetry, Report, Reporter, Supervisor, SupervisorConfig};
 
-pub struct EngineOptions {
-    pub max_memory: usize,
-    pub max_instances: u32,
-    pub insecure_registry: Vec<String>,
+/// The flags `run` and `node` share: where data lives and how modules run.
+#[derive(clap::Args, Debug, Clone)]
+pub struct EngineArgs {
+    /// Where modules, compiled code and container logs are kept
+    /// [default: $WASINODE_DATA_DIR, else $XDG_DATA_HOME/wasinode, else ~/.local/share/wasinode].
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Longest a WAGI request may run before it is cut with 504 (e.g. 30s, 500ms, 2m).
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub request_timeout: Duration,
+    /// Memory one module instance may use, all its memories together (e.g. 128MiB, 64M, 1GiB).
+    #[arg(long, default_value = "128MiB", value_parser = parse_size)]
+    pub max_memory: usize,
+    /// Module instances that may run at once (slots reserved by the pooling allocator).
+    #[arg(long, default_value_t = 1000)]
+    pub max_instances: u32,
+    /// A plain-HTTP registry to allow besides loopback ones (HOST[:PORT]; repeatable).
+    #[arg(long, value_name = "HOST[:PORT]")]
+    pub insecure_registry: Vec<String>,
+    /// Time in-flight requests and running pods get to stop after SIGINT/SIGTERM.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub shutdown_grace: Duration,
+    /// First wait before restarting a WASI container (doubles up to 5 minutes), as the kubelet does.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub restart_backoff: Duration,
-    /// Echo module logs to stderr (they are written to the data dir either way).
-    pub echo_logs: bool,
+}
+
+impl EngineArgs {
+    pub fn data_dir(&self) -> PathBuf {
+        self.data_dir.clone().unwrap_or_else(oci::default_data_dir)
+    }
+}
+
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s)
+        .map_err(|e| format!("{s:?} is not a duration like 30s or 500ms: {e}"))
+}
+
+pub fn parse_size(s: &str) -> Result<usize, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: usize = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size like 128MiB"))?;
+    let mult: usize = match unit.trim() {
+        "" | "B" => 1,
+        "K" | "KB" | "k" => 1000,
+        "Ki" | "KiB" => 1 << 10,
+        "M" | "MB" => 1_000_000,
+        "Mi" | "MiB" => 1 << 20,
+        "G" | "GB" => 1_000_000_000,
+        "Gi" | "GiB" => 1 << 30,
+        u => {
+            return Err(format!(
+                "{s:?}: unknown unit {u:?} (use B, KiB, MiB, GiB, K, M, G)"
+            ));
+        }
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("{s:?} is too large"))
 }
 
 /// Creates `data_dir` and everything a Supervisor needs under it.
+/// `echo_logs` also prints module log lines to stderr (they are written to the data dir either way).
 pub fn start(
     data_dir: &Path,
-    opts: &EngineOptions,
+    opts: &EngineArgs,
+    echo_logs: bool,
 ) -> anyhow::Result<(Supervisor, UnboundedReceiver<Report>)> {
     std::fs::create_dir_all(data_dir)
         .with_context(|| format!("cannot create data dir {}", data_dir.display()))?;
@@ -45,7 +100,7 @@ pub fn start(
             first_delay: Duration::from_millis(500),
         },
     );
-    let logs = LogStore::start(data_dir.join("logs"), opts.echo_logs);
+    let logs = LogStore::start(data_dir.join("logs"), echo_logs);
     let (reporter, reports) = Reporter::channel();
     let sup = Supervisor::new(
         rt,

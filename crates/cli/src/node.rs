@@ -4,7 +4,7 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::run::{parse_duration, parse_size};
+use crate::engine::parse_duration;
 
 #[derive(clap::Args, Debug)]
 pub struct NodeArgs {
@@ -37,43 +37,13 @@ pub struct NodeArgs {
     /// [default: the CA of the kubeconfig's cluster].
     #[arg(long, value_name = "FILE")]
     pub client_ca_file: Option<PathBuf>,
-    /// Where modules, compiled code and container logs are kept
-    /// [default: $WASINODE_DATA_DIR, else $XDG_DATA_HOME/wasinode, else ~/.local/share/wasinode].
-    #[arg(long, value_name = "DIR")]
-    pub data_dir: Option<PathBuf>,
-    /// Longest a WAGI request may run before it is cut with 504.
-    #[arg(long, default_value = "30s", value_parser = parse_duration)]
-    pub request_timeout: Duration,
-    /// Memory one module instance may use, all its memories together.
-    #[arg(long, default_value = "128MiB", value_parser = parse_size)]
-    pub max_memory: usize,
-    /// Module instances that may run at once.
-    #[arg(long, default_value_t = 1000)]
-    pub max_instances: u32,
-    /// A plain-HTTP registry to allow besides loopback ones (HOST[:PORT]; repeatable).
-    #[arg(long, value_name = "HOST[:PORT]")]
-    pub insecure_registry: Vec<String>,
-    /// Time running pods get to stop after SIGINT/SIGTERM.
-    #[arg(long, default_value = "10s", value_parser = parse_duration)]
-    pub shutdown_grace: Duration,
-    /// First wait before restarting a WASI container (doubles up to 5 minutes).
-    #[arg(long, default_value = "10s", value_parser = parse_duration)]
-    pub restart_backoff: Duration,
+    #[command(flatten)]
+    pub engine: crate::engine::EngineArgs,
 }
 
 pub async fn node(args: NodeArgs) -> anyhow::Result<i32> {
-    let data_dir = args.data_dir.clone().unwrap_or_else(oci::default_data_dir);
-    let (sup, reports) = crate::engine::start(
-        &data_dir,
-        &crate::engine::EngineOptions {
-            max_memory: args.max_memory,
-            max_instances: args.max_instances,
-            insecure_registry: args.insecure_registry.clone(),
-            request_timeout: args.request_timeout,
-            restart_backoff: args.restart_backoff,
-            echo_logs: false,
-        },
-    )?;
+    let data_dir = args.engine.data_dir();
+    let (sup, reports) = crate::engine::start(&data_dir, &args.engine, false)?;
     let kubeconfig = args
         .kubeconfig
         .clone()
@@ -106,13 +76,16 @@ pub async fn node(args: NodeArgs) -> anyhow::Result<i32> {
         node_ip: args.node_ip,
         pool: args.pool.clone(),
         port: args.port,
-        shutdown_grace: args.shutdown_grace,
+        shutdown_grace: args.engine.shutdown_grace,
         client_ca,
     };
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(async move {
         crate::run::shutdown_signal().await;
-        eprintln!("wasinode: stopping node (grace {:?})", args.shutdown_grace);
+        eprintln!(
+            "wasinode: stopping node (grace {:?})",
+            args.engine.shutdown_grace
+        );
         let _ = tx.send(());
     });
     eprintln!(

@@ -14,76 +14,16 @@ pub struct RunArgs {
     /// too) or OCI references (`registry/repo:tag`, `registry/repo@sha256:...`).
     #[arg(required = true, value_name = "MANIFEST")]
     pub manifests: Vec<PathBuf>,
-    /// Longest a WAGI request may run before it is cut with 504 (e.g. 30s, 500ms, 2m).
-    #[arg(long, default_value = "30s", value_parser = parse_duration)]
-    pub request_timeout: Duration,
-    /// Memory one module instance may use, all its memories together (e.g. 128MiB, 64M, 1GiB).
-    #[arg(long, default_value = "128MiB", value_parser = parse_size)]
-    pub max_memory: usize,
-    /// Where modules, compiled code and container logs are kept
-    /// [default: $WASINODE_DATA_DIR, else $XDG_DATA_HOME/wasinode, else ~/.local/share/wasinode].
-    #[arg(long, value_name = "DIR")]
-    pub data_dir: Option<PathBuf>,
-    /// Module instances that may run at once (slots reserved by the pooling allocator).
-    #[arg(long, default_value_t = 1000)]
-    pub max_instances: u32,
-    /// A plain-HTTP registry to allow besides loopback ones (HOST[:PORT]; repeatable).
-    #[arg(long, value_name = "HOST[:PORT]")]
-    pub insecure_registry: Vec<String>,
-    /// Time in-flight requests get to finish after SIGINT/SIGTERM.
-    #[arg(long, default_value = "10s", value_parser = parse_duration)]
-    pub shutdown_grace: Duration,
-    /// First wait before restarting a WASI container (doubles up to 5 minutes), as the kubelet does.
-    #[arg(long, default_value = "10s", value_parser = parse_duration)]
-    pub restart_backoff: Duration,
+    #[command(flatten)]
+    pub engine: crate::engine::EngineArgs,
     /// Do not echo module logs to this terminal (they are still written to the data dir).
     #[arg(long)]
     pub quiet: bool,
 }
 
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s)
-        .map_err(|e| format!("{s:?} is not a duration like 30s or 500ms: {e}"))
-}
-
-pub fn parse_size(s: &str) -> Result<usize, String> {
-    let t = s.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: usize = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a size like 128MiB"))?;
-    let mult: usize = match unit.trim() {
-        "" | "B" => 1,
-        "K" | "KB" | "k" => 1000,
-        "Ki" | "KiB" => 1 << 10,
-        "M" | "MB" => 1_000_000,
-        "Mi" | "MiB" => 1 << 20,
-        "G" | "GB" => 1_000_000_000,
-        "Gi" | "GiB" => 1 << 30,
-        u => {
-            return Err(format!(
-                "{s:?}: unknown unit {u:?} (use B, KiB, MiB, GiB, K, M, G)"
-            ));
-        }
-    };
-    n.checked_mul(mult)
-        .ok_or_else(|| format!("{s:?} is too large"))
-}
-
 pub async fn run(args: RunArgs) -> anyhow::Result<i32> {
-    let data_dir = args.data_dir.clone().unwrap_or_else(oci::default_data_dir);
-    let (sup, reports) = crate::engine::start(
-        &data_dir,
-        &crate::engine::EngineOptions {
-            max_memory: args.max_memory,
-            max_instances: args.max_instances,
-            insecure_registry: args.insecure_registry.clone(),
-            request_timeout: args.request_timeout,
-            restart_backoff: args.restart_backoff,
-            echo_logs: !args.quiet,
-        },
-    )?;
+    let data_dir = args.engine.data_dir();
+    let (sup, reports) = crate::engine::start(&data_dir, &args.engine, !args.quiet)?;
     let phases: Arc<Mutex<HashMap<PodKey, Phase>>> = Arc::default();
     let printer = tokio::spawn(print_reports(reports, phases.clone()));
 
@@ -142,7 +82,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<i32> {
         }
     }
     if started == 0 {
-        sup.stop_all(args.shutdown_grace).await;
+        sup.stop_all(args.engine.shutdown_grace).await;
         anyhow::bail!("no pod could start");
     }
     eprintln!(
@@ -155,9 +95,12 @@ pub async fn run(args: RunArgs) -> anyhow::Result<i32> {
         _ = sup.finished(), if !serving => true,
     };
     if !finished_naturally {
-        eprintln!("wasinode: stopping (grace {:?})", args.shutdown_grace);
+        eprintln!(
+            "wasinode: stopping (grace {:?})",
+            args.engine.shutdown_grace
+        );
     }
-    sup.stop_all(args.shutdown_grace).await;
+    sup.stop_all(args.engine.shutdown_grace).await;
     drop(sup);
     // Let the printer drain what the pods reported last.
     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -267,7 +210,8 @@ async fn print_reports(
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use crate::engine::{parse_duration, parse_size};
+    use std::time::Duration;
 
     #[test]
     fn sizes_and_durations() {
