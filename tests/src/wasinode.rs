@@ -28,6 +28,37 @@ pub fn binary() -> PathBuf {
     crate::guests::repo_root().join("target/release/wasinode")
 }
 
+/// `wasinode push FILE REF --data-dir DIR` (with extra environment, e.g. `DOCKER_CONFIG`) to
+/// completion: the manifest digest it prints, or an error with its stderr.
+pub fn push(
+    file: &Path,
+    reference: &str,
+    data_dir: &Path,
+    env: &[(&str, &Path)],
+) -> Result<String> {
+    let mut cmd = Command::new(binary());
+    cmd.arg("push")
+        .arg(file)
+        .arg(reference)
+        .arg("--data-dir")
+        .arg(data_dir);
+    cmd.env("WASINODE_LOG", "warn").stdin(Stdio::null());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd
+        .output()
+        .with_context(|| format!("cannot run {}", binary().display()))?;
+    if !out.status.success() {
+        bail!(
+            "push {reference} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
 /// A loopback port nobody listens on right now.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")

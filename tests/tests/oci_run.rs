@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use e2e::guests::guest;
 use e2e::registry::{Registry, base64, sha256_digest};
 use e2e::wasinode::{Wasinode, binary, free_port, get, write_file};
@@ -78,15 +78,12 @@ impl Node {
 
     /// `wasinode push FILE REF`: the digest printed on stdout.
     fn push(&self, file: &Path, reference: &str) -> Result<String> {
-        let out = self.cli(&["push", &file.display().to_string(), reference])?;
-        if !out.status.success() {
-            bail!(
-                "push {reference} failed ({}): {}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+        e2e::wasinode::push(
+            file,
+            reference,
+            &self.data_dir(),
+            &[("DOCKER_CONFIG", &self.docker_config())],
+        )
     }
 
     /// `wasinode run --quiet <manifest>` with `yaml` written to a file in this node's dir.

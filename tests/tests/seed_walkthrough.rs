@@ -10,15 +10,14 @@
 //!
 //! Run: `cargo build --release && cargo test --release -p wasinode-e2e --test seed_walkthrough -- --nocapture`
 
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, ensure};
 use e2e::cluster::Cluster;
 use e2e::guests::guest;
 use e2e::nginx::Nginx;
 use e2e::registry::Registry;
-use e2e::wasinode::{Wasinode, binary, free_port, get, listening};
+use e2e::wasinode::{Wasinode, free_port, get, listening};
 use serde_json::Value;
 
 const TIMEOUT: Duration = Duration::from_secs(90);
@@ -33,27 +32,9 @@ const DEMOS: [(&str, &str); 5] = [
     ("http_example", "http-example"),
 ];
 
-/// `wasinode push FILE REF` with its own data dir; the manifest digest it prints.
+/// `wasinode push` of a demo module with its own data dir; the manifest digest it prints.
 fn push(data_dir: &std::path::Path, module: &str, reference: &str) -> Result<String> {
-    let file = guest(module)?;
-    let out = Command::new(binary())
-        .arg("push")
-        .arg(&file)
-        .arg(reference)
-        .arg("--data-dir")
-        .arg(data_dir)
-        .env("WASINODE_LOG", "warn")
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("cannot run {}", binary().display()))?;
-    if !out.status.success() {
-        bail!(
-            "push {reference} failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    e2e::wasinode::push(&guest(module)?, reference, data_dir, &[])
 }
 
 /// The seed's wasi-example.yaml, with local images and default-host `0.0.0.0:<port>`.
