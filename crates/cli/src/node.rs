@@ -33,6 +33,14 @@ pub struct NodeArgs {
     /// daemonEndpoints.
     #[arg(long, default_value_t = 10250)]
     pub port: u16,
+    /// The address the kubelet API listens on.
+    #[arg(long, default_value = "0.0.0.0", value_name = "IP")]
+    pub address: IpAddr,
+    /// WAGI listeners whose default-host names no address (`0.0.0.0:3001`, `:3001`) bind this
+    /// address instead. For several nodes on one host (the local node-pool provisioner gives
+    /// each its own loopback address); unset, they listen on every address of the host.
+    #[arg(long, value_name = "IP")]
+    pub pod_address: Option<IpAddr>,
     /// CA certificates (PEM) that sign the client certificates of kubelet API callers
     /// [default: the CA of the kubeconfig's cluster].
     #[arg(long, value_name = "FILE")]
@@ -76,6 +84,8 @@ pub async fn node(args: NodeArgs) -> anyhow::Result<i32> {
         node_ip: args.node_ip,
         pool: args.pool.clone(),
         port: args.port,
+        address: args.address,
+        pod_address: args.pod_address,
         shutdown_grace: args.engine.shutdown_grace,
         client_ca,
     };

@@ -51,6 +51,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<i32> {
         let ctx = PlanContext {
             volume_dir: volume_dir.clone(),
             node_ip: None,
+            bind_ip: None,
             base_dir: Some(mp.base_dir.clone()),
         };
         let sup = sup.clone();

@@ -36,6 +36,11 @@ pub struct Config {
     pub pool: String,
     /// The kubelet API port advertised in `daemonEndpoints`.
     pub port: u16,
+    /// The address the kubelet API listens on (`0.0.0.0`: every address of the host).
+    pub address: IpAddr,
+    /// When set, WAGI listeners whose `default-host` names no address (`0.0.0.0:3001`) bind
+    /// this one instead, so that several nodes can share one host (see `PlanContext::bind_ip`).
+    pub pod_address: Option<IpAddr>,
     /// Time running pods get to stop when the agent shuts down.
     pub shutdown_grace: Duration,
     /// DER certificates of the CA that signs callers' client certificates (the cluster CA).
@@ -96,9 +101,14 @@ pub async fn run(
     data_dir: PathBuf,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(("0.0.0.0", cfg.port))
+    let listener = tokio::net::TcpListener::bind((cfg.address, cfg.port))
         .await
-        .with_context(|| format!("cannot listen on port {} (--port)", cfg.port))?;
+        .with_context(|| {
+            format!(
+                "cannot listen on {}:{} (--address, --port)",
+                cfg.address, cfg.port
+            )
+        })?;
     let host = host::HostInfo::detect();
     let heartbeat = tokio::spawn(register::heartbeat(client.clone(), cfg.clone(), host));
     let statuses = status::Statuses::new(client.clone(), cfg.node_name.clone(), cfg.node_ip);
@@ -128,6 +138,7 @@ pub async fn run(
         plan: PlanContext {
             volume_dir: Supervisor::volume_dir(&data_dir),
             node_ip: Some(cfg.node_ip),
+            bind_ip: cfg.pod_address,
             base_dir: None,
         },
         handled: Mutex::default(),

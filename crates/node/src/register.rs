@@ -289,6 +289,8 @@ mod tests {
             node_ip: "10.0.0.5".parse().unwrap(),
             pool: "wasinode".into(),
             port: 10250,
+            address: "0.0.0.0".parse().unwrap(),
+            pod_address: None,
             shutdown_grace: Duration::from_secs(1),
             client_ca: vec![],
         }

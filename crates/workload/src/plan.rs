@@ -94,6 +94,10 @@ pub struct PlanContext {
     pub volume_dir: PathBuf,
     /// The node's address, which `hostNetwork` pods listen on when `default-host` names no IP.
     pub node_ip: Option<IpAddr>,
+    /// When set, listeners whose address is unspecified (`0.0.0.0`, `::`, or a bare port) bind
+    /// this address instead: a node that shares its host with other nodes (the local node-pool
+    /// provisioner runs several on distinct loopback addresses) owns only its own address.
+    pub bind_ip: Option<IpAddr>,
     /// Folder of the manifest the pod came from (relative hostPath volumes are not allowed, but
     /// relative images are resolved against it by the image resolver).
     pub base_dir: Option<PathBuf>,
@@ -277,15 +281,19 @@ fn listen_addr(
         (true, Some(ip)) => ip,
         _ => IpAddr::from([0, 0, 0, 0]),
     };
+    let confine = |addr: SocketAddr| match ctx.bind_ip {
+        Some(ip) if addr.ip().is_unspecified() => SocketAddr::new(ip, addr.port()),
+        _ => addr,
+    };
     let Some(v) = value.map(str::trim) else {
-        return Ok(SocketAddr::new(fallback_ip, 3000));
+        return Ok(confine(SocketAddr::new(fallback_ip, 3000)));
     };
     if let Ok(addr) = v.parse::<SocketAddr>() {
-        return Ok(addr);
+        return Ok(confine(addr));
     }
     let port_text = v.strip_prefix(':').unwrap_or(v);
     match port_text.parse::<u16>() {
-        Ok(port) => Ok(SocketAddr::new(fallback_ip, port)),
+        Ok(port) => Ok(confine(SocketAddr::new(fallback_ip, port))),
         Err(_) => Err(format!(
             "{v:?} is not IP:port (for example \"0.0.0.0:3001\")"
         )),
@@ -539,5 +547,23 @@ spec:
             Ok(true)
         );
         assert_eq!(listen_addr(None, false, &ctx).map(|a| a.port()), Ok(3000));
+    }
+
+    #[test]
+    fn a_bind_ip_confines_unspecified_listeners_only() {
+        let ip = IpAddr::from([127, 100, 0, 2]);
+        let ctx = PlanContext {
+            bind_ip: Some(ip),
+            ..Default::default()
+        };
+        let at = |v| listen_addr(Some(v), false, &ctx);
+        assert_eq!(at("0.0.0.0:3001"), Ok(SocketAddr::new(ip, 3001)));
+        assert_eq!(at("[::]:3001"), Ok(SocketAddr::new(ip, 3001)));
+        assert_eq!(at(":3002"), Ok(SocketAddr::new(ip, 3002)));
+        assert_eq!(
+            at("127.0.0.1:3003").map(|a| a.ip()),
+            Ok(IpAddr::from([127, 0, 0, 1]))
+        );
+        assert_eq!(listen_addr(None, false, &ctx).map(|a| a.ip()), Ok(ip));
     }
 }
