@@ -9,6 +9,7 @@
 //! crate, driven only through its `Supervisor`), wasmtime, registries, terminal output (the CLI).
 
 pub mod bootstrap;
+pub mod drain;
 pub mod host;
 pub mod logs;
 pub mod pods;

@@ -1,0 +1,313 @@
+//! Cordon and drain a node, as `kubectl drain` does: mark it unschedulable, evict its pods
+//! through the Eviction API (so PodDisruptionBudgets are honoured) and wait until they are gone.
+//!
+//! Used by `wasinode node --drain-on-shutdown` (acting as the node itself: the Node authorizer
+//! lets `system:node:N` patch its own Node and create `pods/eviction` for the pods bound to it)
+//! and by the node-pool code (acting as an admin).
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::api::{Api, EvictParams, ListParams, Patch, PatchParams};
+use serde_json::json;
+use tokio::time::Instant;
+
+/// The annotation the kubelet puts on mirror pods (static pods' API shadows).
+const MIRROR_ANNOTATION: &str = "kubernetes.io/config.mirror";
+
+/// How long [`drain`] waits, and how often it looks again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DrainOptions {
+    /// Longest time for the whole drain: evictions blocked by a PodDisruptionBudget and pods
+    /// still terminating after it make the drain fail.
+    pub timeout: Duration,
+    /// Interval between retries of a blocked eviction and checks for terminated pods.
+    pub poll: Duration,
+}
+
+impl Default for DrainOptions {
+    fn default() -> Self {
+        Self {
+            timeout: Duration::from_secs(5 * 60),
+            poll: Duration::from_secs(2),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DrainError {
+    #[error(
+        "cannot cordon node {node}: {source} (the identity needs `patch` on nodes; a node may \
+         only patch its own Node object)"
+    )]
+    Cordon {
+        node: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error(
+        "cannot list the pods of node {node}: {source} (the identity needs `list` on pods in \
+         every namespace)"
+    )]
+    List {
+        node: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error(
+        "cannot evict pod {pod}: a PodDisruptionBudget still forbids it after {waited:?} \
+         ({message}); scale up the pod's workload or relax its PodDisruptionBudget \
+         (`kubectl get pdb -n {namespace}`), then drain again"
+    )]
+    Blocked {
+        pod: String,
+        namespace: String,
+        waited: Duration,
+        message: String,
+    },
+    #[error(
+        "cannot evict pod {pod}: {source} (the identity needs `create` on pods/eviction; a node \
+         may only evict pods bound to it)"
+    )]
+    Evict {
+        pod: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error(
+        "pods still terminating after {waited:?}: {pods}; look at them with `kubectl describe \
+         pod`, or delete them with --force once their workload is safe"
+    )]
+    Timeout { waited: Duration, pods: String },
+}
+
+/// Marks `node` unschedulable (`spec.unschedulable: true`, a merge patch): the scheduler places
+/// no new pod there. Pods already on it keep running.
+pub async fn cordon(client: &kube::Client, node: &str) -> Result<(), DrainError> {
+    let nodes: Api<Node> = Api::all(client.clone());
+    nodes
+        .patch(
+            node,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"unschedulable": true}})),
+        )
+        .await
+        .map(|_| ())
+        .map_err(|source| DrainError::Cordon {
+            node: node.to_string(),
+            source,
+        })
+}
+
+/// Why a pod bound to the node is left alone by a drain, if it is.
+pub fn skip_reason(pod: &Pod) -> Option<&'static str> {
+    if pod
+        .metadata
+        .annotations
+        .as_ref()
+        .is_some_and(|a| a.contains_key(MIRROR_ANNOTATION))
+    {
+        return Some("a mirror pod");
+    }
+    if pod
+        .metadata
+        .owner_references
+        .as_deref()
+        .unwrap_or_default()
+        .iter()
+        .any(|o| o.controller == Some(true) && o.kind == "DaemonSet")
+    {
+        return Some("managed by a DaemonSet");
+    }
+    if matches!(
+        pod.status.as_ref().and_then(|s| s.phase.as_deref()),
+        Some("Succeeded" | "Failed")
+    ) {
+        // Finished: nothing runs, and evicting it would only be refused or pointless.
+        return Some("finished");
+    }
+    None
+}
+
+/// `namespace/name` of a pod.
+fn key(pod: &Pod) -> String {
+    format!(
+        "{}/{}",
+        pod.metadata.namespace.as_deref().unwrap_or("default"),
+        pod.metadata.name.as_deref().unwrap_or_default()
+    )
+}
+
+/// The pods of `node` that a drain evicts.
+async fn evictable(client: &kube::Client, node: &str) -> Result<Vec<Pod>, DrainError> {
+    let pods: Api<Pod> = Api::all(client.clone());
+    let list = pods
+        .list(&ListParams::default().fields(&format!("spec.nodeName={node}")))
+        .await
+        .map_err(|source| DrainError::List {
+            node: node.to_string(),
+            source,
+        })?;
+    Ok(list
+        .items
+        .into_iter()
+        .filter(|p| skip_reason(p).is_none())
+        .collect())
+}
+
+/// Cordons `node`, evicts each of its pods (except mirror pods, DaemonSet pods and finished
+/// ones) through the Eviction API, and waits until the evicted pods are gone from the API.
+/// An eviction a PodDisruptionBudget refuses is retried every `opts.poll` until
+/// `opts.timeout`. `progress` receives one human line per step. Returns how many pods were
+/// evicted.
+pub async fn drain(
+    client: &kube::Client,
+    node: &str,
+    opts: &DrainOptions,
+    progress: &(dyn Fn(&str) + Send + Sync),
+) -> Result<usize, DrainError> {
+    let start = Instant::now();
+    let deadline = start + opts.timeout;
+    cordon(client, node).await?;
+    progress(&format!("node {node} cordoned"));
+    let candidates = evictable(client, node).await?;
+    // (uid, namespace/name) of every pod whose eviction was accepted.
+    let mut evicted: Vec<(String, String)> = Vec::new();
+    for pod in &candidates {
+        let name = pod.metadata.name.clone().unwrap_or_default();
+        let namespace = pod
+            .metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".into());
+        let uid = pod.metadata.uid.clone().unwrap_or_default();
+        let pod_key = key(pod);
+        progress(&format!("evicting {pod_key}"));
+        let api: Api<Pod> = Api::namespaced(client.clone(), &namespace);
+        loop {
+            match api.evict(&name, &EvictParams::default()).await {
+                Ok(_) => {
+                    evicted.push((uid, pod_key));
+                    break;
+                }
+                Err(kube::Error::Api(s)) if s.code == 404 => {
+                    progress(&format!("{pod_key} is already gone"));
+                    break;
+                }
+                Err(kube::Error::Api(s)) if s.code == 429 => {
+                    if Instant::now() + opts.poll > deadline {
+                        return Err(DrainError::Blocked {
+                            pod: pod_key,
+                            namespace,
+                            waited: start.elapsed(),
+                            message: s.message.clone(),
+                        });
+                    }
+                    progress(&format!(
+                        "{pod_key}: eviction refused ({}); retrying in {:?}",
+                        s.message, opts.poll
+                    ));
+                    tokio::time::sleep(opts.poll).await;
+                }
+                Err(source) => {
+                    return Err(DrainError::Evict {
+                        pod: pod_key,
+                        source,
+                    });
+                }
+            }
+        }
+    }
+    let count = evicted.len();
+    loop {
+        let pods: Api<Pod> = Api::all(client.clone());
+        let present: HashSet<String> = match pods
+            .list(&ListParams::default().fields(&format!("spec.nodeName={node}")))
+            .await
+        {
+            Ok(list) => list
+                .items
+                .into_iter()
+                .filter_map(|p| p.metadata.uid)
+                .collect(),
+            Err(source) => {
+                return Err(DrainError::List {
+                    node: node.to_string(),
+                    source,
+                });
+            }
+        };
+        evicted.retain(|(uid, _)| present.contains(uid));
+        if evicted.is_empty() {
+            progress(&format!("node {node} drained ({count} pods evicted)"));
+            return Ok(count);
+        }
+        if Instant::now() >= deadline {
+            return Err(DrainError::Timeout {
+                waited: start.elapsed(),
+                pods: evicted
+                    .iter()
+                    .map(|(_, k)| k.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            });
+        }
+        progress(&format!(
+            "waiting for {} pod{} to terminate",
+            evicted.len(),
+            if evicted.len() == 1 { "" } else { "s" }
+        ));
+        tokio::time::sleep(
+            opts.poll
+                .min(deadline.saturating_duration_since(Instant::now())),
+        )
+        .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(v: serde_json::Value) -> Pod {
+        serde_json::from_value(v).expect("pod")
+    }
+
+    #[test]
+    fn evicts_ordinary_and_replicaset_pods() {
+        let plain = pod(json!({"metadata": {"name": "a", "namespace": "default"}}));
+        assert_eq!(skip_reason(&plain), None);
+        let rs = pod(json!({"metadata": {"name": "b", "ownerReferences": [{
+            "apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "web-1", "uid": "u",
+            "controller": true}]}, "status": {"phase": "Running"}}));
+        assert_eq!(skip_reason(&rs), None);
+    }
+
+    #[test]
+    fn skips_mirror_daemonset_and_finished_pods() {
+        let mirror = pod(json!({"metadata": {"name": "m",
+            "annotations": {"kubernetes.io/config.mirror": "abc"}}}));
+        assert_eq!(skip_reason(&mirror), Some("a mirror pod"));
+        let ds = pod(json!({"metadata": {"name": "d", "ownerReferences": [{
+            "apiVersion": "apps/v1", "kind": "DaemonSet", "name": "agent", "uid": "u",
+            "controller": true}]}}));
+        assert_eq!(skip_reason(&ds), Some("managed by a DaemonSet"));
+        let done = pod(json!({"metadata": {"name": "j"}, "status": {"phase": "Succeeded"}}));
+        assert_eq!(skip_reason(&done), Some("finished"));
+    }
+
+    #[test]
+    fn a_daemonset_that_is_not_the_controller_does_not_count() {
+        let p = pod(json!({"metadata": {"name": "x", "ownerReferences": [{
+            "apiVersion": "apps/v1", "kind": "DaemonSet", "name": "agent", "uid": "u"}]}}));
+        assert_eq!(skip_reason(&p), None);
+    }
+
+    #[test]
+    fn default_options_match_kubectl_like_values() {
+        let o = DrainOptions::default();
+        assert_eq!(o.timeout, Duration::from_secs(300));
+        assert_eq!(o.poll, Duration::from_secs(2));
+    }
+}
