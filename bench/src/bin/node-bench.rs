@@ -1,0 +1,838 @@
+//! node-bench: `wasinode node` on the real local control plane (etcd, kube-apiserver,
+//! kube-controller-manager, kube-scheduler started by `tools/cluster up`), measured from a client's
+//! point of view. Prints figures; asserts no timing. It fails only when something functionally
+//! breaks: a pod never becomes Ready, a route does not answer, the Node leaves Ready.
+//!
+//! 1. bound -> Ready: with the agent Ready and `hello.wasm` already compiled (one warm-up pod
+//!    first), `LATENCY_PODS` WAGI pods are created one at a time with `spec.nodeName` set (bound at
+//!    creation, tolerating the node's taints), each on its own port. For each: the time from
+//!    sending the create request to this process's pod watch seeing `Ready=True` (monotonic clock,
+//!    a kube-runtime watcher). Floors measured in the same run, on the same watch: create -> the
+//!    watch seeing the pod ADDED (what the agent's own watch can do at best), and a client's status
+//!    patch -> the watch seeing it (one status write, the least a kubelet must do). Then
+//!    `SCHED_PODS` pods without `nodeName`, placed by kube-scheduler: create -> scheduled and
+//!    create -> Ready.
+//! 2. `LOAD_PODS` WAGI pods on the node (distinct ports): created `CREATE_CONCURRENCY` at a time,
+//!    the time until all are Ready, then `HOLD_SECS` under a round-robin HTTP client on every route
+//!    while the Node's Ready condition and Lease are checked and the agent's VmRSS is sampled.
+//!    Reported: RSS right after joining, with 0 pods (module compiled, after the first section's pods
+//!    were deleted), with all pods at rest, peak under load, and the per-pod increment.
+//!
+//! Run it through `bench/run node` (builds the agent, the guests and the control plane first), or
+//! directly: `target/release/node-bench` from the repo root.
+//!
+//! Knobs (environment): LATENCY_PODS=30 SCHED_PODS=10 LOAD_PODS=200 HOLD_SECS=60
+//! CREATE_CONCURRENCY=8 NODE_BASE_PORT=21000 (pod ports NODE_BASE_PORT.. upward, each checked free)
+//! READY_TIMEOUT_SECS=120 (per pod; 300 s at least for the LOAD_PODS wave).
+
+use std::collections::HashMap;
+use std::net::TcpListener;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use e2e::cluster::Cluster;
+use e2e::guests::guest;
+use e2e::wasinode::{Wasinode, free_port, get};
+use futures::StreamExt;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::runtime::{WatchStreamExt, watcher};
+use serde_json::json;
+use tokio::sync::watch;
+
+const NODE: &str = "wasi-bench-node";
+const NS: &str = "default";
+/// Every pod of this run carries this label; its value names the group.
+const LABEL: &str = "bench.wasinode.dev/group";
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+// ------------------------------------------------------------------------------------------------
+// What this process's watch has seen, with the instant it saw it.
+
+#[derive(Default, Clone, Debug)]
+struct Seen {
+    added: Option<Instant>,
+    scheduled: Option<Instant>,
+    ready: Option<Instant>,
+    /// Times the pod was seen not Ready after having been Ready.
+    lost_ready: u32,
+    deleted: Option<Instant>,
+}
+
+#[derive(Default)]
+struct State {
+    synced: bool,
+    pods: HashMap<String, Seen>,
+    /// `BenchProbe` condition messages seen on the floor pod.
+    probes: HashMap<String, Instant>,
+}
+
+fn is_ready(pod: &Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+impl State {
+    fn observe(&mut self, pod: &Pod, now: Instant) {
+        let Some(name) = pod.metadata.name.clone() else {
+            return;
+        };
+        let seen = self.pods.entry(name).or_default();
+        seen.added.get_or_insert(now);
+        if pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.node_name.as_ref())
+            .is_some()
+        {
+            seen.scheduled.get_or_insert(now);
+        }
+        if is_ready(pod) {
+            seen.ready.get_or_insert(now);
+        } else if seen.ready.is_some() && pod.metadata.deletion_timestamp.is_none() {
+            seen.lost_ready += 1;
+        }
+        for c in pod
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .into_iter()
+            .flatten()
+        {
+            if c.type_ == "BenchProbe"
+                && let Some(m) = &c.message
+            {
+                self.probes.entry(m.clone()).or_insert(now);
+            }
+        }
+    }
+}
+
+/// Watches this run's pods (label `LABEL` present) into a `watch` channel of [`State`].
+fn spawn_watch(client: kube::Client) -> (watch::Receiver<State>, tokio::task::JoinHandle<()>) {
+    let (tx, rx) = watch::channel(State::default());
+    let task = tokio::spawn(async move {
+        let api: Api<Pod> = Api::namespaced(client, NS);
+        let mut events = watcher(api, watcher::Config::default().labels(LABEL))
+            .default_backoff()
+            .boxed();
+        while let Some(ev) = events.next().await {
+            let now = Instant::now();
+            match ev {
+                Ok(watcher::Event::Apply(p) | watcher::Event::InitApply(p)) => {
+                    tx.send_modify(|s| s.observe(&p, now))
+                }
+                Ok(watcher::Event::Delete(p)) => tx.send_modify(|s| {
+                    if let Some(n) = &p.metadata.name {
+                        s.pods
+                            .entry(n.clone())
+                            .or_default()
+                            .deleted
+                            .get_or_insert(now);
+                    }
+                }),
+                Ok(watcher::Event::InitDone) => tx.send_modify(|s| s.synced = true),
+                Ok(watcher::Event::Init) => {}
+                Err(e) => eprintln!("node-bench: pod watch: {e} (the watcher retries)"),
+            }
+        }
+    });
+    (rx, task)
+}
+
+/// Waits until `pred` holds on the watched state; the error says what was awaited.
+async fn wait_state(
+    rx: &mut watch::Receiver<State>,
+    what: &str,
+    timeout: Duration,
+    pred: impl FnMut(&State) -> bool,
+) -> Result<()> {
+    match tokio::time::timeout(timeout, rx.wait_for(pred)).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(_)) => bail!("the pod watch ended while waiting for {what}"),
+        Err(_) => bail!("timed out after {timeout:?} waiting for {what}"),
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Pods.
+
+/// A WAGI pod serving `hello.wasm` on `/hello` at `127.0.0.1:port`, with the seed's nodeSelector
+/// and tolerations; bound to `node` at creation when given.
+fn wagi_pod(name: &str, group: &str, port: u16, image: &str, node: Option<&str>) -> Result<Pod> {
+    let mut pod = json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": name,
+            "namespace": NS,
+            "labels": {LABEL: group},
+            "annotations": {
+                "alpha.wagi.krustlet.dev/default-host": format!("127.0.0.1:{port}"),
+                "alpha.wagi.krustlet.dev/modules": r#"{"hello": {"route": "/hello"}}"#,
+            },
+        },
+        "spec": {
+            "nodeSelector": {"kubernetes.io/arch": "wasm32-wagi"},
+            "tolerations": [
+                {"key": "kubernetes.io/arch", "operator": "Equal", "value": "wasm32-wagi", "effect": "NoSchedule"},
+                {"key": "kubernetes.io/arch", "operator": "Equal", "value": "wasm32-wagi", "effect": "NoExecute"},
+            ],
+            "terminationGracePeriodSeconds": 2,
+            "containers": [{"name": "hello", "image": image}],
+        },
+    });
+    if let Some(node) = node {
+        pod["spec"]["nodeName"] = json!(node);
+    }
+    Ok(serde_json::from_value(pod)?)
+}
+
+/// A pod nobody runs (a scheduling gate keeps the scheduler off it): the target of the status
+/// patch floor.
+fn floor_pod() -> Result<Pod> {
+    Ok(serde_json::from_value(json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "bench-floor", "namespace": NS, "labels": {LABEL: "floor"}},
+        "spec": {
+            "schedulingGates": [{"name": "bench.wasinode.dev/never"}],
+            "containers": [{"name": "c", "image": "file:///nonexistent.wasm"}],
+        },
+    }))?)
+}
+
+/// Ports from `NODE_BASE_PORT` upward that nothing listens on right now.
+struct Ports(u16);
+impl Ports {
+    fn next(&mut self) -> Result<u16> {
+        loop {
+            let p = self.0;
+            ensure!(p < u16::MAX, "ran out of ports");
+            self.0 += 1;
+            if TcpListener::bind(("127.0.0.1", p)).is_ok() {
+                return Ok(p);
+            }
+        }
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// Nearest-rank percentile of sorted samples.
+fn pct(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+    sorted[rank - 1]
+}
+
+fn summary(samples: &[f64]) -> (f64, f64, f64, f64) {
+    let mut s = samples.to_vec();
+    s.sort_by(f64::total_cmp);
+    (
+        pct(&s, 0.5),
+        pct(&s, 0.9),
+        s.first().copied().unwrap_or(f64::NAN),
+        s.last().copied().unwrap_or(f64::NAN),
+    )
+}
+
+fn line(label: &str, samples: &[f64]) -> String {
+    let (p50, p90, min, max) = summary(samples);
+    format!(
+        "  {label:<44} median {p50:8.1} ms   p90 {p90:8.1} ms   min {min:7.1}   max {max:8.1}   (n={})",
+        samples.len()
+    )
+}
+
+fn proc_status(pid: u32, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+}
+
+fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
+fn answers_hello(port: u16) -> bool {
+    get(&format!("127.0.0.1:{port}"), "/hello")
+        .is_ok_and(|r| r.status == 200 && r.body.trim_end() == "hello world")
+}
+
+async fn node_ready(nodes: &Api<Node>) -> Result<bool> {
+    let node = nodes.get(NODE).await?;
+    Ok(node
+        .status
+        .and_then(|s| s.conditions)
+        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True")))
+}
+
+async fn lease_renew(leases: &Api<Lease>) -> Result<Option<String>> {
+    let lease = leases.get(NODE).await?;
+    Ok(lease
+        .spec
+        .and_then(|s| s.renew_time)
+        .map(|t| format!("{:?}", t.0)))
+}
+
+// ------------------------------------------------------------------------------------------------
+
+struct Bench {
+    cluster: Cluster,
+    agent: Wasinode,
+    pods: Api<Pod>,
+    rx: watch::Receiver<State>,
+    image: String,
+    ports: Ports,
+    ready_timeout: Duration,
+    failures: Vec<String>,
+}
+
+impl Bench {
+    fn agent_tail(&self) -> String {
+        let out = self.agent.output();
+        let lines: Vec<&str> = out.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    fn pod_dump(&self, name: &str) -> String {
+        self.cluster
+            .kubectl(&["describe", "pod", name, "-n", NS])
+            .unwrap_or_else(|e| format!("{e:#}"))
+    }
+
+    /// Waits for `name` to be Ready; on timeout the error carries the pod and the agent's output.
+    async fn wait_ready(&mut self, name: &str, timeout: Duration) -> Result<Instant> {
+        let what = format!("pod {name} to be Ready");
+        if let Err(e) = wait_state(&mut self.rx, &what, timeout, |s| {
+            s.pods.get(name).is_some_and(|p| p.ready.is_some())
+        })
+        .await
+        {
+            bail!(
+                "{e:#}\n{}\n--- agent output (tail)\n{}",
+                self.pod_dump(name),
+                self.agent_tail()
+            );
+        }
+        Ok(self.rx.borrow().pods[name].ready.expect("ready"))
+    }
+
+    /// Deletes every pod of `groups` and waits until the watch saw each deleted.
+    async fn delete_groups(&mut self, groups: &[&str]) -> Result<(usize, Duration)> {
+        let selector = format!("{LABEL} in ({})", groups.join(","));
+        let names: Vec<String> = self
+            .pods
+            .list(&ListParams::default().labels(&selector))
+            .await?
+            .items
+            .into_iter()
+            .filter_map(|p| p.metadata.name)
+            .collect();
+        let t0 = Instant::now();
+        self.pods
+            .delete_collection(
+                &DeleteParams::default(),
+                &ListParams::default().labels(&selector),
+            )
+            .await?;
+        let what = format!("{} pods of {groups:?} to be deleted", names.len());
+        wait_state(&mut self.rx, &what, Duration::from_secs(180), |s| {
+            names
+                .iter()
+                .all(|n| s.pods.get(n).is_some_and(|p| p.deleted.is_some()))
+        })
+        .await
+        .with_context(|| self.agent_tail())?;
+        Ok((names.len(), t0.elapsed()))
+    }
+
+    /// Creates a bound pod and waits for Ready: (create sent -> Ready, create sent -> ADDED,
+    /// create round-trip).
+    async fn bound_pod(
+        &mut self,
+        name: &str,
+        group: &str,
+    ) -> Result<(Duration, Duration, Duration, u16)> {
+        let port = self.ports.next()?;
+        let pod = wagi_pod(name, group, port, &self.image, Some(NODE))?;
+        let t0 = Instant::now();
+        self.pods.create(&PostParams::default(), &pod).await?;
+        let rtt = t0.elapsed();
+        let ready = self.wait_ready(name, self.ready_timeout).await?;
+        let added = self.rx.borrow().pods[name]
+            .added
+            .expect("added before ready");
+        Ok((ready - t0, added.saturating_duration_since(t0), rtt, port))
+    }
+
+    /// One status patch of the floor pod by this (admin) client -> the watch seeing it.
+    async fn probe(&mut self, i: usize) -> Result<Duration> {
+        let msg = format!("probe-{i}");
+        let body = json!({"status": {"conditions": [
+            {"type": "BenchProbe", "status": "True", "message": msg}
+        ]}});
+        let t0 = Instant::now();
+        self.pods
+            .patch_status(
+                "bench-floor",
+                &PatchParams::default(),
+                &Patch::Strategic(&body),
+            )
+            .await?;
+        wait_state(&mut self.rx, &msg, Duration::from_secs(30), |s| {
+            s.probes.contains_key(&msg)
+        })
+        .await?;
+        let seen = self.rx.borrow().probes[&msg];
+        Ok(seen - t0)
+    }
+
+    fn fail(&mut self, what: String) {
+        println!("  FAILED: {what}");
+        self.failures.push(what);
+    }
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let latency_pods = env_usize("LATENCY_PODS", 30);
+    let sched_pods = env_usize("SCHED_PODS", 10);
+    let load_pods = env_usize("LOAD_PODS", 200);
+    let hold = Duration::from_secs(env_usize("HOLD_SECS", 60) as u64);
+    let concurrency = env_usize("CREATE_CONCURRENCY", 8).max(1);
+    let base_port = env_usize("NODE_BASE_PORT", 21000) as u16;
+    let ready_timeout = Duration::from_secs(env_usize("READY_TIMEOUT_SECS", 120) as u64);
+
+    let hello = guest("hello")?;
+    let t = Instant::now();
+    let cluster = Cluster::up()?;
+    let cluster_up = t.elapsed();
+    let kubelet_port = free_port().to_string();
+    let bootstrap = cluster.bootstrap_kubeconfig();
+    let t_agent = Instant::now();
+    let agent = Wasinode::start(&[
+        "node",
+        "--port",
+        &kubelet_port,
+        "--bootstrap-kubeconfig",
+        bootstrap.to_str().context("kubeconfig path")?,
+        "--node-name",
+        NODE,
+        "--node-ip",
+        "127.0.0.1",
+    ])?;
+    let pid = agent.pid();
+    let client = admin_client(&cluster.kubeconfig()).await?;
+    let nodes: Api<Node> = Api::all(client.clone());
+    let leases: Api<Lease> = Api::namespaced(client.clone(), "kube-node-lease");
+    let (rx, watch_task) = spawn_watch(client.clone());
+    let mut b = Bench {
+        cluster,
+        agent,
+        pods: Api::namespaced(client.clone(), NS),
+        rx,
+        image: format!("file://{}", hello.display()),
+        ports: Ports(base_port),
+        ready_timeout,
+        failures: vec![],
+    };
+    wait_state(
+        &mut b.rx,
+        "the pod watch's initial list",
+        Duration::from_secs(30),
+        |s| s.synced,
+    )
+    .await?;
+
+    // The node joins: bootstrap CSR, Node, Ready.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !node_ready(&nodes).await.unwrap_or(false) {
+        if Instant::now() > deadline {
+            bail!("node {NODE} not Ready after 120 s:\n{}", b.agent_tail());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let joined = t_agent.elapsed();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rss_joined = proc_status(pid, "VmRSS:").unwrap_or(0);
+
+    println!(
+        "4. wasinode node on the local control plane (Kubernetes v1.33.13, etcd 3.4, loopback; the agent, \
+         the control plane and this client share the machine's cores)"
+    );
+    println!(
+        "  control plane up in {:.1} s; agent joined (bootstrap CSR -> Node Ready) in {:.2} s; agent VmRSS {:.1} MiB",
+        cluster_up.as_secs_f64(),
+        joined.as_secs_f64(),
+        mib(rss_joined)
+    );
+
+    // ---- 4a. bound -> Ready, module cached.
+    b.pods.create(&PostParams::default(), &floor_pod()?).await?;
+    let (warm, _, _, warm_port) = b.bound_pod("bench-warmup", "warmup").await?;
+    if !answers_hello(warm_port) {
+        let m = "the warm-up pod is Ready but its route does not answer hello world".to_string();
+        b.fail(m);
+    }
+    println!(
+        "  warm-up pod (first use of hello.wasm: read, compile, cache): create -> Ready {:.1} ms",
+        ms(warm)
+    );
+    let (mut ready, mut added, mut rtt, mut probes) = (vec![], vec![], vec![], vec![]);
+    let mut bad_routes = 0;
+    for i in 0..latency_pods {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let (r, a, c, port) = b.bound_pod(&format!("bench-bound-{i}"), "bound").await?;
+        ready.push(ms(r));
+        added.push(ms(a));
+        rtt.push(ms(c));
+        if !answers_hello(port) {
+            bad_routes += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        probes.push(ms(b.probe(i).await?));
+    }
+    let (r50, ..) = summary(&ready);
+    let (a50, ..) = summary(&added);
+    let (p50, ..) = summary(&probes);
+    println!(
+        "  bound -> Ready: {latency_pods} WAGI pods created one at a time with spec.nodeName set, hello.wasm cached"
+    );
+    println!("{}", line("create sent -> watch sees Ready=True", &ready));
+    println!("{}", line("floor: create sent -> watch sees ADDED", &added));
+    println!(
+        "{}",
+        line("floor: status patch sent -> watch sees it", &probes)
+    );
+    println!("{}", line("(create request round-trip)", &rtt));
+    println!(
+        "  median Ready / median ADDED: {:.1}x;  median Ready / (ADDED + status patch) floor: {:.1}x;  \
+         agent's own share ~ {:.1} ms",
+        r50 / a50,
+        r50 / (a50 + p50),
+        r50 - a50 - p50
+    );
+    println!(
+        "  target median < 200 ms: {}",
+        if r50 < 200.0 { "MET" } else { "MISSED" }
+    );
+    if bad_routes > 0 {
+        b.fail(format!(
+            "{bad_routes} of {latency_pods} Ready pods did not answer hello world"
+        ));
+    }
+
+    // ---- 4b. through kube-scheduler.
+    let (mut s_sched, mut s_ready) = (vec![], vec![]);
+    for i in 0..sched_pods {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let name = format!("bench-sched-{i}");
+        let port = b.ports.next()?;
+        let pod = wagi_pod(&name, "sched", port, &b.image, None)?;
+        let t0 = Instant::now();
+        b.pods.create(&PostParams::default(), &pod).await?;
+        let ready_at = b.wait_ready(&name, ready_timeout).await?;
+        let scheduled = b.rx.borrow().pods[&name]
+            .scheduled
+            .expect("scheduled before ready");
+        s_sched.push(ms(scheduled - t0));
+        s_ready.push(ms(ready_at - t0));
+        if !answers_hello(port) {
+            b.fail(format!("{name} is Ready but does not answer hello world"));
+        }
+    }
+    println!(
+        "  through kube-scheduler: {sched_pods} pods without nodeName (nodeSelector + tolerations)"
+    );
+    println!("{}", line("create sent -> watch sees nodeName", &s_sched));
+    println!("{}", line("create sent -> watch sees Ready=True", &s_ready));
+
+    let (n, took) = b
+        .delete_groups(&["warmup", "bound", "sched", "floor"])
+        .await?;
+    println!(
+        "  deleting those {n} pods (delete collection -> watch sees every one gone): {:.2} s",
+        took.as_secs_f64()
+    );
+    println!();
+
+    // ---- 5. LOAD_PODS pods on the node.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let rss_zero = proc_status(pid, "VmRSS:").unwrap_or(0);
+    println!(
+        "5. {load_pods} WAGI pods on one node (bound at creation, {concurrency} creates in flight, distinct ports)"
+    );
+    let capacity = nodes
+        .get(NODE)
+        .await?
+        .status
+        .and_then(|s| s.allocatable)
+        .and_then(|a| a.get("pods").map(|q| q.0.clone()))
+        .unwrap_or_default();
+    if capacity.parse::<usize>().is_ok_and(|c| c < load_pods) {
+        println!(
+            "  note: the Node advertises allocatable pods {capacity}; these pods are bound at creation, \
+             which skips the scheduler's pod-count check (kube-scheduler would place at most {capacity})"
+        );
+    }
+    let mut ports = Vec::with_capacity(load_pods);
+    let mut specs = Vec::with_capacity(load_pods);
+    for i in 0..load_pods {
+        let port = b.ports.next()?;
+        ports.push(port);
+        specs.push(wagi_pod(
+            &format!("bench-load-{i}"),
+            "load",
+            port,
+            &b.image,
+            Some(NODE),
+        )?);
+    }
+    let t0 = Instant::now();
+    let api = b.pods.clone();
+    let created: Vec<Result<(String, Instant)>> = futures::stream::iter(specs)
+        .map(|pod| {
+            let api = api.clone();
+            async move {
+                let name = pod.metadata.name.clone().unwrap_or_default();
+                let sent = Instant::now();
+                api.create(&PostParams::default(), &pod).await?;
+                Ok((name, sent))
+            }
+        })
+        .buffer_unordered(concurrency)
+        .collect()
+        .await;
+    let all_created = t0.elapsed();
+    let created: Vec<(String, Instant)> = created.into_iter().collect::<Result<_>>()?;
+    let names: Vec<String> = created.iter().map(|(n, _)| n.clone()).collect();
+    let wave_timeout = ready_timeout.max(Duration::from_secs(300));
+    if let Err(e) = wait_state(&mut b.rx, "every load pod to be Ready", wave_timeout, |s| {
+        names
+            .iter()
+            .all(|n| s.pods.get(n).is_some_and(|p| p.ready.is_some()))
+    })
+    .await
+    {
+        let st = b.rx.borrow();
+        let missing: Vec<String> = names
+            .iter()
+            .filter(|n| st.pods.get(*n).is_none_or(|p| p.ready.is_none()))
+            .cloned()
+            .collect();
+        drop(st);
+        let first = missing.first().cloned().unwrap_or_default();
+        bail!(
+            "{e:#}: {} not Ready ({:?}...)\n{}\n--- agent output (tail)\n{}",
+            missing.len(),
+            &missing[..missing.len().min(5)],
+            b.pod_dump(&first),
+            b.agent_tail()
+        );
+    }
+    let all_ready_at = names
+        .iter()
+        .filter_map(|n| b.rx.borrow().pods[n].ready)
+        .max()
+        .expect("pods");
+    let per_pod: Vec<f64> = {
+        let st = b.rx.borrow();
+        created
+            .iter()
+            .map(|(n, sent)| ms(st.pods[n].ready.expect("ready") - *sent))
+            .collect()
+    };
+    println!(
+        "  all {load_pods} created in {:.2} s; all Ready {:.2} s after the first create",
+        all_created.as_secs_f64(),
+        (all_ready_at - t0).as_secs_f64()
+    );
+    println!(
+        "{}",
+        line("each pod: create sent -> watch sees Ready", &per_pod)
+    );
+    let sample: Vec<u16> = ports.iter().step_by(10).copied().collect();
+    let ok = sample.iter().filter(|p| answers_hello(**p)).count();
+    println!(
+        "  sample of routes (every 10th pod): {ok}/{} answered hello world",
+        sample.len()
+    );
+    if ok != sample.len() {
+        b.fail(format!(
+            "{} of {} sampled routes did not answer",
+            sample.len() - ok,
+            sample.len()
+        ));
+    }
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let rss_rest = proc_status(pid, "VmRSS:").unwrap_or(0);
+    let threads = proc_status(pid, "Threads:").unwrap_or(0);
+
+    // Hold: a round-robin HTTP client on every route; the Node and Lease checked every 5 s; VmRSS
+    // sampled every second.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (reqs_ok, reqs_bad) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let load = {
+        let (stop, ok, bad, ports) = (
+            stop.clone(),
+            reqs_ok.clone(),
+            reqs_bad.clone(),
+            ports.clone(),
+        );
+        tokio::task::spawn_blocking(move || {
+            let mut i = 0;
+            while !stop.load(Ordering::Relaxed) {
+                if answers_hello(ports[i % ports.len()]) {
+                    ok.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    bad.fetch_add(1, Ordering::Relaxed);
+                }
+                i += 1;
+            }
+        })
+    };
+    let hold_start = Instant::now();
+    let (mut rss_peak, mut rss_samples) = (rss_rest, vec![]);
+    let (mut checks, mut ready_checks, mut renewals) = (0, 0, 0);
+    let mut last_renew = lease_renew(&leases).await.ok().flatten();
+    let mut tick = 0u64;
+    while hold_start.elapsed() < hold {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        tick += 1;
+        let rss = proc_status(pid, "VmRSS:").unwrap_or(0);
+        rss_peak = rss_peak.max(rss);
+        rss_samples.push(rss);
+        if tick.is_multiple_of(5) {
+            checks += 1;
+            if node_ready(&nodes).await.unwrap_or(false) {
+                ready_checks += 1;
+            }
+            let renew = lease_renew(&leases).await.ok().flatten();
+            if renew.is_some() && renew != last_renew {
+                renewals += 1;
+                last_renew = renew;
+            }
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    load.await?;
+    let held = hold_start.elapsed();
+    let hwm = proc_status(pid, "VmHWM:").unwrap_or(0);
+    let (ok, bad) = (
+        reqs_ok.load(Ordering::Relaxed),
+        reqs_bad.load(Ordering::Relaxed),
+    );
+    let lost: u32 = names.iter().map(|n| b.rx.borrow().pods[n].lost_ready).sum();
+    let rss_end = proc_status(pid, "VmRSS:").unwrap_or(0);
+    println!(
+        "  held {:.0} s under a round-robin HTTP client over all {load_pods} routes: {ok} requests answered hello world, {bad} did not ({:.0} req/s)",
+        held.as_secs_f64(),
+        ok as f64 / held.as_secs_f64()
+    );
+    println!(
+        "  Node Ready at {ready_checks}/{checks} checks (every 5 s); Lease renewed {renewals} times; \
+         load pods seen leaving Ready: {lost}"
+    );
+    println!(
+        "  agent VmRSS: joined, no pod yet {:.1} MiB; 0 pods after the first section {:.1} MiB; \
+         {load_pods} pods at rest {:.1} MiB; peak under load {:.1} MiB (VmHWM {:.1} MiB); end {:.1} MiB; {threads} threads",
+        mib(rss_joined),
+        mib(rss_zero),
+        mib(rss_rest),
+        mib(rss_peak),
+        mib(hwm),
+        mib(rss_end)
+    );
+    println!(
+        "  per pod: {:.1} KiB at rest ((at rest - 0 pods) / {load_pods}); target < 300 MiB resident: {}",
+        (rss_rest as f64 - rss_zero as f64) / load_pods.max(1) as f64,
+        if mib(rss_peak.max(hwm)) < 300.0 {
+            "MET"
+        } else {
+            "MISSED"
+        }
+    );
+    if ready_checks != checks {
+        b.fail(format!(
+            "the Node was not Ready at {} of {checks} checks",
+            checks - ready_checks
+        ));
+    }
+    if bad > 0 {
+        b.fail(format!(
+            "{bad} requests during the hold did not answer hello world"
+        ));
+    }
+    if lost > 0 {
+        b.fail(format!("load pods left Ready {lost} times during the run"));
+    }
+
+    let (n, took) = b.delete_groups(&["load"]).await?;
+    println!(
+        "  deleting the {n} pods (delete collection -> watch sees every one gone): {:.2} s",
+        took.as_secs_f64()
+    );
+    let freed = ports
+        .iter()
+        .filter(|p| TcpListener::bind(("127.0.0.1", **p)).is_ok())
+        .count();
+    println!("  ports free again after deletion: {freed}/{}", ports.len());
+    if freed != ports.len() {
+        b.fail(format!(
+            "{} ports still taken after deletion",
+            ports.len() - freed
+        ));
+    }
+
+    println!(
+        "  load average at the end: {}",
+        std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+
+    watch_task.abort();
+    b.agent.signal("TERM")?;
+    let _ = b.agent.wait_exit(Duration::from_secs(30));
+    let Bench {
+        cluster, failures, ..
+    } = b;
+    cluster.down()?;
+    if !failures.is_empty() {
+        bail!("functional failures: {}", failures.join("; "));
+    }
+    Ok(())
+}
+
+async fn admin_client(kubeconfig: &Path) -> Result<kube::Client> {
+    let kc = kube::config::Kubeconfig::read_from(kubeconfig)
+        .with_context(|| format!("reading {}", kubeconfig.display()))?;
+    let config =
+        kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+            .await?;
+    Ok(kube::Client::try_from(config)?)
+}
