@@ -798,6 +798,11 @@ async fn main() -> Result<()> {
         .filter(|p| TcpListener::bind(("127.0.0.1", **p)).is_ok())
         .count();
     println!("  ports free again after deletion: {freed}/{}", ports.len());
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    println!(
+        "  agent VmRSS 5 s after deleting them: {:.1} MiB",
+        mib(proc_status(pid, "VmRSS:").unwrap_or(0))
+    );
     if freed != ports.len() {
         b.fail(format!(
             "{} ports still taken after deletion",
