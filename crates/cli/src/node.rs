@@ -45,8 +45,48 @@ pub struct NodeArgs {
     /// [default: the CA of the kubeconfig's cluster].
     #[arg(long, value_name = "FILE")]
     pub client_ca_file: Option<PathBuf>,
+    /// Labels added to the Node's (kubelet-style): `key=value,key2=value2`. They are merged
+    /// into an existing Node of the same name.
+    #[arg(long, value_name = "K=V,...", value_parser = parse_labels, default_value = "")]
+    pub node_labels: Labels,
+    /// Taints the Node is registered with: `key=value:Effect,key2:Effect` (Effect: NoSchedule,
+    /// PreferNoSchedule or NoExecute); an empty string registers none. Note that
+    /// NodeRestriction lets a node set its taints only when it creates its Node object.
+    #[arg(
+        long,
+        value_name = "K=V:EFFECT,...",
+        value_parser = parse_taints,
+        default_value = "kubernetes.io/arch=wasm32-wagi:NoSchedule,kubernetes.io/arch=wasm32-wagi:NoExecute"
+    )]
+    pub register_with_taints: Taints,
+    /// On SIGTERM/SIGINT, first cordon the node and evict its pods through the Eviction API
+    /// (PodDisruptionBudgets are honoured), serving each pod until it is deleted; then stop.
+    #[arg(long)]
+    pub drain_on_shutdown: bool,
+    /// Longest time --drain-on-shutdown waits for evictions (blocked by a PodDisruptionBudget)
+    /// and for the evicted pods to be gone; then the node stops anyway and exits with 1.
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
+    /// Testing only: renew the client and serving certificates this long after they were
+    /// obtained instead of at 70–90% of their lifetime.
+    #[arg(long, hide = true, value_parser = parse_duration, value_name = "DURATION")]
+    pub cert_renew_after: Option<Duration>,
     #[command(flatten)]
     pub engine: crate::engine::EngineArgs,
+}
+
+#[derive(Debug, Clone)]
+pub struct Labels(pub Vec<(String, String)>);
+
+#[derive(Debug, Clone)]
+pub struct Taints(pub Vec<node::register::TaintSpec>);
+
+fn parse_labels(s: &str) -> Result<Labels, String> {
+    node::register::parse_labels(s).map(Labels)
+}
+
+fn parse_taints(s: &str) -> Result<Taints, String> {
+    node::register::parse_taints(s).map(Taints)
 }
 
 pub async fn node(args: NodeArgs) -> anyhow::Result<i32> {
@@ -56,7 +96,22 @@ pub async fn node(args: NodeArgs) -> anyhow::Result<i32> {
         .kubeconfig
         .clone()
         .unwrap_or_else(|| data_dir.join("kubelet.kubeconfig"));
-    if !kubeconfig.exists() {
+    let expired = kubeconfig.exists() && node::bootstrap::client_cert_expired(&kubeconfig);
+    if expired {
+        if args.bootstrap_kubeconfig.is_some() {
+            eprintln!(
+                "wasinode: the client certificate in {} has expired; bootstrapping again",
+                kubeconfig.display()
+            );
+        } else {
+            anyhow::bail!(
+                "the client certificate in {} has expired; give --bootstrap-kubeconfig to obtain \
+                 a new one by CSR",
+                kubeconfig.display()
+            );
+        }
+    }
+    if !kubeconfig.exists() || expired {
         let Some(bootstrap) = &args.bootstrap_kubeconfig else {
             anyhow::bail!(
                 "kubeconfig {} does not exist; give --bootstrap-kubeconfig to obtain one by CSR",
@@ -75,7 +130,7 @@ pub async fn node(args: NodeArgs) -> anyhow::Result<i32> {
         )
         .await?;
     }
-    let (client, mut client_ca) = node::connect(&kubeconfig).await?;
+    let (client, mut client_ca, slot) = node::connect_renewable(&kubeconfig).await?;
     if let Some(file) = &args.client_ca_file {
         client_ca = node::read_pem_certs(file)?;
     }
@@ -88,14 +143,47 @@ pub async fn node(args: NodeArgs) -> anyhow::Result<i32> {
         pod_address: args.pod_address,
         shutdown_grace: args.engine.shutdown_grace,
         client_ca,
+        labels: args.node_labels.0.clone(),
+        taints: args.register_with_taints.0.clone(),
+        client_renewal: Some(node::bootstrap::Renewal {
+            kubeconfig: kubeconfig.clone(),
+            node_name: args.node_name.clone(),
+            slot,
+            renew_after: args.cert_renew_after,
+            timeout: args.bootstrap_timeout,
+        }),
+        cert_renew_after: args.cert_renew_after,
     };
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let drain = args.drain_on_shutdown.then(|| node::drain::DrainOptions {
+        timeout: args.drain_timeout,
+        ..Default::default()
+    });
+    let drain_client = client.clone();
+    let node_name = args.node_name.clone();
+    let grace = args.engine.shutdown_grace;
+    let drain_failed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let failed = drain_failed.clone();
     tokio::spawn(async move {
         crate::run::shutdown_signal().await;
-        eprintln!(
-            "wasinode: stopping node (grace {:?})",
-            args.engine.shutdown_grace
-        );
+        if let Some(opts) = drain {
+            eprintln!("wasinode: draining node {node_name} (a second signal stops at once)");
+            // The node keeps running and deleting its pods while the drain waits for them.
+            let progress = |line: &str| eprintln!("wasinode: drain: {line}");
+            tokio::select! {
+                result = node::drain::drain(&drain_client, &node_name, &opts, &progress) => {
+                    if let Err(e) = result {
+                        eprintln!("wasinode: drain failed: {e}");
+                        failed.store(true, std::sync::atomic::Ordering::SeqCst);
+                    }
+                }
+                () = crate::run::shutdown_signal() => {
+                    eprintln!("wasinode: drain interrupted");
+                    failed.store(true, std::sync::atomic::Ordering::SeqCst);
+                }
+            }
+        }
+        eprintln!("wasinode: stopping node (grace {grace:?})");
         let _ = tx.send(());
     });
     eprintln!(
@@ -106,5 +194,8 @@ pub async fn node(args: NodeArgs) -> anyhow::Result<i32> {
         let _ = rx.await;
     })
     .await?;
+    if drain_failed.load(std::sync::atomic::Ordering::SeqCst) {
+        return Ok(1);
+    }
     Ok(0)
 }

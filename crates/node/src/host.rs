@@ -1,4 +1,5 @@
-//! Facts about this machine that the Node object reports: CPUs, memory, OS image, kernel, ids.
+//! Facts about this machine that the Node object reports: CPUs, memory, OS image, kernel, ids,
+//! and the resources whose shortage the node conditions report (memory, disk, PIDs).
 
 use std::path::Path;
 
@@ -29,6 +30,187 @@ pub fn parse_meminfo(text: &str) -> Option<u64> {
         .find_map(|l| l.strip_prefix("MemTotal:"))
         .and_then(|rest| rest.split_whitespace().next())
         .and_then(|n| n.parse().ok())
+}
+
+/// `MemAvailable` in KiB from the text of /proc/meminfo.
+pub fn parse_mem_available(text: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+}
+
+/// Size and free space of a filesystem.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DiskStats {
+    pub total_bytes: u64,
+    /// Available to unprivileged users (`f_bavail`).
+    pub available_bytes: u64,
+    pub total_inodes: u64,
+    pub free_inodes: u64,
+}
+
+/// What the node's pressure conditions are computed from, measured now. `None`: could not be
+/// read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Pressure {
+    pub memory_total_kib: Option<u64>,
+    pub memory_available_kib: Option<u64>,
+    /// The filesystem of the data dir (modules, logs, volumes): the kubelet's nodefs.
+    pub disk: Option<DiskStats>,
+    /// Processes running now, and `/proc/sys/kernel/pid_max`.
+    pub pids: Option<(u64, u64)>,
+}
+
+/// The kubelet's default hard eviction threshold `memory.available<100Mi`.
+pub const MEMORY_AVAILABLE_MIN_KIB: u64 = 100 * 1024;
+/// The kubelet's default `nodefs.available<10%`.
+pub const DISK_AVAILABLE_MIN_PERCENT: u64 = 10;
+/// The kubelet's default `nodefs.inodesFree<5%`.
+pub const INODES_FREE_MIN_PERCENT: u64 = 5;
+/// PIDPressure when fewer than this share of `pid_max` is left (the kubelet has no default;
+/// `pid.available<10%` is the usual setting).
+pub const PIDS_AVAILABLE_MIN_PERCENT: u64 = 10;
+
+/// One pressure condition as the kubelet reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PressureCondition {
+    pub type_: &'static str,
+    /// `"True"` (under pressure), `"False"` or `"Unknown"` (cannot measure).
+    pub status: &'static str,
+    pub reason: &'static str,
+    pub message: String,
+}
+
+impl Pressure {
+    pub fn measure(data_dir: &Path) -> Pressure {
+        let meminfo = std::fs::read_to_string("/proc/meminfo").ok();
+        let pid_max = read_trimmed("/proc/sys/kernel/pid_max").and_then(|s| s.parse().ok());
+        let running = std::fs::read_dir("/proc").ok().map(|d| {
+            d.filter_map(Result::ok)
+                .filter(|e| {
+                    e.file_name()
+                        .to_str()
+                        .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
+                })
+                .count() as u64
+        });
+        Pressure {
+            memory_total_kib: meminfo.as_deref().and_then(parse_meminfo),
+            memory_available_kib: meminfo.as_deref().and_then(parse_mem_available),
+            disk: disk_stats(data_dir),
+            pids: running.zip(pid_max),
+        }
+    }
+
+    /// MemoryPressure, DiskPressure and PIDPressure, with the kubelet's reasons.
+    pub fn conditions(&self) -> [PressureCondition; 3] {
+        let memory = match self.memory_available_kib {
+            None => unknown(
+                "MemoryPressure",
+                "cannot read MemAvailable from /proc/meminfo",
+            ),
+            Some(a) if a < MEMORY_AVAILABLE_MIN_KIB => PressureCondition {
+                type_: "MemoryPressure",
+                status: "True",
+                reason: "KubeletHasInsufficientMemory",
+                message: format!(
+                    "wasinode has insufficient memory available: {} MiB available, threshold 100 MiB",
+                    a / 1024
+                ),
+            },
+            Some(_) => PressureCondition {
+                type_: "MemoryPressure",
+                status: "False",
+                reason: "KubeletHasSufficientMemory",
+                message: "wasinode has sufficient memory available".into(),
+            },
+        };
+        let disk = match self.disk {
+            None => unknown("DiskPressure", "cannot statvfs the data dir"),
+            Some(d) => {
+                let low_space = d.total_bytes > 0
+                    && d.available_bytes.saturating_mul(100)
+                        < d.total_bytes.saturating_mul(DISK_AVAILABLE_MIN_PERCENT);
+                // Filesystems without inodes (btrfs) report 0 of them.
+                let low_inodes = d.total_inodes > 0
+                    && d.free_inodes.saturating_mul(100)
+                        < d.total_inodes.saturating_mul(INODES_FREE_MIN_PERCENT);
+                if low_space || low_inodes {
+                    PressureCondition {
+                        type_: "DiskPressure",
+                        status: "True",
+                        reason: "KubeletHasDiskPressure",
+                        message: format!(
+                            "wasinode has disk pressure: {} of {} MiB available (threshold \
+                             {DISK_AVAILABLE_MIN_PERCENT}%), {} of {} inodes free (threshold \
+                             {INODES_FREE_MIN_PERCENT}%)",
+                            d.available_bytes >> 20,
+                            d.total_bytes >> 20,
+                            d.free_inodes,
+                            d.total_inodes
+                        ),
+                    }
+                } else {
+                    PressureCondition {
+                        type_: "DiskPressure",
+                        status: "False",
+                        reason: "KubeletHasNoDiskPressure",
+                        message: "wasinode has no disk pressure".into(),
+                    }
+                }
+            }
+        };
+        let pids = match self.pids {
+            None => unknown("PIDPressure", "cannot count processes in /proc"),
+            Some((running, max))
+                if max > 0
+                    && max.saturating_sub(running).saturating_mul(100)
+                        < max.saturating_mul(PIDS_AVAILABLE_MIN_PERCENT) =>
+            {
+                PressureCondition {
+                    type_: "PIDPressure",
+                    status: "True",
+                    reason: "KubeletHasInsufficientPID",
+                    message: format!(
+                        "wasinode has insufficient PID available: {running} processes of \
+                         pid_max {max} (threshold {PIDS_AVAILABLE_MIN_PERCENT}% available)"
+                    ),
+                }
+            }
+            Some(_) => PressureCondition {
+                type_: "PIDPressure",
+                status: "False",
+                reason: "KubeletHasSufficientPID",
+                message: "wasinode has sufficient PID available".into(),
+            },
+        };
+        [memory, disk, pids]
+    }
+}
+
+fn unknown(type_: &'static str, why: &str) -> PressureCondition {
+    PressureCondition {
+        type_,
+        status: "Unknown",
+        reason: "NodeStatusUnknown",
+        message: format!("wasinode {why}"),
+    }
+}
+
+/// `statvfs` of `path` (or of its nearest existing ancestor).
+pub fn disk_stats(path: &Path) -> Option<DiskStats> {
+    let mut p = path;
+    while !p.exists() {
+        p = p.parent()?;
+    }
+    let s = rustix::fs::statvfs(p).ok()?;
+    Some(DiskStats {
+        total_bytes: s.f_blocks.saturating_mul(s.f_frsize),
+        available_bytes: s.f_bavail.saturating_mul(s.f_frsize),
+        total_inodes: s.f_files,
+        free_inodes: s.f_ffree,
+    })
 }
 
 /// `PRETTY_NAME` from the text of /etc/os-release (quotes removed).
@@ -88,6 +270,95 @@ mod tests {
             Some("Debian GNU/Linux 13 (trixie)".into())
         );
         assert_eq!(parse_os_release("NAME=x\n"), None);
+    }
+
+    fn calm() -> Pressure {
+        Pressure {
+            memory_total_kib: Some(8 << 20),
+            memory_available_kib: Some(4 << 20),
+            disk: Some(DiskStats {
+                total_bytes: 100 << 30,
+                available_bytes: 50 << 30,
+                total_inodes: 1000,
+                free_inodes: 500,
+            }),
+            pids: Some((300, 4_194_304)),
+        }
+    }
+
+    fn statuses(p: &Pressure) -> Vec<&'static str> {
+        p.conditions().iter().map(|c| c.status).collect()
+    }
+
+    #[test]
+    fn no_pressure_on_a_calm_machine() {
+        let c = calm().conditions();
+        assert_eq!(statuses(&calm()), ["False", "False", "False"]);
+        assert_eq!(c[0].reason, "KubeletHasSufficientMemory");
+        assert_eq!(c[1].reason, "KubeletHasNoDiskPressure");
+        assert_eq!(c[2].reason, "KubeletHasSufficientPID");
+    }
+
+    #[test]
+    fn memory_pressure_below_100_mib_available() {
+        let mut p = calm();
+        p.memory_available_kib = Some(100 * 1024);
+        assert_eq!(statuses(&p)[0], "False");
+        p.memory_available_kib = Some(100 * 1024 - 1);
+        let c = &p.conditions()[0];
+        assert_eq!(
+            (c.status, c.reason),
+            ("True", "KubeletHasInsufficientMemory")
+        );
+    }
+
+    #[test]
+    fn disk_pressure_below_10_percent_space_or_5_percent_inodes() {
+        let mut p = calm();
+        let mut d = p.disk.unwrap();
+        d.available_bytes = d.total_bytes / 10;
+        p.disk = Some(d);
+        assert_eq!(statuses(&p)[1], "False");
+        d.available_bytes = d.total_bytes / 10 - 1;
+        p.disk = Some(d);
+        assert_eq!(p.conditions()[1].reason, "KubeletHasDiskPressure");
+        d.available_bytes = d.total_bytes / 2;
+        d.free_inodes = 49;
+        p.disk = Some(d);
+        assert_eq!(statuses(&p)[1], "True");
+        d.total_inodes = 0;
+        d.free_inodes = 0;
+        p.disk = Some(d);
+        assert_eq!(statuses(&p)[1], "False");
+    }
+
+    #[test]
+    fn pid_pressure_below_10_percent_of_pid_max() {
+        let mut p = calm();
+        p.pids = Some((900, 1000));
+        assert_eq!(statuses(&p)[2], "False");
+        p.pids = Some((901, 1000));
+        assert_eq!(p.conditions()[2].reason, "KubeletHasInsufficientPID");
+    }
+
+    #[test]
+    fn unknown_when_unmeasurable() {
+        assert_eq!(
+            statuses(&Pressure::default()),
+            ["Unknown", "Unknown", "Unknown"]
+        );
+    }
+
+    #[test]
+    fn measures_this_machine() {
+        let p = Pressure::measure(Path::new("/tmp/does/not/exist"));
+        assert!(p.memory_available_kib.is_some());
+        assert!(p.disk.is_some_and(|d| d.total_bytes > 0));
+        assert!(p.pids.is_some_and(|(n, max)| n > 0 && max > n));
+        assert_eq!(
+            parse_mem_available("MemTotal: 10 kB\nMemAvailable:   1234 kB\n"),
+            Some(1234)
+        );
     }
 
     #[test]

@@ -46,6 +46,16 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// DER certificates of the CA that signs callers' client certificates (the cluster CA).
     pub client_ca: Vec<Vec<u8>>,
+    /// Labels added to (or overriding) the seed's (`--node-labels`).
+    pub labels: Vec<(String, String)>,
+    /// The taints the Node is registered with (`--register-with-taints`; default
+    /// [`register::default_taints`]).
+    pub taints: Vec<register::TaintSpec>,
+    /// When set, the client certificate is renewed before it expires.
+    pub client_renewal: Option<bootstrap::Renewal>,
+    /// Renew the serving certificate this long after it was installed instead of at 70–90% of
+    /// its lifetime (the hidden `--cert-renew-after`, for tests).
+    pub cert_renew_after: Option<Duration>,
 }
 
 /// A Kubernetes `Time` (RFC 3339, seconds) as JSON.
@@ -79,6 +89,16 @@ pub async fn connect(path: &Path) -> anyhow::Result<(kube::Client, Vec<Vec<u8>>)
     Ok((client, ca))
 }
 
+/// As [`connect`], with a client whose identity the returned slot can replace (certificate
+/// renewal: see [`bootstrap::Renewal`]).
+pub async fn connect_renewable(
+    path: &Path,
+) -> anyhow::Result<(kube::Client, Vec<Vec<u8>>, bootstrap::ClientSlot)> {
+    let (inner, ca) = connect(path).await?;
+    let (client, slot) = bootstrap::swappable(inner);
+    Ok((client, ca, slot))
+}
+
 /// DER certificates of a PEM file.
 pub fn read_pem_certs(path: &Path) -> anyhow::Result<Vec<Vec<u8>>> {
     use rustls::pki_types::CertificateDer;
@@ -93,7 +113,9 @@ pub fn read_pem_certs(path: &Path) -> anyhow::Result<Vec<Vec<u8>>> {
 
 /// Runs the node until `shutdown` resolves: registers and heartbeats, runs the pods bound to
 /// it through `sup`, and writes what `reports` say as pod status and Events. On shutdown, every
-/// pod is stopped within the grace period.
+/// pod is stopped within the grace period. The pods keep running, and their deletions are
+/// handled, until `shutdown` resolves: `wasinode node --drain-on-shutdown` drains the node
+/// ([`drain::drain`]) inside it.
 pub async fn run(
     cfg: Config,
     client: kube::Client,
@@ -111,7 +133,12 @@ pub async fn run(
             )
         })?;
     let host = host::HostInfo::detect();
-    let heartbeat = tokio::spawn(register::heartbeat(client.clone(), cfg.clone(), host));
+    let heartbeat = tokio::spawn(register::heartbeat(
+        client.clone(),
+        cfg.clone(),
+        host,
+        data_dir.clone(),
+    ));
     let statuses = status::Statuses::new(client.clone(), cfg.node_name.clone(), cfg.node_ip);
     let sink = tokio::spawn(statuses.clone().sink(reports));
     let slot = server::cert_slot(server::self_signed(&cfg.node_name, cfg.node_ip)?);
@@ -120,7 +147,12 @@ pub async fn run(
         cfg.node_name.clone(),
         cfg.node_ip,
         slot.clone(),
+        cfg.cert_renew_after,
     ));
+    let renew = cfg
+        .client_renewal
+        .clone()
+        .map(|r| tokio::spawn(bootstrap::keep_client_cert_renewed(r)));
     let api = tokio::spawn(server::serve(
         listener,
         slot,
@@ -148,6 +180,9 @@ pub async fn run(
     sup.stop_all(cfg.shutdown_grace).await;
     heartbeat.abort();
     rotate.abort();
+    if let Some(r) = renew {
+        r.abort();
+    }
     api.abort();
     // Let the sink write what the stopped pods reported last.
     tokio::time::sleep(Duration::from_millis(100)).await;

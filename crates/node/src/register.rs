@@ -1,6 +1,8 @@
 //! The Node object and its heartbeats: create or update the Node, keep its status true, and renew
 //! its Lease in `kube-node-lease`.
 
+use std::collections::HashMap;
+use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
 use k8s_openapi::api::coordination::v1::Lease;
@@ -8,7 +10,7 @@ use k8s_openapi::api::core::v1::Node;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
 
-use crate::host::HostInfo;
+use crate::host::{HostInfo, Pressure};
 use crate::{Config, time};
 
 /// The `kubernetes.io/arch` label, taint key and `nodeInfo.architecture` of a wasinode node.
@@ -23,54 +25,287 @@ pub const MAX_PODS: u32 = 110;
 pub const LEASE_NAMESPACE: &str = "kube-node-lease";
 pub const LEASE_DURATION_SECONDS: i32 = 40;
 pub const LEASE_RENEW: Duration = Duration::from_secs(10);
-pub const STATUS_UPDATE: Duration = Duration::from_secs(60);
+/// The status is rewritten at least this often even when nothing changed (the kubelet's
+/// `nodeStatusReportFrequency`; the Lease is the heartbeat).
+pub const STATUS_REPORT: Duration = Duration::from_secs(5 * 60);
+/// How often the pressure conditions are measured (the kubelet's `nodeStatusUpdateFrequency`).
+pub const STATUS_CHECK: Duration = Duration::from_secs(10);
 
 pub fn runtime_version() -> String {
     format!("wasinode://{} (wasmtime 48)", env!("CARGO_PKG_VERSION"))
 }
 
-/// Labels and spec of the Node object (what `create` sends and an update patches).
+/// A taint as `--register-with-taints` takes it: `key=value:Effect` or `key:Effect`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaintSpec {
+    pub key: String,
+    pub value: Option<String>,
+    pub effect: String,
+}
+
+impl TaintSpec {
+    pub fn to_json(&self) -> Value {
+        let mut t = json!({"key": self.key, "effect": self.effect});
+        if let Some(v) = &self.value {
+            t["value"] = json!(v);
+        }
+        t
+    }
+}
+
+impl std::fmt::Display for TaintSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.value {
+            Some(v) => write!(f, "{}={}:{}", self.key, v, self.effect),
+            None => write!(f, "{}:{}", self.key, self.effect),
+        }
+    }
+}
+
+/// The seed's taints: `kubernetes.io/arch=wasm32-wagi` with `NoSchedule` and `NoExecute`.
+pub fn default_taints() -> Vec<TaintSpec> {
+    ["NoSchedule", "NoExecute"]
+        .into_iter()
+        .map(|effect| TaintSpec {
+            key: "kubernetes.io/arch".into(),
+            value: Some(ARCH.into()),
+            effect: effect.into(),
+        })
+        .collect()
+}
+
+/// Whether `name` is a DNS-1123 label-ish name part of a label key or a label value: at most
+/// 63 characters of `[A-Za-z0-9._-]`, starting and ending alphanumeric.
+fn valid_name(name: &str) -> bool {
+    name.len() <= 63
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && name.ends_with(|c: char| c.is_ascii_alphanumeric())
+}
+
+/// Checks a label (or taint) key: `[prefix/]name`, prefix a DNS subdomain.
+pub fn check_key(key: &str) -> Result<(), String> {
+    let (prefix, name) = match key.rsplit_once('/') {
+        Some((p, n)) => (Some(p), n),
+        None => (None, key),
+    };
+    if !valid_name(name) {
+        return Err(format!(
+            "{key:?}: the name part must be 1-63 characters of [A-Za-z0-9._-], starting and \
+             ending with a letter or digit"
+        ));
+    }
+    if let Some(p) = prefix {
+        let ok = !p.is_empty()
+            && p.len() <= 253
+            && p.split('.').all(|part| {
+                !part.is_empty()
+                    && part.len() <= 63
+                    && part
+                        .chars()
+                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+                    && !part.starts_with('-')
+                    && !part.ends_with('-')
+            });
+        if !ok {
+            return Err(format!(
+                "{key:?}: the prefix must be a lowercase DNS subdomain (example.com/)"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Checks a label (or taint) value: empty, or as a key's name part.
+pub fn check_value(key: &str, value: &str) -> Result<(), String> {
+    if value.is_empty() || valid_name(value) {
+        Ok(())
+    } else {
+        Err(format!(
+            "{key}={value}: a value must be at most 63 characters of [A-Za-z0-9._-], starting \
+             and ending with a letter or digit"
+        ))
+    }
+}
+
+/// Parses `--node-labels`: `key=value,key2=value2` (empty: none).
+pub fn parse_labels(text: &str) -> Result<Vec<(String, String)>, String> {
+    let mut out = Vec::new();
+    for item in text.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let (k, v) = item
+            .split_once('=')
+            .ok_or_else(|| format!("{item:?}: expected key=value"))?;
+        check_key(k)?;
+        check_value(k, v)?;
+        out.push((k.to_string(), v.to_string()));
+    }
+    Ok(out)
+}
+
+/// Parses `--register-with-taints`: `key=value:Effect,key2:Effect` (empty: no taints).
+pub fn parse_taints(text: &str) -> Result<Vec<TaintSpec>, String> {
+    let mut out = Vec::new();
+    for item in text.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let (kv, effect) = item
+            .rsplit_once(':')
+            .ok_or_else(|| format!("{item:?}: expected key=value:Effect or key:Effect"))?;
+        if !matches!(effect, "NoSchedule" | "PreferNoSchedule" | "NoExecute") {
+            return Err(format!(
+                "{item:?}: the effect must be NoSchedule, PreferNoSchedule or NoExecute, not \
+                 {effect:?}"
+            ));
+        }
+        let (key, value) = match kv.split_once('=') {
+            Some((k, v)) => (k, Some(v)),
+            None => (kv, None),
+        };
+        check_key(key).map_err(|e| format!("{item:?}: {e}"))?;
+        if let Some(v) = value {
+            check_value(key, v).map_err(|e| format!("{item:?}: {e}"))?;
+        }
+        out.push(TaintSpec {
+            key: key.to_string(),
+            value: value.filter(|v| !v.is_empty()).map(str::to_string),
+            effect: effect.to_string(),
+        });
+    }
+    Ok(out)
+}
+
+/// Labels and spec of the Node object (what `create` sends and an update patches). The
+/// `--node-labels` are added to the seed's labels (and may override them).
 pub fn node_object(cfg: &Config) -> Value {
+    let mut labels = json!({
+        "kubernetes.io/arch": ARCH,
+        "kubernetes.io/os": "linux",
+        "kubernetes.io/hostname": cfg.node_name,
+        "beta.kubernetes.io/arch": ARCH,
+        "beta.kubernetes.io/os": "linux",
+        "agentpool": cfg.pool,
+    });
+    for (k, v) in &cfg.labels {
+        labels[k] = json!(v);
+    }
+    let taints: Vec<Value> = cfg.taints.iter().map(TaintSpec::to_json).collect();
     json!({
         "apiVersion": "v1",
         "kind": "Node",
         "metadata": {
             "name": cfg.node_name,
-            "labels": {
-                "kubernetes.io/arch": ARCH,
-                "kubernetes.io/os": "linux",
-                "kubernetes.io/hostname": cfg.node_name,
-                "beta.kubernetes.io/arch": ARCH,
-                "beta.kubernetes.io/os": "linux",
-                "agentpool": cfg.pool,
-            },
+            "labels": labels,
         },
         "spec": {
-            "taints": [
-                {"key": "kubernetes.io/arch", "value": ARCH, "effect": "NoSchedule"},
-                {"key": "kubernetes.io/arch", "value": ARCH, "effect": "NoExecute"},
-            ],
+            "taints": taints,
         },
     })
 }
 
-/// `status` of the Node as the kubelet would report it now.
-pub fn node_status(cfg: &Config, host: &HostInfo, now: SystemTime, since: SystemTime) -> Value {
-    let cond = |type_: &str, status: &str, reason: &str, message: &str| {
-        json!({
-            "type": type_, "status": status, "reason": reason, "message": message,
-            "lastHeartbeatTime": time(now), "lastTransitionTime": time(since),
-        })
+/// Whether a taint is managed by Kubernetes itself (node lifecycle, cordon, cloud provider)
+/// rather than registered by the node: re-registering keeps those.
+fn system_taint(key: &str) -> bool {
+    key.starts_with("node.kubernetes.io/") || key.starts_with("node.cloudprovider.kubernetes.io/")
+}
+
+/// The taints an existing Node should have: the registered ones plus the system taints it
+/// carries now. `None` when it already has exactly those (ignoring `timeAdded`).
+pub fn wanted_taints(have: &[Value], want: &[Value]) -> Option<Vec<Value>> {
+    let same = |a: &Value, b: &Value| {
+        a["key"] == b["key"]
+            && a["effect"] == b["effect"]
+            && a.get("value").and_then(Value::as_str).unwrap_or("")
+                == b.get("value").and_then(Value::as_str).unwrap_or("")
     };
-    let resources = json!({
+    let mut out: Vec<Value> = have
+        .iter()
+        .filter(|t| t["key"].as_str().is_some_and(system_taint))
+        .cloned()
+        .collect();
+    for t in want {
+        if !out.iter().any(|x| same(x, t)) {
+            out.push(t.clone());
+        }
+    }
+    let equal = out.len() == have.len() && out.iter().all(|t| have.iter().any(|h| same(h, t)));
+    (!equal).then_some(out)
+}
+
+/// The node's conditions and when each last changed status.
+#[derive(Debug, Default, Clone)]
+pub struct Conditions {
+    /// type -> (status, lastTransitionTime).
+    seen: HashMap<&'static str, (&'static str, SystemTime)>,
+}
+
+impl Conditions {
+    /// The conditions for `pressure` at `now` (MemoryPressure, DiskPressure, PIDPressure,
+    /// Ready), and whether any status differs from the previous call's.
+    pub fn observe(&mut self, pressure: &Pressure, now: SystemTime) -> (Vec<Value>, bool) {
+        let mut all: Vec<(&'static str, &'static str, &'static str, String)> = pressure
+            .conditions()
+            .into_iter()
+            .map(|c| (c.type_, c.status, c.reason, c.message))
+            .collect();
+        all.push((
+            "Ready",
+            "True",
+            "KubeletReady",
+            "wasinode is posting ready status".into(),
+        ));
+        let mut changed = false;
+        let out = all
+            .into_iter()
+            .map(|(type_, status, reason, message)| {
+                let since = match self.seen.get(type_) {
+                    Some((s, t)) if *s == status => *t,
+                    _ => {
+                        changed = true;
+                        self.seen.insert(type_, (status, now));
+                        now
+                    }
+                };
+                json!({
+                    "type": type_, "status": status, "reason": reason, "message": message,
+                    "lastHeartbeatTime": time(now), "lastTransitionTime": time(since),
+                })
+            })
+            .collect();
+        (out, changed)
+    }
+}
+
+/// `status` of the Node as the kubelet would report it now, with `conditions` from
+/// [`Conditions::observe`]. Allocatable is capacity less the kubelet's default hard eviction
+/// thresholds (100 MiB of memory, 10% of the data dir's filesystem).
+pub fn node_status(
+    cfg: &Config,
+    host: &HostInfo,
+    pressure: &Pressure,
+    conditions: Vec<Value>,
+) -> Value {
+    let mut capacity = json!({
         "cpu": host.cpus.to_string(),
         "memory": format!("{}Ki", host.memory_kib),
         "pods": MAX_PODS.to_string(),
     });
+    let mut allocatable = capacity.clone();
+    allocatable["memory"] = json!(format!(
+        "{}Ki",
+        host.memory_kib
+            .saturating_sub(crate::host::MEMORY_AVAILABLE_MIN_KIB)
+    ));
+    if let Some(d) = pressure.disk {
+        capacity["ephemeral-storage"] = json!(d.total_bytes.to_string());
+        allocatable["ephemeral-storage"] = json!(
+            (d.total_bytes - d.total_bytes / 100 * crate::host::DISK_AVAILABLE_MIN_PERCENT)
+                .to_string()
+        );
+    }
     json!({
         "status": {
-            "capacity": resources,
-            "allocatable": resources,
+            "capacity": capacity,
+            "allocatable": allocatable,
             "addresses": [
                 {"type": "InternalIP", "address": cfg.node_ip.to_string()},
                 {"type": "Hostname", "address": cfg.node_name},
@@ -88,51 +323,19 @@ pub fn node_status(cfg: &Config, host: &HostInfo, now: SystemTime, since: System
                 "operatingSystem": "linux",
                 "architecture": ARCH,
             },
-            "conditions": [
-                cond("MemoryPressure", "False", "KubeletHasSufficientMemory", "wasinode has sufficient memory available"),
-                cond("DiskPressure", "False", "KubeletHasNoDiskPressure", "wasinode has no disk pressure"),
-                cond("PIDPressure", "False", "KubeletHasSufficientPID", "wasinode has sufficient PID available"),
-                cond("Ready", "True", "KubeletReady", "wasinode is posting ready status"),
-            ],
+            "conditions": conditions,
         }
     })
 }
 
-/// Creates the Node, or updates the labels and taints of an existing one of the same name; then
-/// writes its status. Returns the Node's uid.
-pub async fn register(
-    client: &kube::Client,
-    cfg: &Config,
-    host: &HostInfo,
-) -> kube::Result<String> {
+/// Creates the Node, or updates the labels and taints of an existing one of the same name.
+/// Returns the Node's uid. The status is written by [`patch_status`].
+pub async fn register(client: &kube::Client, cfg: &Config) -> kube::Result<String> {
     let nodes: Api<Node> = Api::all(client.clone());
     let want = node_object(cfg);
     let node = match nodes.get_opt(&cfg.node_name).await? {
         Some(existing) => {
-            // Merge patch: our labels win, other labels (set by admins) stay. NodeRestriction
-            // forbids a node to change its own taints, so they are only sent when they differ
-            // (then an admin identity is needed; as a node we keep what the admin set).
-            let have = serde_json::to_value(
-                existing
-                    .spec
-                    .as_ref()
-                    .and_then(|s| s.taints.clone())
-                    .unwrap_or_default(),
-            )
-            .unwrap_or_default();
-            let want_taints = want["spec"]["taints"]
-                .as_array()
-                .cloned()
-                .unwrap_or_default();
-            let has_ours = want_taints.iter().all(|t| {
-                have.as_array().is_some_and(|h| {
-                    h.iter().any(|x| {
-                        x["key"] == t["key"]
-                            && x["value"] == t["value"]
-                            && x["effect"] == t["effect"]
-                    })
-                })
-            });
+            // Merge patch: our labels win, other labels (set by admins) stay.
             let labels = json!({"metadata": {"labels": want["metadata"]["labels"]}});
             let node = nodes
                 .patch(
@@ -141,22 +344,49 @@ pub async fn register(
                     &Patch::Merge(&labels),
                 )
                 .await?;
-            if has_ours {
-                node
-            } else {
-                let taints = json!({"spec": want["spec"]});
-                match nodes
-                    .patch(
-                        &cfg.node_name,
-                        &PatchParams::default(),
-                        &Patch::Merge(&taints),
-                    )
-                    .await
-                {
-                    Ok(n) => n,
-                    Err(e) => {
-                        tracing::warn!("cannot set the taints of node {}: {e}", cfg.node_name);
-                        node
+            let have: Vec<Value> = existing
+                .spec
+                .as_ref()
+                .and_then(|s| s.taints.as_ref())
+                .map(|t| {
+                    t.iter()
+                        .filter_map(|t| serde_json::to_value(t).ok())
+                        .collect()
+                })
+                .unwrap_or_default();
+            let want_taints = want["spec"]["taints"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            match wanted_taints(&have, &want_taints) {
+                None => node,
+                Some(taints) => {
+                    let patch = json!({"spec": {"taints": taints}});
+                    match nodes
+                        .patch(
+                            &cfg.node_name,
+                            &PatchParams::default(),
+                            &Patch::Merge(&patch),
+                        )
+                        .await
+                    {
+                        Ok(n) => n,
+                        Err(e) => {
+                            // NodeRestriction forbids a node to change its own taints once
+                            // the Node exists: only an admin can.
+                            let list: Vec<String> =
+                                cfg.taints.iter().map(ToString::to_string).collect();
+                            tracing::warn!(
+                                "node {} exists with other taints and they cannot be changed \
+                                 with this identity ({e}); an admin can set them with `kubectl \
+                                 taint nodes {} ...` or delete the Node so that it is registered \
+                                 again with [{}]",
+                                cfg.node_name,
+                                cfg.node_name,
+                                list.join(", ")
+                            );
+                            node
+                        }
                     }
                 }
             }
@@ -170,25 +400,17 @@ pub async fn register(
             }
         }
     };
-    let now = SystemTime::now();
-    patch_status(client, cfg, host, now, now).await?;
     Ok(node.metadata.uid.unwrap_or_default())
 }
 
-pub async fn patch_status(
-    client: &kube::Client,
-    cfg: &Config,
-    host: &HostInfo,
-    now: SystemTime,
-    since: SystemTime,
-) -> kube::Result<()> {
+/// Writes the Node's status (a merge patch of `status`: conditions, capacity, nodeInfo...).
+pub async fn patch_status(client: &kube::Client, cfg: &Config, status: &Value) -> kube::Result<()> {
     let nodes: Api<Node> = Api::all(client.clone());
-    let status = node_status(cfg, host, now, since);
     nodes
         .patch_status(
             &cfg.node_name,
             &PatchParams::default(),
-            &Patch::Merge(&status),
+            &Patch::Merge(status),
         )
         .await?;
     Ok(())
@@ -246,11 +468,12 @@ pub async fn renew_lease(client: &kube::Client, cfg: &Config, node_uid: &str) ->
 }
 
 /// Keeps the node alive: registers (retrying with backoff until the API server answers), then
-/// renews the Lease every 10 s and rewrites the status every minute. Never returns.
-pub async fn heartbeat(client: kube::Client, cfg: Config, host: HostInfo) {
+/// renews the Lease every 10 s, measures the pressure conditions as often, and rewrites the
+/// status when a condition changes and at least every 5 minutes. Never returns.
+pub async fn heartbeat(client: kube::Client, cfg: Config, host: HostInfo, data_dir: PathBuf) {
     let mut delay = Duration::from_millis(500);
     let uid = loop {
-        match register(&client, &cfg, &host).await {
+        match register(&client, &cfg).await {
             Ok(uid) => break uid,
             Err(e) => {
                 tracing::warn!(
@@ -263,25 +486,44 @@ pub async fn heartbeat(client: kube::Client, cfg: Config, host: HostInfo) {
         }
     };
     tracing::info!(node = %cfg.node_name, "node registered");
-    let since = SystemTime::now();
-    let mut last_status = std::time::Instant::now();
+    let mut conditions = Conditions::default();
+    let mut last_status: Option<std::time::Instant> = None;
+    let mut unwritten = false;
+    let mut last_lease = None::<std::time::Instant>;
     loop {
-        if let Err(e) = renew_lease(&client, &cfg, &uid).await {
-            tracing::warn!("renewing lease: {e}");
-        }
-        if last_status.elapsed() >= STATUS_UPDATE {
-            match patch_status(&client, &cfg, &host, SystemTime::now(), since).await {
-                Ok(()) => last_status = std::time::Instant::now(),
-                Err(e) => tracing::warn!("updating node status: {e}"),
+        if last_lease.is_none_or(|t| t.elapsed() >= LEASE_RENEW) {
+            match renew_lease(&client, &cfg, &uid).await {
+                Ok(()) => last_lease = Some(std::time::Instant::now()),
+                Err(e) => tracing::warn!("renewing lease: {e}"),
             }
         }
-        tokio::time::sleep(LEASE_RENEW).await;
+        let pressure = Pressure::measure(&data_dir);
+        let (conds, changed) = conditions.observe(&pressure, SystemTime::now());
+        if changed || unwritten || last_status.is_none_or(|t| t.elapsed() >= STATUS_REPORT) {
+            if changed {
+                tracing::info!(node = %cfg.node_name, "node conditions changed");
+            }
+            let status = node_status(&cfg, &host, &pressure, conds);
+            match patch_status(&client, &cfg, &status).await {
+                Ok(()) => {
+                    last_status = Some(std::time::Instant::now());
+                    unwritten = false;
+                }
+                Err(e) => {
+                    // Written again next round.
+                    unwritten = true;
+                    tracing::warn!("updating node status: {e}");
+                }
+            }
+        }
+        tokio::time::sleep(STATUS_CHECK.min(LEASE_RENEW)).await;
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
 
     fn cfg() -> Config {
         Config {
@@ -293,6 +535,10 @@ mod tests {
             pod_address: None,
             shutdown_grace: Duration::from_secs(1),
             client_ca: vec![],
+            labels: vec![("tier".into(), "edge".into())],
+            taints: default_taints(),
+            cert_renew_after: None,
+            client_renewal: None,
         }
     }
 
@@ -309,14 +555,103 @@ mod tests {
             .map(|t| t["effect"].as_str().unwrap())
             .collect();
         assert_eq!(effects, ["NoSchedule", "NoExecute"]);
+        assert_eq!(n["metadata"]["labels"]["tier"], "edge");
         let _: Node = serde_json::from_value(n).unwrap();
+    }
+
+    #[test]
+    fn parses_node_labels() {
+        assert_eq!(
+            parse_labels("a=b, example.com/tier=edge,empty=").unwrap(),
+            [
+                ("a".to_string(), "b".to_string()),
+                ("example.com/tier".into(), "edge".into()),
+                ("empty".into(), String::new())
+            ]
+        );
+        assert_eq!(parse_labels("").unwrap(), []);
+        let e = parse_labels("a=b,oops").unwrap_err();
+        assert!(e.contains("oops"), "{e}");
+        let e = parse_labels("bad key=x").unwrap_err();
+        assert!(e.contains("bad key"), "{e}");
+        let e = parse_labels("k=not ok").unwrap_err();
+        assert!(e.contains("not ok"), "{e}");
+        assert!(parse_labels("Upper.Case/x=y").is_err());
+    }
+
+    #[test]
+    fn parses_taints() {
+        let t =
+            parse_taints("kubernetes.io/arch=wasm32-wagi:NoSchedule,dedicated:NoExecute").unwrap();
+        assert_eq!(t[0], default_taints()[0]);
+        assert_eq!(t[1].key, "dedicated");
+        assert_eq!(t[1].value, None);
+        assert_eq!(t[1].to_string(), "dedicated:NoExecute");
+        assert_eq!(parse_taints("").unwrap(), []);
+        let e = parse_taints("a=b:NoSchedule,c=d:Never").unwrap_err();
+        assert!(e.contains("c=d:Never") && e.contains("Never"), "{e}");
+        let e = parse_taints("novalue").unwrap_err();
+        assert!(e.contains("novalue"), "{e}");
+    }
+
+    #[test]
+    fn empty_taints_register_none() {
+        let mut c = cfg();
+        c.taints = vec![];
+        assert_eq!(node_object(&c)["spec"]["taints"], json!([]));
+    }
+
+    #[test]
+    fn existing_taints_are_replaced_but_system_taints_stay() {
+        let seed: Vec<Value> = default_taints().iter().map(TaintSpec::to_json).collect();
+        let unsched = json!({"key": "node.kubernetes.io/unschedulable", "effect": "NoSchedule",
+            "timeAdded": "2026-01-01T00:00:00Z"});
+        let mut have = seed.clone();
+        have.push(unsched.clone());
+        assert_eq!(wanted_taints(&have, &seed), None);
+        let other = json!({"key": "old", "value": "x", "effect": "NoSchedule"});
+        let got = wanted_taints(&[other, unsched.clone()], &seed).unwrap();
+        assert_eq!(got.len(), 3);
+        assert_eq!(got[0], unsched);
+        assert_eq!(wanted_taints(&seed, &[]).unwrap(), Vec::<Value>::new());
+    }
+
+    #[test]
+    fn conditions_change_only_when_a_status_does() {
+        let mut c = Conditions::default();
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let calm = Pressure {
+            memory_total_kib: Some(1 << 20),
+            memory_available_kib: Some(1 << 19),
+            disk: None,
+            pids: Some((10, 1000)),
+        };
+        let (conds, changed) = c.observe(&calm, t0);
+        assert!(changed);
+        assert_eq!(conds.len(), 4);
+        let t1 = t0 + Duration::from_secs(10);
+        let (conds, changed) = c.observe(&calm, t1);
+        assert!(!changed);
+        assert_eq!(conds[0]["lastTransitionTime"], time(t0));
+        assert_eq!(conds[0]["lastHeartbeatTime"], time(t1));
+        let mut low = calm;
+        low.memory_available_kib = Some(1);
+        let t2 = t1 + Duration::from_secs(10);
+        let (conds, changed) = c.observe(&low, t2);
+        assert!(changed);
+        assert_eq!(conds[0]["status"], "True");
+        assert_eq!(conds[0]["lastTransitionTime"], time(t2));
+        // The others keep their transition time.
+        assert_eq!(conds[2]["lastTransitionTime"], time(t0));
     }
 
     #[test]
     fn status_parses_as_node_status() {
         let host = HostInfo::detect();
         let now = SystemTime::now();
-        let s = node_status(&cfg(), &host, now, now);
+        let pressure = Pressure::measure(Path::new("/tmp"));
+        let (conds, _) = Conditions::default().observe(&pressure, now);
+        let s = node_status(&cfg(), &host, &pressure, conds);
         let node: Node =
             serde_json::from_value(json!({"metadata": {"name": "n1"}, "status": s["status"]}))
                 .unwrap();
@@ -335,7 +670,10 @@ mod tests {
             .find(|c| c.type_ == "Ready")
             .unwrap();
         assert_eq!(ready.status, "True");
-        assert_eq!(st.capacity.unwrap()["pods"].0, "110");
+        let capacity = st.capacity.unwrap();
+        assert_eq!(capacity["pods"].0, "110");
+        assert!(capacity.contains_key("ephemeral-storage"));
+        assert!(st.allocatable.unwrap().contains_key("ephemeral-storage"));
     }
 
     #[test]

@@ -413,34 +413,56 @@ pub async fn serve(
 }
 
 /// Requests a `kubelet-serving` certificate and installs it in `slot` once issued (waits as
-/// long as it takes: an admin must approve it).
+/// long as it takes: an admin must approve it), then renews it the same way before it expires
+/// (at a jittered 70–90% of its lifetime, or `renew_after` after it was installed). Never
+/// returns; until a certificate is issued the slot keeps what it has.
 pub async fn rotate_serving_cert(
     client: kube::Client,
     node_name: String,
     node_ip: IpAddr,
     slot: Arc<CertSlot>,
+    renew_after: Option<std::time::Duration>,
 ) {
-    let result = async {
-        let (csr, key) =
-            crate::bootstrap::node_csr(&node_name, std::slice::from_ref(&node_name), &[node_ip])?;
-        let cert = crate::bootstrap::request_certificate(
-            client,
-            "kubernetes.io/kubelet-serving",
-            &["digital signature", "server auth"],
-            &csr,
-            &format!("node-serving-{node_name}-"),
-            None,
-        )
-        .await?;
-        certified_key(&cert, key.as_bytes())
-    }
-    .await;
-    match result {
-        Ok(k) => {
-            slot.set(k);
-            tracing::info!("kubelet API now serves the cluster-signed certificate");
+    let mut backoff = std::time::Duration::from_secs(5);
+    loop {
+        let result = async {
+            let (csr, key) = crate::bootstrap::node_csr(
+                &node_name,
+                std::slice::from_ref(&node_name),
+                &[node_ip],
+            )?;
+            let cert = crate::bootstrap::request_certificate(
+                client.clone(),
+                "kubernetes.io/kubelet-serving",
+                &["digital signature", "server auth"],
+                &csr,
+                &format!("node-serving-{node_name}-"),
+                None,
+            )
+            .await?;
+            let validity = crate::bootstrap::cert_validity(&cert)?;
+            Ok::<_, anyhow::Error>((certified_key(&cert, key.as_bytes())?, validity))
         }
-        Err(e) => tracing::warn!("serving certificate: {e:#}; keeping the self-signed one"),
+        .await;
+        match result {
+            Ok((k, (not_before, not_after, _))) => {
+                slot.set(k);
+                backoff = std::time::Duration::from_secs(5);
+                let wait = crate::bootstrap::renewal_delay(not_before, not_after, renew_after);
+                tracing::info!(
+                    "kubelet API now serves the cluster-signed certificate; renewing it in \
+                     {wait:?}"
+                );
+                tokio::time::sleep(wait).await;
+            }
+            Err(e) => {
+                tracing::warn!(
+                    "serving certificate: {e:#}; keeping the current one, retrying in {backoff:?}"
+                );
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(std::time::Duration::from_secs(300));
+            }
+        }
     }
 }
 

@@ -1,0 +1,448 @@
+//! Operating a `wasinode node` on the real control plane (kube-apiserver with the Node
+//! authorizer and NodeRestriction, kube-scheduler, kube-controller-manager), each test with its
+//! own cluster and agent joined by bootstrap token:
+//! - `--drain-on-shutdown`: on SIGTERM the node cordons itself (SchedulingDisabled) and evicts
+//!   the pod of a Deployment through the Eviction API (the ReplicaSet replaces it by a new pod,
+//!   which stays Pending), then exits 0;
+//! - `--node-labels` / `--register-with-taints` show in `kubectl get node -o json`, an empty
+//!   `--register-with-taints` registers none, a restarted agent merges its labels into the
+//!   existing Node, and bad syntax is refused naming the bad item;
+//! - certificate renewal (forced early by the hidden `--cert-renew-after`): the node requests a
+//!   second client certificate as `system:node:<name>`, gets it, keeps heartbeating with it and
+//!   `kubectl logs` still works; its serving certificate is renewed the same way.
+//!
+//! Run: `cargo build --release && cargo test --release -p wasinode-e2e --test node_ops`
+
+use std::process::Command;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use e2e::cluster::Cluster;
+use e2e::guests::guest;
+use e2e::wasinode::{Wasinode, free_port, get};
+use serde_json::{Value, json};
+
+const TIMEOUT: Duration = Duration::from_secs(60);
+
+/// One control plane at a time: the machine is small.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn tolerations() -> Value {
+    json!([
+        {"key": "kubernetes.io/arch", "operator": "Equal", "value": "wasm32-wagi", "effect": "NoSchedule"},
+        {"key": "kubernetes.io/arch", "operator": "Equal", "value": "wasm32-wagi", "effect": "NoExecute"},
+    ])
+}
+
+fn start_agent(cluster: &Cluster, node: &str, extra: &[&str]) -> Result<Wasinode> {
+    let bootstrap = cluster.bootstrap_kubeconfig();
+    let port = free_port().to_string();
+    let mut args = vec![
+        "node",
+        "--port",
+        &port,
+        "--bootstrap-kubeconfig",
+        bootstrap.to_str().context("kubeconfig path")?,
+        "--node-name",
+        node,
+        "--node-ip",
+        "127.0.0.1",
+    ];
+    args.extend_from_slice(extra);
+    Wasinode::start(&args)
+}
+
+fn wait_ready(cluster: &Cluster, node: &str) -> Result<()> {
+    cluster.wait_for(&format!("node {node} Ready"), TIMEOUT, || {
+        let n = cluster.kubectl_json(&["get", "node", node])?;
+        Ok(n["status"]["conditions"].as_array().is_some_and(|c| {
+            c.iter()
+                .any(|c| c["type"] == "Ready" && c["status"] == "True")
+        }))
+    })
+}
+
+/// `key=value:Effect` of the Node's taints, without the ones Kubernetes manages itself.
+fn registered_taints(node: &Value) -> Vec<String> {
+    node["spec"]["taints"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .filter(|t| {
+            !t["key"]
+                .as_str()
+                .unwrap_or_default()
+                .starts_with("node.kubernetes.io/")
+        })
+        .map(|t| {
+            format!(
+                "{}={}:{}",
+                t["key"].as_str().unwrap_or_default(),
+                t["value"].as_str().unwrap_or_default(),
+                t["effect"].as_str().unwrap_or_default()
+            )
+        })
+        .collect()
+}
+
+/// The pods of Deployment `app` as (name, uid, phase, nodeName, deleting).
+fn pods_of(cluster: &Cluster, app: &str) -> Result<Vec<(String, String, String, String, bool)>> {
+    let list =
+        cluster.kubectl_json(&["get", "pods", "-n", "default", "-l", &format!("app={app}")])?;
+    Ok(list["items"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .map(|p| {
+            let s = |v: &Value| v.as_str().unwrap_or_default().to_string();
+            (
+                s(&p["metadata"]["name"]),
+                s(&p["metadata"]["uid"]),
+                s(&p["status"]["phase"]),
+                s(&p["spec"]["nodeName"]),
+                !p["metadata"]["deletionTimestamp"].is_null(),
+            )
+        })
+        .collect())
+}
+
+#[test]
+fn drain_on_shutdown_evicts_pods_and_cordons() -> Result<()> {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    const NODE: &str = "drain-node";
+    let hello = guest("hello")?;
+    let cluster = Cluster::up()?;
+    let mut agent = start_agent(
+        &cluster,
+        NODE,
+        &["--drain-on-shutdown", "--drain-timeout", "90s"],
+    )?;
+    wait_ready(&cluster, NODE).with_context(|| agent.output())?;
+
+    let addr = format!("127.0.0.1:{}", free_port());
+    let deployment = json!({
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": "web", "namespace": "default"},
+        "spec": {
+            "replicas": 1,
+            "selector": {"matchLabels": {"app": "web"}},
+            "template": {
+                "metadata": {
+                    "labels": {"app": "web"},
+                    "annotations": {
+                        "alpha.wagi.krustlet.dev/default-host": addr,
+                        "alpha.wagi.krustlet.dev/modules": r#"{"hello": {"route": "/hello"}}"#,
+                    },
+                },
+                "spec": {
+                    "nodeSelector": {"kubernetes.io/arch": "wasm32-wagi"},
+                    "tolerations": tolerations(),
+                    "terminationGracePeriodSeconds": 5,
+                    "containers": [{"name": "hello", "image": format!("file://{}", hello.display())}],
+                },
+            },
+        },
+    });
+    cluster.apply(&deployment)?;
+    let mut first = None;
+    cluster
+        .wait_for("the Deployment's pod Running on the node", TIMEOUT, || {
+            let pods = pods_of(&cluster, "web")?;
+            first = pods.into_iter().find(|p| p.2 == "Running" && p.3 == NODE);
+            Ok(first.is_some())
+        })
+        .with_context(|| agent.output())?;
+    let (name, uid, ..) = first.context("no pod")?;
+    let body = get(&addr, "/hello")?;
+    ensure!(
+        body.body.contains("hello world"),
+        "GET /hello: {:?}",
+        body.body
+    );
+
+    agent.signal("TERM")?;
+    let status = agent.wait_exit(Duration::from_secs(120))?;
+    let out = agent.output();
+    ensure!(status.success(), "the agent exited with {status}:\n{out}");
+    ensure!(
+        out.contains(&format!("evicting default/{name}")),
+        "the agent did not say it evicted {name}:\n{out}"
+    );
+
+    // kubectl get nodes: the node is cordoned.
+    let table = cluster.kubectl(&["get", "node", NODE])?;
+    ensure!(
+        table.contains("SchedulingDisabled"),
+        "kubectl get node:\n{table}"
+    );
+    let node = cluster.kubectl_json(&["get", "node", NODE])?;
+    ensure!(node["spec"]["unschedulable"] == true, "{node}");
+
+    // The evicted pod is gone; its ReplicaSet made a new one, which cannot go to the cordoned
+    // node and so stays Pending.
+    let pods = pods_of(&cluster, "web")?;
+    ensure!(
+        pods.iter().all(|p| p.1 != uid),
+        "the evicted pod {name} ({uid}) is still there: {pods:?}"
+    );
+    cluster.wait_for("the replacement pod", TIMEOUT, || {
+        Ok(pods_of(&cluster, "web")?
+            .iter()
+            .any(|p| p.1 != uid && p.2 == "Pending" && p.3.is_empty()))
+    })?;
+    // The pod's port was freed when it was deleted.
+    ensure!(!e2e::wasinode::listening(&addr), "{addr} still listens");
+    cluster.down()
+}
+
+#[test]
+fn labels_and_taints_are_configurable() -> Result<()> {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    // Bad syntax: clap refuses it and names the bad item (no cluster needed).
+    for (flag, value, bad) in [
+        ("--node-labels", "tier=edge,oops", "oops"),
+        (
+            "--register-with-taints",
+            "a=b:NoSchedule,c=d:Sometimes",
+            "c=d:Sometimes",
+        ),
+        ("--node-labels", "bad key=x", "bad key"),
+    ] {
+        let out = Command::new(e2e::wasinode::binary())
+            .args([
+                "node",
+                "--node-name",
+                "n",
+                "--node-ip",
+                "127.0.0.1",
+                flag,
+                value,
+            ])
+            .output()?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        ensure!(!out.status.success(), "{flag} {value:?} was accepted");
+        ensure!(
+            err.contains(flag) && err.contains(bad),
+            "{flag} {value:?}: the error does not name {bad:?}:\n{err}"
+        );
+    }
+
+    const NODE: &str = "labelled-node";
+    const BARE: &str = "untainted-node";
+    let cluster = Cluster::up()?;
+    let mut agent = start_agent(
+        &cluster,
+        NODE,
+        &[
+            "--node-labels",
+            "tier=edge,example.com/zone=lab",
+            "--register-with-taints",
+            "dedicated=wasm:NoSchedule,kubernetes.io/arch=wasm32-wagi:NoExecute",
+        ],
+    )?;
+    let bare = start_agent(&cluster, BARE, &["--register-with-taints", ""])?;
+    wait_ready(&cluster, NODE).with_context(|| agent.output())?;
+    wait_ready(&cluster, BARE).with_context(|| bare.output())?;
+
+    let node = cluster.kubectl_json(&["get", "node", NODE])?;
+    let labels = &node["metadata"]["labels"];
+    for (k, v) in [
+        ("tier", "edge"),
+        ("example.com/zone", "lab"),
+        ("kubernetes.io/arch", "wasm32-wagi"),
+        ("kubernetes.io/os", "linux"),
+        ("kubernetes.io/hostname", NODE),
+        ("agentpool", "wasinode"),
+    ] {
+        ensure!(
+            labels[k] == v,
+            "label {k} is {}, not {v}: {labels}",
+            labels[k]
+        );
+    }
+    let mut taints = registered_taints(&node);
+    taints.sort();
+    ensure!(
+        taints
+            == [
+                "dedicated=wasm:NoSchedule",
+                "kubernetes.io/arch=wasm32-wagi:NoExecute"
+            ],
+        "taints: {taints:?}"
+    );
+    let bare_node = cluster.kubectl_json(&["get", "node", BARE])?;
+    ensure!(
+        registered_taints(&bare_node).is_empty(),
+        "--register-with-taints \"\": {:?}",
+        registered_taints(&bare_node)
+    );
+
+    // Restarted with other labels: the same Node is updated (labels merged), not duplicated.
+    agent.signal("TERM")?;
+    agent.wait_exit(Duration::from_secs(30))?;
+    let uid = node["metadata"]["uid"].clone();
+    let agent = start_agent(
+        &cluster,
+        NODE,
+        &[
+            "--node-labels",
+            "tier=core",
+            "--register-with-taints",
+            "dedicated=wasm:NoSchedule,kubernetes.io/arch=wasm32-wagi:NoExecute",
+        ],
+    )?;
+    cluster
+        .wait_for("the label tier=core", TIMEOUT, || {
+            let n = cluster.kubectl_json(&["get", "node", NODE])?;
+            Ok(n["metadata"]["labels"]["tier"] == "core")
+        })
+        .with_context(|| agent.output())?;
+    let node = cluster.kubectl_json(&["get", "node", NODE])?;
+    ensure!(node["metadata"]["uid"] == uid, "the Node was re-created");
+    ensure!(
+        node["metadata"]["labels"]["example.com/zone"] == "lab",
+        "a label of the first run was dropped: {}",
+        node["metadata"]["labels"]
+    );
+    let names = cluster.kubectl(&["get", "nodes", "-o", "name"])?;
+    ensure!(
+        names.matches(&format!("node/{NODE}\n")).count() == 1,
+        "kubectl get nodes:\n{names}"
+    );
+    drop(agent);
+    drop(bare);
+    cluster.down()
+}
+
+/// Certificate signing requests for `signer` as (name, requesting user, issued).
+fn csrs(cluster: &Cluster, signer: &str) -> Result<Vec<(String, String, bool)>> {
+    let list = cluster.kubectl_json(&["get", "csr"])?;
+    Ok(list["items"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .filter(|c| c["spec"]["signerName"] == signer)
+        .map(|c| {
+            (
+                c["metadata"]["name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+                c["spec"]["username"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+                c["status"]["certificate"]
+                    .as_str()
+                    .is_some_and(|s| !s.is_empty()),
+            )
+        })
+        .collect())
+}
+
+fn lease_renew_time(cluster: &Cluster, node: &str) -> Result<String> {
+    let lease = cluster.kubectl_json(&["get", "lease", node, "-n", "kube-node-lease"])?;
+    Ok(lease["spec"]["renewTime"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string())
+}
+
+#[test]
+fn certificates_are_renewed() -> Result<()> {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    const NODE: &str = "renewing-node";
+    const CLIENT: &str = "kubernetes.io/kube-apiserver-client-kubelet";
+    const SERVING: &str = "kubernetes.io/kubelet-serving";
+    let user = format!("system:node:{NODE}");
+    let log = guest("log")?;
+    let cluster = Cluster::up()?;
+    let agent = start_agent(&cluster, NODE, &["--cert-renew-after", "8s"])?;
+    wait_ready(&cluster, NODE).with_context(|| agent.output())?;
+    let kubeconfig = agent.data_dir.join("kubelet.kubeconfig");
+    let first_kubeconfig = std::fs::read_to_string(&kubeconfig)?;
+
+    // The client certificate: the first CSR was made with the bootstrap token, the renewal
+    // with the node's own identity; the controller-manager approves and signs both.
+    cluster
+        .wait_for("a renewed client certificate", TIMEOUT, || {
+            let c = csrs(&cluster, CLIENT)?;
+            Ok(c.iter().any(|(_, u, issued)| *u != user && *issued)
+                && c.iter().any(|(_, u, issued)| *u == user && *issued))
+        })
+        .with_context(|| agent.output())?;
+    cluster.wait_for("the renewed kubeconfig", TIMEOUT, || {
+        Ok(std::fs::read_to_string(&kubeconfig)? != first_kubeconfig)
+    })?;
+
+    // The serving certificate, approved by an admin, is renewed too (a second CSR).
+    let mut approved = Vec::new();
+    cluster
+        .wait_for("two approved serving certificates", TIMEOUT, || {
+            for (name, u, _) in csrs(&cluster, SERVING)? {
+                ensure!(u == user, "serving CSR {name} requested by {u}");
+                if !approved.contains(&name) {
+                    cluster.kubectl(&["certificate", "approve", &name])?;
+                    approved.push(name);
+                }
+            }
+            Ok(csrs(&cluster, SERVING)?.iter().filter(|c| c.2).count() >= 2)
+        })
+        .with_context(|| agent.output())?;
+
+    // Still the node after renewals: the Lease keeps being renewed...
+    let renewed = lease_renew_time(&cluster, NODE)?;
+    cluster
+        .wait_for("the Lease renewed again", TIMEOUT, || {
+            Ok(lease_renew_time(&cluster, NODE)? != renewed)
+        })
+        .with_context(|| agent.output())?;
+    // ... pods run, and kubectl logs reaches the kubelet API.
+    let addr = format!("127.0.0.1:{}", free_port());
+    cluster.apply(&json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": "logger",
+            "namespace": "default",
+            "annotations": {
+                "alpha.wagi.krustlet.dev/default-host": addr,
+                "alpha.wagi.krustlet.dev/modules": r#"{"log": {"route": "/log"}}"#,
+            },
+        },
+        "spec": {
+            "nodeSelector": {"kubernetes.io/arch": "wasm32-wagi"},
+            "tolerations": tolerations(),
+            "terminationGracePeriodSeconds": 5,
+            "containers": [{"name": "log", "image": format!("file://{}", log.display())}],
+        },
+    }))?;
+    cluster
+        .wait_for("logger Running", TIMEOUT, || {
+            Ok(cluster.pod("logger")?["status"]["phase"] == "Running")
+        })
+        .with_context(|| agent.output())?;
+    get(&addr, "/log?after-renewal")?;
+    cluster
+        .wait_for("kubectl logs after the renewals", TIMEOUT, || {
+            Ok(cluster
+                .kubectl(&["logs", "logger", "-n", "default"])?
+                .contains("query=after-renewal"))
+        })
+        .with_context(|| agent.output())?;
+    let renewals = csrs(&cluster, CLIENT)?
+        .iter()
+        .filter(|c| c.1 == user && c.2)
+        .count();
+    eprintln!(
+        "client certificates renewed: {renewals}; serving CSRs approved: {}",
+        approved.len()
+    );
+    drop(agent);
+    cluster.down()
+}
