@@ -16,13 +16,15 @@
 //!    the time until all are Ready, then `HOLD_SECS` under a round-robin HTTP client on every route
 //!    while the Node's Ready condition and Lease are checked and the agent's VmRSS is sampled.
 //!    Reported: RSS right after joining, with 0 pods (module compiled, after the first section's pods
-//!    were deleted), with all pods at rest, peak under load, and the per-pod increment.
+//!    were deleted), with all pods at rest, peak under load, and the per-pod increment; then after
+//!    the pods are deleted and after `CHURN_CYCLES` more create/Ready/delete cycles of as many pods
+//!    (memory kept for reuse stays flat, memory that leaks per pod grows with each cycle).
 //!
 //! Run it through `bench/run node` (builds the agent, the guests and the control plane first), or
 //! directly: `target/release/node-bench` from the repo root.
 //!
 //! Knobs (environment): LATENCY_PODS=30 SCHED_PODS=10 LOAD_PODS=200 HOLD_SECS=60
-//! CREATE_CONCURRENCY=8 NODE_BASE_PORT=21000 (pod ports NODE_BASE_PORT.. upward, each checked free)
+//! CREATE_CONCURRENCY=8 CHURN_CYCLES=3 NODE_BASE_PORT=21000 (pod ports NODE_BASE_PORT.. upward, each checked free)
 //! READY_TIMEOUT_SECS=120 (per pod; 300 s at least for the LOAD_PODS wave).
 
 use std::collections::HashMap;
@@ -408,6 +410,43 @@ impl Bench {
         Ok(seen - t0)
     }
 
+    /// One churn cycle: a pod on each of `ports` (group `group`), all Ready, then all deleted.
+    /// Returns the time from the first create to the last deletion seen.
+    async fn churn(&mut self, group: &str, ports: &[u16], concurrency: usize) -> Result<Duration> {
+        let mut names = vec![];
+        let mut specs = vec![];
+        for (i, port) in ports.iter().enumerate() {
+            let name = format!("bench-{group}-{i}");
+            specs.push(wagi_pod(&name, group, *port, &self.image, Some(NODE))?);
+            names.push(name);
+        }
+        let t0 = Instant::now();
+        let api = self.pods.clone();
+        let created: Vec<Result<()>> = futures::stream::iter(specs)
+            .map(|pod| {
+                let api = api.clone();
+                async move {
+                    api.create(&PostParams::default(), &pod).await?;
+                    Ok(())
+                }
+            })
+            .buffer_unordered(concurrency)
+            .collect()
+            .await;
+        created.into_iter().collect::<Result<Vec<()>>>()?;
+        let timeout = self.ready_timeout.max(Duration::from_secs(300));
+        let what = format!("every pod of {group} to be Ready");
+        wait_state(&mut self.rx, &what, timeout, |s| {
+            names
+                .iter()
+                .all(|n| s.pods.get(n).is_some_and(|p| p.ready.is_some()))
+        })
+        .await
+        .with_context(|| self.agent_tail())?;
+        self.delete_groups(&[group]).await?;
+        Ok(t0.elapsed())
+    }
+
     fn fail(&mut self, what: String) {
         println!("  FAILED: {what}");
         self.failures.push(what);
@@ -420,6 +459,7 @@ async fn main() -> Result<()> {
     let sched_pods = env_usize("SCHED_PODS", 10);
     let load_pods = env_usize("LOAD_PODS", 200);
     let hold = Duration::from_secs(env_usize("HOLD_SECS", 60) as u64);
+    let churn_cycles = env_usize("CHURN_CYCLES", 3);
     let concurrency = env_usize("CREATE_CONCURRENCY", 8).max(1);
     let base_port = env_usize("NODE_BASE_PORT", 21000) as u16;
     let ready_timeout = Duration::from_secs(env_usize("READY_TIMEOUT_SECS", 120) as u64);
@@ -803,6 +843,22 @@ async fn main() -> Result<()> {
         "  agent VmRSS 5 s after deleting them: {:.1} MiB",
         mib(proc_status(pid, "VmRSS:").unwrap_or(0))
     );
+    // Churn: the same number of pods created and deleted again, to tell memory the allocator
+    // keeps for reuse from memory that grows with every pod ever run.
+    let mut after = vec![];
+    for c in 1..=churn_cycles {
+        let took = b.churn(&format!("churn{c}"), &ports, concurrency).await?;
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let rss = proc_status(pid, "VmRSS:").unwrap_or(0);
+        after.push(format!("{:.1} MiB ({:.1} s)", mib(rss), took.as_secs_f64()));
+    }
+    if churn_cycles > 0 {
+        println!(
+            "  churn: {churn_cycles} more cycles of {load_pods} pods created, Ready, deleted; agent VmRSS 5 s after each \
+             (cycle time): {}",
+            after.join(", ")
+        );
+    }
     if freed != ports.len() {
         b.fail(format!(
             "{} ports still taken after deletion",
