@@ -2,6 +2,7 @@
 
 mod engine;
 mod node;
+mod nodepool;
 mod pushpull;
 mod run;
 
@@ -28,6 +29,8 @@ enum Command {
     Run(run::RunArgs),
     /// Join a Kubernetes cluster as a node that runs the pods bound to it, until SIGINT/SIGTERM.
     Node(node::NodeArgs),
+    /// Pools of WASI nodes on a cluster: add, show, list, scale, delete (`workloadRuntime: WasmWasi`).
+    Nodepool(nodepool::NodePoolArgs),
     /// Publish a .wasm (or .wat) module to an OCI registry; prints the manifest digest.
     Push(pushpull::PushArgs),
     /// Fetch a module from an OCI registry into the local store; prints the manifest digest.
@@ -57,6 +60,7 @@ fn main() -> std::process::ExitCode {
         match cli.command {
             Command::Run(a) => run::run(a).await,
             Command::Node(a) => node::node(a).await,
+            Command::Nodepool(a) => nodepool::nodepool(a).await,
             Command::Push(a) => pushpull::push(a).await.map(|_| 0),
             Command::Pull(a) => pushpull::pull(a).await.map(|_| 0),
         }

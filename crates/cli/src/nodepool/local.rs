@@ -1,0 +1,513 @@
+//! The local provisioner: a pool's agents as processes on this host.
+//!
+//! `nodepool add` starts one detached provisioner per pool (`wasinode nodepool provision P`, its
+//! own process group, so it outlives the command and the terminal's Ctrl-C). The provisioner is a
+//! small controller of the pool's `NodePool` object: it keeps agents `P-000000 .. P-<count-1>`
+//! running (restarting any that die, with backoff), drains and removes the ones above `count`
+//! (so `kubectl scale nodepool` is graceful too), writes the pool's status, and on the pool's
+//! deletion drains every node, stops every agent, deletes the Nodes and lifts its finalizer.
+//!
+//! Each node owns one loopback address (`127.100.<pool>.<1+index>`): its kubelet API listens
+//! there and its WAGI listeners bind there (`wasinode node --address/--pod-address`), so the
+//! nodes of one host never share a port.
+//!
+//! On this host a pool is a directory: `pool.json` (what to run), `bootstrap.kubeconfig`,
+//! `provisioner.pid`, `provisioner.log`, and `nodes/<node>/` (the agent's data dir and `agent.log`).
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use k8s_openapi::api::core::v1::Node;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tracing::{info, warn};
+
+use super::resource::{self, NodePool, NodeStatus, POOL_LABEL};
+
+/// What a pool's provisioner needs, written by `nodepool add` to `<pool dir>/pool.json`.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+#[serde(rename_all = "camelCase")]
+pub struct LocalPool {
+    pub name: String,
+    /// The kubeconfig the provisioner acts with (absolute).
+    pub kubeconfig: PathBuf,
+    /// Address of node 0; node i gets this plus i.
+    pub address_base: Ipv4Addr,
+    pub kubelet_port: u16,
+    /// Extra `wasinode node` flags (e.g. `--insecure-registry HOST`).
+    #[serde(default)]
+    pub agent_args: Vec<String>,
+}
+
+impl LocalPool {
+    pub fn address(&self, index: u32) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(self.address_base).saturating_add(index))
+    }
+}
+
+/// `$WASINODE_STATE_DIR`, else `$XDG_STATE_HOME/wasinode/pools`, else `~/.local/state/wasinode/pools`.
+pub fn default_state_root() -> PathBuf {
+    if let Some(d) = std::env::var_os("WASINODE_STATE_DIR") {
+        return PathBuf::from(d);
+    }
+    let base = std::env::var_os("XDG_STATE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state")))
+        .unwrap_or_else(|| PathBuf::from("/var/lib"));
+    base.join("wasinode").join("pools")
+}
+
+/// A pool's directory on this host.
+#[derive(Debug, Clone)]
+pub struct PoolDir(pub PathBuf);
+
+impl PoolDir {
+    pub fn new(root: &Path, pool: &str) -> PoolDir {
+        PoolDir(root.join(pool))
+    }
+    pub fn config(&self) -> PathBuf {
+        self.0.join("pool.json")
+    }
+    pub fn bootstrap_kubeconfig(&self) -> PathBuf {
+        self.0.join("bootstrap.kubeconfig")
+    }
+    pub fn pid_file(&self) -> PathBuf {
+        self.0.join("provisioner.pid")
+    }
+    pub fn log(&self) -> PathBuf {
+        self.0.join("provisioner.log")
+    }
+    pub fn node_dir(&self, node: &str) -> PathBuf {
+        self.0.join("nodes").join(node)
+    }
+    pub fn load(&self) -> anyhow::Result<LocalPool> {
+        let text = std::fs::read(self.config())
+            .with_context(|| format!("reading {}", self.config().display()))?;
+        serde_json::from_slice(&text)
+            .with_context(|| format!("parsing {}", self.config().display()))
+    }
+    pub fn save(&self, p: &LocalPool) -> anyhow::Result<()> {
+        std::fs::create_dir_all(&self.0)
+            .with_context(|| format!("creating {}", self.0.display()))?;
+        super::join::write_private(&self.config(), &serde_json::to_vec_pretty(p)?)
+    }
+    /// The provisioner's pid, if it is running.
+    pub fn provisioner_pid(&self) -> Option<i32> {
+        let pid: i32 = std::fs::read_to_string(self.pid_file())
+            .ok()?
+            .trim()
+            .parse()
+            .ok()?;
+        alive(pid).then_some(pid)
+    }
+}
+
+pub fn alive(pid: i32) -> bool {
+    // SAFETY: kill with signal 0 only checks that the process exists.
+    pid > 0 && unsafe { libc::kill(pid, 0) } == 0
+}
+
+fn signal(pid: i32, sig: libc::c_int) {
+    // SAFETY: sends a signal to a process this provisioner started.
+    unsafe {
+        libc::kill(pid, sig);
+    }
+}
+
+/// The `127.100.<k>.1` base that no other pool under `root` uses.
+pub fn free_address_base(root: &Path) -> anyhow::Result<Ipv4Addr> {
+    let mut used = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(root) {
+        for e in entries.flatten() {
+            if let Ok(p) = PoolDir(e.path()).load() {
+                used.push(p.address_base);
+            }
+        }
+    }
+    (0..=255u8)
+        .map(|k| Ipv4Addr::new(127, 100, k, 1))
+        .find(|a| !used.contains(a))
+        .context("all 256 local pool address ranges (127.100.0-255.x) are in use")
+}
+
+/// Starts the pool's provisioner, detached, unless it is already running. Returns its pid.
+pub fn spawn_provisioner(dir: &PoolDir, pool: &str) -> anyhow::Result<i32> {
+    if let Some(pid) = dir.provisioner_pid() {
+        return Ok(pid);
+    }
+    let exe = std::env::current_exe().context("locating the wasinode binary")?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.log())
+        .with_context(|| format!("opening {}", dir.log().display()))?;
+    let root = dir.0.parent().unwrap_or(Path::new("/"));
+    let child = std::process::Command::new(exe)
+        .args(["nodepool", "provision", pool, "--state-dir"])
+        .arg(root)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .env(
+            "WASINODE_LOG",
+            std::env::var("WASINODE_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .process_group(0)
+        .spawn()
+        .context("starting the pool's provisioner")?;
+    let pid = i32::try_from(child.id()).context("pid")?;
+    std::fs::write(dir.pid_file(), pid.to_string())?;
+    Ok(pid)
+}
+
+use std::os::unix::process::CommandExt as _;
+
+/// One agent process and its restart bookkeeping.
+struct Agent {
+    child: Option<tokio::process::Child>,
+    started: Instant,
+    restarts: u32,
+    next_start: Instant,
+}
+
+const RESTART_FIRST: Duration = Duration::from_secs(1);
+const RESTART_MAX: Duration = Duration::from_secs(60);
+const STOP_GRACE: Duration = Duration::from_secs(30);
+const TICK: Duration = Duration::from_secs(2);
+/// One drain attempt; a blocked drain is reported in the pool's status and tried again.
+const DRAIN_ROUND: Duration = Duration::from_secs(30);
+
+struct Provisioner {
+    pool: LocalPool,
+    dir: PoolDir,
+    client: kube::Client,
+    agents: BTreeMap<u32, Agent>,
+    ever_ready: bool,
+    last_status: Option<resource::Status>,
+}
+
+/// `wasinode nodepool provision P`: runs until the pool is deleted or SIGTERM/SIGINT.
+pub async fn provision(root: &Path, name: &str) -> anyhow::Result<()> {
+    let dir = PoolDir::new(root, name);
+    let pool = dir.load()?;
+    std::fs::write(dir.pid_file(), std::process::id().to_string())?;
+    let client = super::client(&pool.kubeconfig).await?;
+    let mut p = Provisioner {
+        pool,
+        dir: dir.clone(),
+        client,
+        agents: BTreeMap::new(),
+        ever_ready: false,
+        last_status: None,
+    };
+    let stop = crate::run::shutdown_signal();
+    tokio::pin!(stop);
+    info!(pool = name, "provisioner started");
+    loop {
+        match p.tick().await {
+            Ok(true) => break,
+            Ok(false) => {}
+            Err(e) => warn!("pool {name}: {e:#}"),
+        }
+        tokio::select! {
+            _ = &mut stop => {
+                info!(pool = name, "stopping every agent (the pool stays in the cluster)");
+                let indexes: Vec<u32> = p.agents.keys().copied().collect();
+                for i in indexes {
+                    p.stop_agent(i).await;
+                }
+                break;
+            }
+            _ = tokio::time::sleep(TICK) => {}
+        }
+    }
+    let _ = std::fs::remove_file(dir.pid_file());
+    info!(pool = name, "provisioner stopped");
+    Ok(())
+}
+
+impl Provisioner {
+    /// One reconcile; `Ok(true)` when the pool is gone and the provisioner is done.
+    async fn tick(&mut self) -> anyhow::Result<bool> {
+        let api = resource::api(&self.client);
+        let name = self.pool.name.clone();
+        let np = api.get_opt(&name).await.context("reading the NodePool")?;
+        let Some(np) = np else {
+            // Deleted without our finalizer (e.g. forced): still leave nothing behind.
+            self.scale_to(0, false).await?;
+            return Ok(true);
+        };
+        if np.metadata.deletion_timestamp.is_some() {
+            self.write_status("Deleting", None).await?;
+            self.scale_to(0, true).await?;
+            super::join::delete_tokens(&self.client, &name).await?;
+            let finalizers: Vec<String> = np
+                .metadata
+                .finalizers
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|f| f != resource::FINALIZER)
+                .collect();
+            api.patch(
+                &name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"metadata": {"finalizers": finalizers}})),
+            )
+            .await
+            .context("removing the NodePool finalizer")?;
+            info!(pool = %name, "pool deleted: agents stopped, Nodes deleted");
+            return Ok(true);
+        }
+        let count = np.spec.count;
+        let above: Vec<u32> = self
+            .agents
+            .keys()
+            .copied()
+            .filter(|i| *i >= count)
+            .collect();
+        if !above.is_empty() {
+            self.write_status("Scaling", None).await?;
+            self.scale_to(count, true).await?;
+        }
+        for i in 0..count {
+            self.keep_running(i, &np.spec)?;
+        }
+        self.refresh_status(count).await?;
+        Ok(false)
+    }
+
+    /// Drains (when `drain`), stops and deletes the nodes with index >= `count`, highest first.
+    async fn scale_to(&mut self, count: u32, drain: bool) -> anyhow::Result<()> {
+        let nodes: Api<Node> = Api::all(self.client.clone());
+        let mut doomed: Vec<u32> = self
+            .agents
+            .keys()
+            .copied()
+            .filter(|i| *i >= count)
+            .collect();
+        // Nodes of the pool in the API without a local agent (e.g. after a provisioner crash).
+        let lp = ListParams::default().labels(&format!("{POOL_LABEL}={}", self.pool.name));
+        for n in nodes.list(&lp).await.context("listing the pool's Nodes")? {
+            if let Some(i) = n
+                .metadata
+                .name
+                .as_deref()
+                .and_then(|n| resource::node_index(&self.pool.name, n))
+                && i >= count
+                && !doomed.contains(&i)
+            {
+                doomed.push(i);
+            }
+        }
+        doomed.sort_unstable_by(|a, b| b.cmp(a));
+        for i in doomed {
+            let node = resource::node_name(&self.pool.name, i);
+            if drain && self.agents.contains_key(&i) {
+                info!(%node, "draining");
+                let opts = node::drain::DrainOptions {
+                    timeout: DRAIN_ROUND,
+                    ..Default::default()
+                };
+                let progress = |line: &str| info!(%node, "{line}");
+                if let Err(e) = node::drain::drain(&self.client, &node, &opts, &progress).await {
+                    let msg = format!("draining {node}: {e}");
+                    self.write_status("Scaling", Some(&msg)).await?;
+                    anyhow::bail!(msg);
+                }
+            }
+            self.stop_agent(i).await;
+            match nodes.delete(&node, &DeleteParams::default()).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(s)) if s.code == 404 => {}
+                Err(e) => return Err(e).with_context(|| format!("deleting Node {node}")),
+            }
+            let _ = std::fs::remove_dir_all(self.dir.node_dir(&node));
+            info!(%node, "node removed");
+        }
+        Ok(())
+    }
+
+    /// Starts agent `i` if it is not running, or restarts it after its backoff if it died.
+    fn keep_running(&mut self, i: u32, spec: &resource::Spec) -> anyhow::Result<()> {
+        let now = Instant::now();
+        let agent = self.agents.entry(i).or_insert(Agent {
+            child: None,
+            started: now,
+            restarts: 0,
+            next_start: now,
+        });
+        if let Some(child) = &mut agent.child {
+            match child.try_wait() {
+                Ok(None) => return Ok(()),
+                Ok(Some(status)) => {
+                    let ran = now.duration_since(agent.started);
+                    let wait = if ran > Duration::from_secs(300) {
+                        RESTART_FIRST
+                    } else {
+                        (RESTART_FIRST * 2u32.saturating_pow(agent.restarts.min(6)))
+                            .min(RESTART_MAX)
+                    };
+                    warn!(
+                        node = %resource::node_name(&self.pool.name, i),
+                        "agent exited ({status}) after {ran:?}; restarting in {wait:?}"
+                    );
+                    agent.child = None;
+                    agent.restarts += 1;
+                    agent.next_start = now + wait;
+                }
+                Err(e) => warn!("agent {i}: {e}"),
+            }
+        }
+        if agent.child.is_none() && now >= agent.next_start {
+            let child = spawn_agent(&self.pool, &self.dir, i, spec)?;
+            agent.child = Some(child);
+            agent.started = now;
+        }
+        Ok(())
+    }
+
+    async fn stop_agent(&mut self, i: u32) {
+        let Some(mut agent) = self.agents.remove(&i) else {
+            return;
+        };
+        let Some(child) = &mut agent.child else {
+            return;
+        };
+        if let Some(pid) = child.id().and_then(|p| i32::try_from(p).ok()) {
+            signal(pid, libc::SIGTERM);
+        }
+        if tokio::time::timeout(STOP_GRACE, child.wait())
+            .await
+            .is_err()
+        {
+            let _ = child.kill().await;
+        }
+    }
+
+    async fn refresh_status(&mut self, count: u32) -> anyhow::Result<()> {
+        let nodes: Api<Node> = Api::all(self.client.clone());
+        let lp = ListParams::default().labels(&format!("{POOL_LABEL}={}", self.pool.name));
+        let list = nodes.list(&lp).await.context("listing the pool's Nodes")?;
+        let ready: BTreeMap<String, bool> = list
+            .into_iter()
+            .filter_map(|n| Some((n.metadata.name.clone()?, super::node_ready(&n))))
+            .collect();
+        let entries: Vec<NodeStatus> = (0..count)
+            .map(|i| {
+                let name = resource::node_name(&self.pool.name, i);
+                NodeStatus {
+                    ready: ready.get(&name).copied().unwrap_or(false),
+                    address: self.pool.address(i).to_string(),
+                    restarts: self.agents.get(&i).map_or(0, |a| a.restarts),
+                    name,
+                }
+            })
+            .collect();
+        let n_ready = entries.iter().filter(|n| n.ready).count() as u32;
+        let state = if n_ready == count {
+            self.ever_ready = true;
+            "Succeeded"
+        } else if self.ever_ready {
+            "Updating"
+        } else {
+            "Creating"
+        };
+        let status = resource::Status {
+            provisioning_state: state.into(),
+            ready_nodes: n_ready,
+            nodes: entries,
+            provisioner: super::hostname(),
+            message: String::new(),
+        };
+        self.patch_status(status).await
+    }
+
+    /// Sets the provisioning state, and the message when `message` is given (a drain blocked
+    /// by a PodDisruptionBudget stays on record until the drain succeeds).
+    async fn write_status(&mut self, state: &str, message: Option<&str>) -> anyhow::Result<()> {
+        let mut status = self.last_status.clone().unwrap_or_default();
+        status.provisioning_state = state.into();
+        if let Some(m) = message {
+            status.message = m.into();
+        }
+        status.provisioner = super::hostname();
+        self.patch_status(status).await
+    }
+
+    async fn patch_status(&mut self, status: resource::Status) -> anyhow::Result<()> {
+        if self.last_status.as_ref() == Some(&status) {
+            return Ok(());
+        }
+        let api: Api<NodePool> = resource::api(&self.client);
+        api.patch_status(
+            &self.pool.name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": status})),
+        )
+        .await
+        .context("writing the NodePool status")?;
+        self.last_status = Some(status);
+        Ok(())
+    }
+}
+
+fn spawn_agent(
+    pool: &LocalPool,
+    dir: &PoolDir,
+    i: u32,
+    spec: &resource::Spec,
+) -> anyhow::Result<tokio::process::Child> {
+    let node = resource::node_name(&pool.name, i);
+    let data = dir.node_dir(&node);
+    std::fs::create_dir_all(&data).with_context(|| format!("creating {}", data.display()))?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(data.join("agent.log"))?;
+    let addr = pool.address(i).to_string();
+    let exe = std::env::current_exe().context("locating the wasinode binary")?;
+    let mut cmd = tokio::process::Command::new(exe);
+    cmd.arg("node")
+        .arg("--bootstrap-kubeconfig")
+        .arg(dir.bootstrap_kubeconfig())
+        .args(["--node-name", &node, "--node-ip", &addr, "--address", &addr])
+        .args(["--pod-address", &addr, "--pool", &pool.name])
+        .args(["--port", &pool.kubelet_port.to_string()])
+        .arg(format!(
+            "--register-with-taints={}",
+            spec.node_taints.join(",")
+        ))
+        .arg("--data-dir")
+        .arg(&data)
+        .args(labels_arg(&spec.node_labels))
+        .args(&pool.agent_args)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .kill_on_drop(false);
+    // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe; it makes the agent stop (SIGTERM,
+    // graceful) when its provisioner dies, so no agent outlives the process that restarts it.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+            Ok(())
+        });
+    }
+    let child = cmd
+        .spawn()
+        .with_context(|| format!("starting the agent of {node}"))?;
+    info!(%node, %addr, "agent started");
+    Ok(child)
+}
+
+fn labels_arg(labels: &BTreeMap<String, String>) -> Option<String> {
+    (!labels.is_empty()).then(|| {
+        let kv: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        format!("--node-labels={}", kv.join(","))
+    })
+}

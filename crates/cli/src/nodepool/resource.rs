@@ -1,0 +1,275 @@
+//! The `NodePool` custom resource (`nodepools.wasinode.dev/v1alpha1`): what a pool is, as every
+//! Kubernetes tool sees it, and the CustomResourceDefinition that installs it.
+
+use std::collections::BTreeMap;
+
+use anyhow::Context as _;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, PostParams};
+use kube::core::{ApiResource, GroupVersionKind, Object};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+pub const GROUP: &str = "wasinode.dev";
+pub const VERSION: &str = "v1alpha1";
+pub const KIND: &str = "NodePool";
+pub const PLURAL: &str = "nodepools";
+pub const CRD_NAME: &str = "nodepools.wasinode.dev";
+/// Held by the pool until its provisioner has stopped every agent and deleted every Node.
+pub const FINALIZER: &str = "wasinode.dev/local-provisioner";
+/// The only workload runtime a wasinode pool has (AKS spells it `WasmWasi`).
+pub const WASM_WASI: &str = "WasmWasi";
+/// The node label naming a node's pool (as AKS and the seed's `agentpool=mywasipool`).
+pub const POOL_LABEL: &str = "agentpool";
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Spec {
+    pub count: u32,
+    pub workload_runtime: String,
+    #[serde(default)]
+    pub node_labels: BTreeMap<String, String>,
+    /// `key=value:Effect`, as `--register-with-taints` and `az aks nodepool --node-taints` take them.
+    #[serde(default)]
+    pub node_taints: Vec<String>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Status {
+    #[serde(default)]
+    pub provisioning_state: String,
+    #[serde(default)]
+    pub ready_nodes: u32,
+    #[serde(default)]
+    pub nodes: Vec<NodeStatus>,
+    /// The host whose local provisioner runs the pool's agents.
+    #[serde(default)]
+    pub provisioner: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeStatus {
+    pub name: String,
+    pub address: String,
+    pub ready: bool,
+    #[serde(default)]
+    pub restarts: u32,
+}
+
+pub type NodePool = Object<Spec, Status>;
+
+pub fn api_resource() -> ApiResource {
+    ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(GROUP, VERSION, KIND), PLURAL)
+}
+
+pub fn api(client: &kube::Client) -> Api<NodePool> {
+    Api::all_with(client.clone(), &api_resource())
+}
+
+/// The CustomResourceDefinition, cluster-scoped, with status and scale subresources (so
+/// `kubectl scale nodepool P --replicas N` works too) and the columns `kubectl get nodepools` prints.
+pub fn crd() -> Value {
+    let string = json!({"type": "string"});
+    json!({
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": CRD_NAME},
+        "spec": {
+            "group": GROUP,
+            "scope": "Cluster",
+            "names": {
+                "kind": KIND, "plural": PLURAL, "singular": "nodepool",
+                "listKind": "NodePoolList", "shortNames": ["np"],
+            },
+            "versions": [{
+                "name": VERSION,
+                "served": true,
+                "storage": true,
+                "subresources": {
+                    "status": {},
+                    "scale": {
+                        "specReplicasPath": ".spec.count",
+                        "statusReplicasPath": ".status.readyNodes",
+                    },
+                },
+                "additionalPrinterColumns": [
+                    {"name": "Count", "type": "integer", "jsonPath": ".spec.count"},
+                    {"name": "Ready", "type": "integer", "jsonPath": ".status.readyNodes"},
+                    {"name": "Runtime", "type": "string", "jsonPath": ".spec.workloadRuntime"},
+                    {"name": "State", "type": "string", "jsonPath": ".status.provisioningState"},
+                    {"name": "Taints", "type": "string", "jsonPath": ".spec.nodeTaints"},
+                    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+                ],
+                "schema": {"openAPIV3Schema": {
+                    "type": "object",
+                    "description": "A pool of wasinode nodes: Kubernetes nodes whose runtime is wasmtime.",
+                    "properties": {
+                        "spec": {
+                            "type": "object",
+                            "required": ["count", "workloadRuntime"],
+                            "properties": {
+                                "count": {"type": "integer", "minimum": 0, "maximum": 1000},
+                                "workloadRuntime": {"type": "string", "enum": [WASM_WASI]},
+                                "nodeLabels": {"type": "object", "additionalProperties": string},
+                                "nodeTaints": {"type": "array", "items": string},
+                            },
+                        },
+                        "status": {
+                            "type": "object",
+                            "properties": {
+                                "provisioningState": string,
+                                "readyNodes": {"type": "integer"},
+                                "provisioner": string,
+                                "message": string,
+                                "nodes": {"type": "array", "items": {
+                                    "type": "object",
+                                    "properties": {
+                                        "name": string, "address": string,
+                                        "ready": {"type": "boolean"},
+                                        "restarts": {"type": "integer"},
+                                    },
+                                }},
+                            },
+                        },
+                    },
+                }},
+            }],
+        },
+    })
+}
+
+/// Installs the CRD when it is missing and waits until the API serves it.
+pub async fn ensure_crd(client: &kube::Client) -> anyhow::Result<()> {
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let established = |c: &CustomResourceDefinition| {
+        c.status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|cs| {
+                cs.iter()
+                    .any(|c| c.type_ == "Established" && c.status == "True")
+            })
+    };
+    match crds.get_opt(CRD_NAME).await {
+        Ok(Some(c)) if established(&c) => return Ok(()),
+        Ok(Some(_)) => {}
+        Ok(None) => {
+            let crd: CustomResourceDefinition =
+                serde_json::from_value(crd()).context("the NodePool CRD")?;
+            match crds.create(&PostParams::default(), &crd).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(s)) if s.code == 409 => {}
+                Err(kube::Error::Api(s)) if s.code == 403 => anyhow::bail!(
+                    "no permission to install the NodePool CRD ({CRD_NAME}); ask a cluster admin to run `wasinode nodepool crd | kubectl apply -f -`"
+                ),
+                Err(e) => return Err(e).context("installing the NodePool CRD"),
+            }
+        }
+        Err(kube::Error::Api(s)) if s.code == 403 => anyhow::bail!(
+            "no permission to read CustomResourceDefinitions; use a kubeconfig of a cluster admin, or ask one to run `wasinode nodepool crd | kubectl apply -f -`"
+        ),
+        Err(e) => return Err(e).context("reading the NodePool CRD"),
+    }
+    for _ in 0..100 {
+        if let Ok(Some(c)) = crds.get_opt(CRD_NAME).await
+            && established(&c)
+        {
+            return Ok(());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    anyhow::bail!(
+        "the NodePool CRD ({CRD_NAME}) was created but the API server does not serve it yet; retry in a moment"
+    )
+}
+
+/// Whether `name` is a DNS-1123 label short enough that `<name>-000000` is one too.
+pub fn validate_name(name: &str) -> Result<(), String> {
+    let ok_chars = name
+        .chars()
+        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+    let ok_ends = name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && name.ends_with(|c: char| c.is_ascii_alphanumeric());
+    if name.is_empty() || name.len() > 40 || !ok_chars || !ok_ends {
+        return Err(format!(
+            "invalid node pool name {name:?}: use 1-40 lowercase letters, digits and '-', starting and ending with a letter or digit (a DNS label; nodes are named {name}-000000, ...)"
+        ));
+    }
+    Ok(())
+}
+
+/// `P-000000`, `P-000001`, ...: stable, unique names of a pool's nodes.
+pub fn node_name(pool: &str, index: u32) -> String {
+    format!("{pool}-{index:06}")
+}
+
+/// The index of a node of `pool` from its name.
+pub fn node_index(pool: &str, node: &str) -> Option<u32> {
+    let digits = node.strip_prefix(pool)?.strip_prefix('-')?;
+    (digits.len() == 6).then(|| digits.parse().ok()).flatten()
+}
+
+/// `key=value:Effect` (or `key:Effect`) checked as the kubelet's `--register-with-taints` does.
+pub fn validate_taint(t: &str) -> Result<(), String> {
+    let (kv, effect) = t
+        .rsplit_once(':')
+        .ok_or_else(|| format!("invalid taint {t:?}: expected key=value:Effect"))?;
+    if !["NoSchedule", "PreferNoSchedule", "NoExecute"].contains(&effect) {
+        return Err(format!(
+            "invalid taint {t:?}: the effect must be NoSchedule, PreferNoSchedule or NoExecute"
+        ));
+    }
+    let key = kv.split_once('=').map_or(kv, |(k, _)| k);
+    if key.is_empty() {
+        return Err(format!("invalid taint {t:?}: the key is empty"));
+    }
+    Ok(())
+}
+
+/// The seed's taints: `kubernetes.io/arch=wasm32-wagi` with NoSchedule and NoExecute.
+pub fn default_taints() -> Vec<String> {
+    ["NoSchedule", "NoExecute"]
+        .iter()
+        .map(|e| format!("kubernetes.io/arch={}:{e}", node::register::ARCH))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        assert!(validate_name("mywasipool").is_ok());
+        assert!(validate_name("a-1").is_ok());
+        for bad in ["", "My", "-a", "a-", "a_b", "a.b", &"x".repeat(41)] {
+            let e = validate_name(bad).err().unwrap_or_default();
+            assert!(e.contains("invalid node pool name"), "{bad}: {e}");
+        }
+        assert_eq!(node_name("p", 7), "p-000007");
+        assert_eq!(node_index("p", "p-000007"), Some(7));
+        assert_eq!(node_index("p", "px-000007"), None);
+        assert_eq!(node_index("p", "p-7"), None);
+    }
+
+    #[test]
+    fn taints() {
+        for t in default_taints() {
+            assert_eq!(validate_taint(&t), Ok(()));
+        }
+        assert!(validate_taint("k:NoSchedule").is_ok());
+        assert!(validate_taint("k=v").is_err());
+        assert!(validate_taint("k=v:Sometimes").is_err());
+        assert!(validate_taint("=v:NoSchedule").is_err());
+    }
+
+    #[test]
+    fn the_crd_parses_as_a_crd() {
+        let crd: Result<CustomResourceDefinition, _> = serde_json::from_value(crd());
+        assert!(crd.is_ok(), "{crd:?}");
+    }
+}
