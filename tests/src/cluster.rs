@@ -221,6 +221,137 @@ impl Cluster {
         wait_for(desc, timeout, check)
     }
 
+    /// `kubectl apply -f -` of one object.
+    pub fn apply(&self, obj: &serde_json::Value) -> Result<()> {
+        self.kubectl_stdin(&["apply", "-f", "-"], &obj.to_string())?;
+        Ok(())
+    }
+
+    /// The pod `default/<name>` as JSON.
+    pub fn pod(&self, name: &str) -> Result<serde_json::Value> {
+        self.kubectl_json(&["get", "pod", name, "-n", "default"])
+    }
+
+    /// `kubectl describe pod <name>` in `default`.
+    pub fn describe_pod(&self, name: &str) -> Result<String> {
+        self.kubectl(&["describe", "pod", name, "-n", "default"])
+    }
+
+    /// The Events about the pod `default/<name>` as `(type, reason, message)`, oldest first.
+    pub fn pod_events(&self, name: &str) -> Result<Vec<(String, String, String)>> {
+        let selector = format!("involvedObject.name={name}");
+        let list = self.kubectl_json(&[
+            "get",
+            "events",
+            "-n",
+            "default",
+            "--field-selector",
+            &selector,
+        ])?;
+        let mut items = list["items"].as_array().cloned().unwrap_or_default();
+        items.sort_by_key(|e| {
+            e["metadata"]["creationTimestamp"]
+                .as_str()
+                .map(String::from)
+        });
+        let field = |e: &serde_json::Value, k: &str| e[k].as_str().unwrap_or_default().to_string();
+        Ok(items
+            .iter()
+            .map(|e| (field(e, "type"), field(e, "reason"), field(e, "message")))
+            .collect())
+    }
+
+    /// Whether the pod `default/<name>` exists.
+    pub fn pod_exists(&self, name: &str) -> Result<bool> {
+        let names = self.kubectl(&["get", "pods", "-n", "default", "-o", "name"])?;
+        Ok(names.lines().any(|l| l == format!("pod/{name}")))
+    }
+
+    /// `kubectl delete pod <name> --wait=false`, then waits until the object is gone.
+    pub fn delete_pod(&self, name: &str, timeout: Duration) -> Result<()> {
+        self.kubectl(&["delete", "pod", name, "-n", "default", "--wait=false"])?;
+        self.wait_for(&format!("pod {name} to disappear"), timeout, || {
+            Ok(!self.pod_exists(name)?)
+        })
+    }
+
+    /// Stops one component (e.g. `kube-apiserver`) alone, as an outage would; its command line
+    /// is kept so that [`Cluster::start_component`] starts it again as it was.
+    pub fn stop_component(&self, name: &str) -> Result<()> {
+        let pids = self.dir.join("pids").join(name);
+        let record = std::fs::read_to_string(&pids)
+            .with_context(|| format!("{name} is not running ({})", pids.display()))?;
+        let pid: u32 = record
+            .split_whitespace()
+            .next()
+            .and_then(|p| p.parse().ok())
+            .with_context(|| format!("bad pid record {record:?}"))?;
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline"))
+            .with_context(|| format!("{name} (pid {pid}) is gone"))?;
+        std::fs::write(self.dir.join(format!("{name}.cmdline")), &cmdline)?;
+        // Its process group, as `tools/cluster down` does; SIGKILL when it drains its
+        // connections for longer than 5 s (kube-apiserver waits for its watches).
+        let group = format!("-{pid}");
+        let _ = Command::new("kill").args(["-TERM", "--", &group]).status();
+        if wait_for(&format!("{name} to exit"), Duration::from_secs(5), || {
+            Ok(!pid_alive(pid))
+        })
+        .is_err()
+        {
+            let _ = Command::new("kill").args(["-KILL", "--", &group]).status();
+            wait_for(&format!("{name} to exit"), Duration::from_secs(10), || {
+                Ok(!pid_alive(pid))
+            })?;
+        }
+        std::fs::remove_file(&pids)?;
+        Ok(())
+    }
+
+    /// Starts a component that [`Cluster::stop_component`] stopped, with the same command line
+    /// (so the same ports), in its own session, its output appended to its log; `down` stops it.
+    /// For `kube-apiserver`, waits until `/readyz` answers ok.
+    pub fn start_component(&self, name: &str) -> Result<()> {
+        let cmdline = std::fs::read(self.dir.join(format!("{name}.cmdline")))
+            .with_context(|| format!("{name} was not stopped by stop_component"))?;
+        let args: Vec<String> = cmdline
+            .split(|b| *b == 0)
+            .filter(|a| !a.is_empty())
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        let log = self.log(name);
+        // `sh` backgrounds it and exits at once, so the component is not our child (no zombie
+        // for `down` to wait on).
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg(r#"log=$1; shift; setsid "$@" </dev/null >>"$log" 2>&1 & echo $!"#)
+            .arg("sh")
+            .arg(&log)
+            .args(&args)
+            .stdin(Stdio::null())
+            .stderr(Stdio::inherit())
+            .output()?;
+        let pid: u32 = String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .with_context(|| format!("starting {name}: no pid from sh"))?;
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .with_context(|| format!("{name} (pid {pid}) exited at once; see {}", log.display()))?;
+        let start_time = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(19))
+            .unwrap_or("0");
+        std::fs::write(
+            self.dir.join("pids").join(name),
+            format!("{pid} {start_time}\n"),
+        )?;
+        if name == "kube-apiserver" {
+            self.wait_for("kube-apiserver /readyz", Duration::from_secs(120), || {
+                Ok(self.kubectl(&["get", "--raw", "/readyz"])?.trim() == "ok")
+            })?;
+        }
+        Ok(())
+    }
+
     /// Stops the control plane now (instead of on drop), reporting failure.
     pub fn down(mut self) -> Result<()> {
         self.stopped = true;
@@ -254,6 +385,17 @@ pub fn wait_for(
         }
         std::thread::sleep(Duration::from_millis(500));
     }
+}
+
+fn pid_alive(pid: u32) -> bool {
+    // A zombie (exited, not yet reaped) counts as gone.
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .and_then(|(_, r)| r.split_whitespace().next().map(|st| st != "Z"))
+        })
+        .unwrap_or(false)
 }
 
 fn run_down(dir: &Path) -> Result<()> {

@@ -2,6 +2,7 @@
 //! and starts the real parts the tests talk to (control plane, registry, nginx) on loopback.
 //! Everything here is test harness; nothing in the product depends on it.
 
+pub mod agent;
 pub mod cluster;
 pub mod guests;
 pub mod nginx;

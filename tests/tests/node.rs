@@ -24,62 +24,25 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
+use e2e::agent::{Agent, AgentOptions, wagi_pod};
 use e2e::cluster::Cluster;
 use e2e::guests::guest;
-use e2e::wasinode::{Wasinode, free_port, get, listening};
+use e2e::wasinode::{free_port, get, listening};
 use serde_json::{Value, json};
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 const NODE: &str = "wasi-node-1";
 
-fn wagi_pod(name: &str, addr: &str, modules: &str, image: &str, tolerate: bool) -> Value {
-    let mut pod = json!({
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {
-            "name": name,
-            "namespace": "default",
-            "annotations": {
-                "alpha.wagi.krustlet.dev/default-host": addr,
-                "alpha.wagi.krustlet.dev/modules": modules,
-            },
-        },
-        "spec": {
-            "nodeSelector": {"kubernetes.io/arch": "wasm32-wagi"},
-            "terminationGracePeriodSeconds": 5,
-            "containers": [{"name": "hello", "image": image}],
-        },
-    });
-    if tolerate {
-        pod["spec"]["tolerations"] = json!([
-            {"key": "kubernetes.io/arch", "operator": "Equal", "value": "wasm32-wagi", "effect": "NoSchedule"},
-            {"key": "kubernetes.io/arch", "operator": "Equal", "value": "wasm32-wagi", "effect": "NoExecute"},
-        ]);
-    }
-    pod
-}
-
 fn pod_json(cluster: &Cluster, name: &str) -> Result<Value> {
-    cluster.kubectl_json(&["get", "pod", name, "-n", "default"])
+    cluster.pod(name)
 }
 
 #[test]
 fn node_joins_and_runs_pods() -> Result<()> {
     let hello = guest("hello")?;
     let cluster = Cluster::up()?;
-    let bootstrap = cluster.bootstrap_kubeconfig();
-    let port = free_port().to_string();
-    let agent = Wasinode::start(&[
-        "node",
-        "--port",
-        &port,
-        "--bootstrap-kubeconfig",
-        bootstrap.to_str().context("kubeconfig path")?,
-        "--node-name",
-        NODE,
-        "--node-ip",
-        "127.0.0.1",
-    ])?;
+    let mut agent = Agent::start(&cluster, AgentOptions::new(NODE))?;
+    let port = agent.port.to_string();
     let image = format!("file://{}", hello.display());
 
     node_joins(&cluster).with_context(|| agent.output())?;
@@ -90,9 +53,8 @@ fn node_joins_and_runs_pods() -> Result<()> {
     broken_pod_is_failed(&cluster, &image).with_context(|| agent.output())?;
     references_are_resolved(&cluster, &agent).with_context(|| agent.output())?;
     missing_config_map_waits(&cluster).with_context(|| agent.output())?;
-    let mut agent = restart_readopts(&cluster, agent, &image)?;
-    agent.signal("TERM")?;
-    agent.wait_exit(Duration::from_secs(20))?;
+    restart_readopts(&cluster, &mut agent, &image).with_context(|| agent.output())?;
+    agent.terminate(Duration::from_secs(20))?;
     cluster.down()
 }
 
@@ -157,7 +119,7 @@ fn node_joins(cluster: &Cluster) -> Result<()> {
     Ok(())
 }
 
-fn acts_as_the_node(cluster: &Cluster, agent: &Wasinode) -> Result<()> {
+fn acts_as_the_node(cluster: &Cluster, agent: &Agent) -> Result<()> {
     let csrs = cluster.kubectl_json(&["get", "csr"])?;
     let csr = csrs["items"]
         .as_array()
@@ -176,7 +138,7 @@ fn acts_as_the_node(cluster: &Cluster, agent: &Wasinode) -> Result<()> {
             && csr["status"]["certificate"].is_string(),
         "CSR not approved and issued: {csr}"
     );
-    let kubeconfig = agent.data_dir.join("kubelet.kubeconfig");
+    let kubeconfig = agent.kubeconfig();
     let whoami = cluster.kubectl_with(&kubeconfig, &["auth", "whoami", "-o", "json"], None)?;
     let whoami: Value = serde_json::from_str(&whoami)?;
     ensure!(
@@ -364,15 +326,14 @@ fn broken_pod_is_failed(cluster: &Cluster, image: &str) -> Result<()> {
 }
 
 fn apply(cluster: &Cluster, obj: &Value) -> Result<()> {
-    cluster.kubectl_stdin(&["apply", "-f", "-"], &obj.to_string())?;
-    Ok(())
+    cluster.apply(obj)
 }
 
 fn image_of(name: &str) -> Result<String> {
     Ok(format!("file://{}", guest(name)?.display()))
 }
 
-fn references_are_resolved(cluster: &Cluster, agent: &Wasinode) -> Result<()> {
+fn references_are_resolved(cluster: &Cluster, agent: &Agent) -> Result<()> {
     apply(
         cluster,
         &json!({"apiVersion": "v1", "kind": "ConfigMap",
@@ -530,8 +491,9 @@ fn missing_config_map_waits(cluster: &Cluster) -> Result<()> {
     Ok(())
 }
 
-/// SIGKILL the agent while a pod runs; a new agent (same node identity) re-adopts the pod.
-fn restart_readopts(cluster: &Cluster, mut agent: Wasinode, image: &str) -> Result<Wasinode> {
+/// SIGKILL the agent while a pod runs; the agent started again (same node, same data dir)
+/// re-adopts the pod. (node_failures.rs checks startTime, restartCount, logs and listeners.)
+fn restart_readopts(cluster: &Cluster, agent: &mut Agent, image: &str) -> Result<()> {
     let addr = format!("127.0.0.1:{}", free_port());
     apply(
         cluster,
@@ -546,26 +508,10 @@ fn restart_readopts(cluster: &Cluster, mut agent: Wasinode, image: &str) -> Resu
     cluster.wait_for("survivor Running", TIMEOUT, || {
         Ok(pod_json(cluster, "survivor")?["status"]["phase"] == "Running")
     })?;
-    let kubeconfig = agent.data_dir.join("kubelet.kubeconfig");
-    let kept = tempfile::tempdir()?;
-    let kept_kubeconfig = kept.path().join("kubelet.kubeconfig");
-    std::fs::copy(&kubeconfig, &kept_kubeconfig)?;
-    agent.signal("KILL")?;
-    agent.wait_exit(Duration::from_secs(10))?;
+    agent.kill()?;
     ensure!(!listening(&addr), "{addr} still listens after SIGKILL");
     let restarted = Instant::now();
-    let port = free_port().to_string();
-    let mut agent = Wasinode::start(&[
-        "node",
-        "--port",
-        &port,
-        "--kubeconfig",
-        kept_kubeconfig.to_str().context("path")?,
-        "--node-name",
-        NODE,
-        "--node-ip",
-        "127.0.0.1",
-    ])?;
+    agent.restart()?;
     agent
         .wait_listening(&addr, TIMEOUT)
         .context("the re-adopted pod's listener")?;
@@ -577,14 +523,9 @@ fn restart_readopts(cluster: &Cluster, mut agent: Wasinode, image: &str) -> Resu
     ensure!(resp.body == "hello world\n", "{resp:?}");
     let p = pod_json(cluster, "survivor")?;
     ensure!(p["status"]["phase"] == "Running", "{}", p["status"]);
-    cluster.kubectl(&["delete", "pod", "survivor", "-n", "default", "--wait=false"])?;
-    cluster.wait_for("survivor to disappear", TIMEOUT, || {
-        Ok(!cluster
-            .kubectl(&["get", "pods", "-n", "default", "-o", "name"])?
-            .contains("pod/survivor"))
-    })?;
+    cluster.delete_pod("survivor", TIMEOUT)?;
     ensure!(!listening(&addr), "{addr} still listens after delete");
-    Ok(agent)
+    Ok(())
 }
 
 fn curl(args: &[&str]) -> Result<String> {

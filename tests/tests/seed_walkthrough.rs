@@ -13,11 +13,12 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
+use e2e::agent::{Agent, AgentOptions};
 use e2e::cluster::Cluster;
 use e2e::guests::guest;
 use e2e::nginx::Nginx;
 use e2e::registry::Registry;
-use e2e::wasinode::{Wasinode, free_port, get, listening};
+use e2e::wasinode::{free_port, get, listening};
 use serde_json::Value;
 
 const TIMEOUT: Duration = Duration::from_secs(90);
@@ -119,21 +120,7 @@ fn seed_walkthrough_on_the_local_control_plane() -> Result<()> {
     }
 
     // 2. the node joins the pool.
-    let bootstrap = cluster.bootstrap_kubeconfig();
-    let kubelet_port = free_port().to_string();
-    let mut agent = Wasinode::start(&[
-        "node",
-        "--port",
-        &kubelet_port,
-        "--bootstrap-kubeconfig",
-        bootstrap.to_str().context("kubeconfig path")?,
-        "--node-name",
-        NODE,
-        "--node-ip",
-        "127.0.0.1",
-        "--pool",
-        "mywasipool",
-    ])?;
+    let mut agent = Agent::start(&cluster, AgentOptions::new(NODE).pool("mywasipool"))?;
     node_ready(&cluster).with_context(|| agent.output())?;
 
     // 3. the seed's pod, Running 5/5.

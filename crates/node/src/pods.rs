@@ -1,9 +1,9 @@
 //! The pods bound to this node: a kube-runtime Controller over a `spec.nodeName=<node>` watch
 //! (never two reconciles of one pod at once, retries with backoff) drives the Supervisor.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
@@ -12,7 +12,7 @@ use kube::runtime::controller::{Action, Controller};
 use kube::runtime::reflector::Store;
 use kube::runtime::watcher;
 use workload::plan::pod_key;
-use workload::{EventType, PlanContext, PodKey, Supervisor};
+use workload::{ContainerState, EventType, PlanContext, PodKey, StartError, Supervisor};
 
 use crate::resolve::{ApiObjects, resolve};
 use crate::status::Statuses;
@@ -28,12 +28,48 @@ pub struct Context {
     pub sup: Supervisor,
     pub statuses: Statuses,
     pub plan: PlanContext,
-    /// Uids of the pods this agent has taken in hand (started or tried to).
-    pub handled: Mutex<HashSet<String>>,
+    /// The pods this agent has taken in hand, and those waiting to pull an image again.
+    pub handled: Mutex<Handled>,
 }
 
+/// Uids of the pods this agent has taken in hand (started or tried to), and the image pull
+/// back-off of the pods whose pull failed.
+#[derive(Default)]
+pub struct Handled {
+    uids: HashSet<String>,
+    pulls: HashMap<String, PullBackoff>,
+}
+
+impl Handled {
+    pub fn contains(&self, uid: &str) -> bool {
+        self.uids.contains(uid)
+    }
+    pub fn insert(&mut self, uid: String) {
+        self.uids.insert(uid);
+    }
+    pub fn remove(&mut self, uid: &str) {
+        self.uids.remove(uid);
+    }
+}
+
+/// A pod whose image pull failed: as the kubelet, it waits with `ErrImagePull`, then
+/// `ImagePullBackOff` until `retry_at`; the delay doubles from 10 s to 5 min.
+struct PullBackoff {
+    backoff: oci::Backoff,
+    failed_at: Instant,
+    retry_at: Instant,
+    container: String,
+    image: String,
+    error: String,
+    /// Whether the pod was shown in ImagePullBackOff since the last failure.
+    shown: bool,
+}
+
+/// How long `ErrImagePull` shows before `ImagePullBackOff`.
+const ERR_IMAGE_PULL_SHOWN: Duration = Duration::from_secs(2);
+
 impl Context {
-    fn handled(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+    fn handled(&self) -> std::sync::MutexGuard<'_, Handled> {
         self.handled.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
@@ -105,16 +141,137 @@ async fn reconcile(pod: Arc<Pod>, ctx: Arc<Context>) -> Result<Action, Error> {
             )
             .await;
     }
+    if let Some(wait) = pull_back_off(&key, &ctx) {
+        ctx.handled().remove(&key.uid);
+        return Ok(Action::requeue(wait));
+    }
     match ctx
         .sup
-        .start(&resolved.pod, &ctx.plan, resolved.creds.as_ref())
+        .try_start(&resolved.pod, &ctx.plan, resolved.creds.as_ref())
         .await
     {
-        Ok(s) => tracing::info!(pod = %key, listen = ?s.listen, "pod started"),
-        // The supervisor reported the failure (status + Event) already.
-        Err(e) => tracing::warn!(pod = %key, "pod failed to start: {e}"),
+        Ok(s) => {
+            ctx.handled().pulls.remove(&key.uid);
+            tracing::info!(pod = %key, listen = ?s.listen, "pod started");
+        }
+        Err(e) if e.is_image_pull() => {
+            tracing::warn!(pod = %key, "image pull failed: {e}");
+            pull_failed(&key, &pod, &e, &ctx);
+            ctx.handled().remove(&key.uid);
+            return Ok(Action::requeue(ERR_IMAGE_PULL_SHOWN));
+        }
+        Err(e) => {
+            ctx.handled().pulls.remove(&key.uid);
+            ctx.sup.report_failure(&key, &e);
+            tracing::warn!(pod = %key, "pod failed to start: {e}");
+        }
     }
     Ok(Action::await_change())
+}
+
+/// The container waits for `reason`; reported through the supervisor's channel so that it
+/// lands after what the supervisor reported of the same attempt.
+fn report_waiting(ctx: &Context, key: &PodKey, container: &str, reason: &str, message: String) {
+    ctx.sup.reporter().container(
+        key,
+        container,
+        ContainerState::Waiting {
+            reason: reason.into(),
+            message,
+        },
+        false,
+        0,
+        None,
+    );
+}
+
+/// A failed pull: `ErrImagePull` and the kubelet's Events; the next try waits for the back-off.
+fn pull_failed(key: &PodKey, pod: &Pod, e: &StartError, ctx: &Context) {
+    let container = e.container.clone().unwrap_or_default();
+    let image = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.containers.iter().find(|c| c.name == container))
+        .and_then(|c| c.image.clone())
+        .unwrap_or_default();
+    let now = Instant::now();
+    {
+        let mut handled = ctx.handled();
+        let entry = handled
+            .pulls
+            .entry(key.uid.clone())
+            .or_insert_with(|| PullBackoff {
+                backoff: oci::Backoff::kubelet(),
+                failed_at: now,
+                retry_at: now,
+                container: container.clone(),
+                image: image.clone(),
+                error: String::new(),
+                shown: false,
+            });
+        let delay = entry.backoff.next_delay();
+        entry.failed_at = now;
+        entry.retry_at = now + delay;
+        entry.container = container.clone();
+        entry.image = image.clone();
+        entry.error = e.message.clone();
+        entry.shown = false;
+    }
+    report_waiting(ctx, key, &container, "ErrImagePull", e.message.clone());
+    let r = ctx.sup.reporter();
+    r.event(
+        key,
+        EventType::Warning,
+        "Failed",
+        format!("Failed to pull image {image:?}: {}", e.message),
+    );
+    r.event(key, EventType::Warning, "Failed", "Error: ErrImagePull");
+}
+
+/// While the pod's pull back-off runs: shows `ImagePullBackOff` (once `ErrImagePull` has been
+/// shown a moment) and returns how long to wait; `None` when it is time to pull again.
+fn pull_back_off(key: &PodKey, ctx: &Context) -> Option<Duration> {
+    let now = Instant::now();
+    let (container, message, first) = {
+        let mut handled = ctx.handled();
+        let b = handled.pulls.get_mut(&key.uid)?;
+        if now >= b.retry_at {
+            return None;
+        }
+        let shown_err = b.failed_at + ERR_IMAGE_PULL_SHOWN;
+        if now < shown_err {
+            return Some(shown_err - now);
+        }
+        let first = !b.shown;
+        b.shown = true;
+        (
+            b.container.clone(),
+            format!(
+                "Back-off pulling image {:?}: ErrImagePull: {}",
+                b.image, b.error
+            ),
+            first.then(|| b.image.clone()),
+        )
+    };
+    let wait = ctx
+        .handled()
+        .pulls
+        .get(&key.uid)
+        .map_or(Duration::ZERO, |b| {
+            b.retry_at.saturating_duration_since(now)
+        });
+    if let Some(image) = first {
+        report_waiting(ctx, key, &container, "ImagePullBackOff", message);
+        let r = ctx.sup.reporter();
+        r.event(
+            key,
+            EventType::Normal,
+            "BackOff",
+            format!("Back-off pulling image {image:?}"),
+        );
+        r.event(key, EventType::Warning, "Failed", "Error: ImagePullBackOff");
+    }
+    Some(wait)
 }
 
 /// The pod without the projected `kube-api-access-*` volume the ServiceAccount admission plugin
@@ -186,7 +343,11 @@ async fn delete(pod: &Pod, key: &PodKey, ctx: &Context) -> Result<(), Error> {
         Err(e) => return Err(e.into()),
     }
     ctx.statuses.forget(key);
-    ctx.handled().remove(&key.uid);
+    {
+        let mut handled = ctx.handled();
+        handled.remove(&key.uid);
+        handled.pulls.remove(&key.uid);
+    }
     ctx.sup.logs().remove_pod(key).await;
     if !key.uid.is_empty() {
         let _ = tokio::fs::remove_dir_all(ctx.plan.volume_dir.join(&key.uid)).await;

@@ -35,9 +35,22 @@ pub struct PodRecord {
     start_time: SystemTime,
     /// Condition type -> (status, lastTransitionTime).
     conditions: HashMap<&'static str, (bool, SystemTime)>,
+    /// Restarts counted before this agent took the pod in hand (a restarted agent re-adopting
+    /// it), per container; the Supervisor counts from 0 again.
+    restarts_before: HashMap<String, u32>,
 }
 
+const CONDITIONS: [&str; 4] = [
+    "PodReadyToStartContainers",
+    "Initialized",
+    "ContainersReady",
+    "Ready",
+];
+
 impl PodRecord {
+    /// A record for `pod`. A pod that already has a status (this agent was restarted and
+    /// re-adopts it) keeps its `startTime`, its conditions' transition times and its containers'
+    /// restart counts.
     pub fn new(pod: &Pod, now: SystemTime) -> PodRecord {
         let containers = pod
             .spec
@@ -49,14 +62,41 @@ impl PodRecord {
                     .collect()
             })
             .unwrap_or_default();
+        let status = pod.status.as_ref();
+        let start_time = status
+            .and_then(|s| s.start_time.as_ref())
+            .map_or(now, |t| SystemTime::from(t.0));
+        let mut conditions = HashMap::new();
+        for c in status
+            .and_then(|s| s.conditions.as_ref())
+            .into_iter()
+            .flatten()
+        {
+            let (Some(type_), Some(at)) = (
+                CONDITIONS.iter().find(|t| **t == c.type_),
+                c.last_transition_time
+                    .as_ref()
+                    .map(|t| SystemTime::from(t.0)),
+            ) else {
+                continue;
+            };
+            conditions.insert(*type_, (c.status == "True", at));
+        }
+        let restarts_before = status
+            .and_then(|s| s.container_statuses.as_ref())
+            .into_iter()
+            .flatten()
+            .map(|c| (c.name.clone(), u32::try_from(c.restart_count).unwrap_or(0)))
+            .collect();
         PodRecord {
             containers,
             records: HashMap::new(),
             phase: Phase::Pending,
             reason: None,
             message: None,
-            start_time: now,
-            conditions: HashMap::new(),
+            start_time,
+            conditions,
+            restarts_before,
         }
     }
 
@@ -102,6 +142,20 @@ impl PodRecord {
                 self.phase = *phase;
                 self.reason = reason.clone();
                 self.message = message.clone();
+                // A pod that failed before its containers ran: they wait for the same reason
+                // (`kubectl get pods` shows a container's waiting reason over the pod's).
+                if *phase == Phase::Failed
+                    && let Some(reason) = reason
+                {
+                    for rec in self.records.values_mut() {
+                        if matches!(rec.state, ContainerState::Waiting { .. }) {
+                            rec.state = ContainerState::Waiting {
+                                reason: reason.clone(),
+                                message: message.clone().unwrap_or_default(),
+                            };
+                        }
+                    }
+                }
             }
             Report::Event { .. } => {}
         }
@@ -208,7 +262,8 @@ impl PodRecord {
                     "imageID": image_id,
                     "ready": rec.is_some_and(|r| r.ready),
                     "started": rec.is_some_and(|r| matches!(r.state, ContainerState::Running { .. })),
-                    "restartCount": rec.map_or(0, |r| r.restart_count),
+                    "restartCount": rec.map_or(0, |r| r.restart_count)
+                        + self.restarts_before.get(name).copied().unwrap_or(0),
                     "state": state,
                     "lastState": rec.and_then(|r| r.last_state.as_ref()).map_or(json!({}), state_json),
                 });
@@ -526,6 +581,75 @@ mod tests {
             s["status"]["containerStatuses"][0]["state"]["terminated"]["exitCode"],
             0
         );
+    }
+
+    #[test]
+    fn a_readopted_pod_keeps_its_start_time_and_restart_count() {
+        let pod: Pod = serde_json::from_value(json!({
+            "metadata": {"name": "p", "namespace": "default", "uid": "u1"},
+            "spec": {"containers": [{"name": "c", "image": "file:///x.wasm"}]},
+            "status": {
+                "startTime": "2026-01-02T03:04:05Z",
+                "conditions": [{"type": "Ready", "status": "True",
+                    "lastTransitionTime": "2026-01-02T03:04:06Z"}],
+                "containerStatuses": [{"name": "c", "image": "file:///x.wasm", "imageID": "",
+                    "ready": true, "restartCount": 2}],
+            },
+        }))
+        .unwrap();
+        let now = SystemTime::now();
+        let mut r = PodRecord::new(&pod, now);
+        r.apply(&Report::Container {
+            pod: key(),
+            container: "c".into(),
+            state: ContainerState::Running { started_at: now },
+            ready: true,
+            restart_count: 0,
+            image_id: Some("sha256:ab".into()),
+        });
+        r.apply(&Report::Pod {
+            pod: key(),
+            phase: Phase::Running,
+            reason: None,
+            message: None,
+        });
+        let s = r.status("u1", "10.0.0.1".parse().unwrap(), now);
+        assert_eq!(s["status"]["startTime"], "2026-01-02T03:04:05Z");
+        assert_eq!(s["status"]["containerStatuses"][0]["restartCount"], 2);
+        let ready = s["status"]["conditions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["type"] == "Ready")
+            .unwrap();
+        assert_eq!(ready["lastTransitionTime"], "2026-01-02T03:04:06Z");
+    }
+
+    #[test]
+    fn containers_of_a_failed_pod_wait_for_its_reason() {
+        let now = SystemTime::now();
+        let mut r = PodRecord::new(&pod(), now);
+        r.apply(&Report::Container {
+            pod: key(),
+            container: "c".into(),
+            state: ContainerState::Waiting {
+                reason: "ContainerCreating".into(),
+                message: String::new(),
+            },
+            ready: false,
+            restart_count: 0,
+            image_id: None,
+        });
+        r.apply(&Report::Pod {
+            pod: key(),
+            phase: Phase::Failed,
+            reason: Some("PortInUse".into()),
+            message: Some("cannot listen on 127.0.0.1:80".into()),
+        });
+        let s = r.status("u1", "10.0.0.1".parse().unwrap(), now);
+        let w = &s["status"]["containerStatuses"][0]["state"]["waiting"];
+        assert_eq!(w["reason"], "PortInUse");
+        assert_eq!(w["message"], "cannot listen on 127.0.0.1:80");
     }
 
     #[test]

@@ -51,6 +51,15 @@ pub struct StartError {
     pub container: Option<String>,
 }
 
+impl StartError {
+    /// A registry pull that failed (not found, unauthorized, unreachable, ...): the kubelet
+    /// retries these with back-off (`ErrImagePull`, then `ImagePullBackOff`) instead of failing
+    /// the pod.
+    pub fn is_image_pull(&self) -> bool {
+        self.reason == "ErrImagePull"
+    }
+}
+
 /// A pod that started.
 #[derive(Debug, Clone)]
 pub struct Started {
@@ -105,6 +114,12 @@ impl Supervisor {
         &self.runtime
     }
 
+    /// Where this supervisor's reports go (for a front that reports about its pods itself, in
+    /// order with the supervisor's own reports).
+    pub fn reporter(&self) -> &Reporter {
+        &self.reports
+    }
+
     /// Pods that are running now.
     pub fn running(&self) -> Vec<PodKey> {
         let pods = self.pods.lock().unwrap_or_else(|p| p.into_inner());
@@ -114,7 +129,9 @@ impl Supervisor {
             .collect()
     }
 
-    fn fail(&self, key: &PodKey, e: &StartError) {
+    /// Reports a pod that could not start as the standalone front shows it: the container (if
+    /// the error names one) waiting with the reason, a `Failed` Event, and the pod Failed.
+    pub fn report_failure(&self, key: &PodKey, e: &StartError) {
         if let Some(c) = &e.container {
             self.reports.container(
                 key,
@@ -145,9 +162,21 @@ impl Supervisor {
         let key = crate::plan::pod_key(pod);
         let result = self.start_inner(pod, ctx, creds).await;
         if let Err(e) = &result {
-            self.fail(&key, e);
+            self.report_failure(&key, e);
         }
         result
+    }
+
+    /// Like [`Supervisor::start`], but a failure is only returned, not reported: the caller
+    /// decides whether the pod fails ([`Supervisor::report_failure`]) or waits and is retried
+    /// (the node agent's image pull back-off).
+    pub async fn try_start(
+        &self,
+        pod: &Pod,
+        ctx: &PlanContext,
+        creds: Option<&Credentials>,
+    ) -> Result<Started, StartError> {
+        self.start_inner(pod, ctx, creds).await
     }
 
     async fn start_inner(
