@@ -149,53 +149,15 @@ fn push_demos(registry: &Registry) -> Result<()> {
     Ok(())
 }
 
-/// The seed's wasi-example.yaml with local images and default-host `0.0.0.0:<port>`.
-fn wasi_example(registry: &Registry, port: u16) -> String {
-    let containers: String = DEMOS
-        .iter()
-        .map(|(_, x)| {
-            format!(
-                "    - name: krustlet-wagi-demo-{x}\n      image: {}\n      imagePullPolicy: Always\n",
-                registry.image(&format!("krustlet-wagi-demo-{x}:v1.0.0"))
-            )
-        })
-        .collect();
-    format!(
-        r#"apiVersion: v1
-kind: Pod
-metadata:
-  name: krustlet-wagi-demo
-  labels:
-    app: krustlet-wagi-demo
-  annotations:
-    alpha.wagi.krustlet.dev/default-host: "0.0.0.0:{port}"
-    alpha.wagi.krustlet.dev/modules: |
-      {{
-        "krustlet-wagi-demo-http-example": {{"route": "/http-example", "allowed_hosts": ["https://api.brigade.sh"]}},
-        "krustlet-wagi-demo-hello": {{"route": "/hello/..."}},
-        "krustlet-wagi-demo-error": {{"route": "/error"}},
-        "krustlet-wagi-demo-log": {{"route": "/log"}},
-        "krustlet-wagi-demo-index": {{"route": "/"}}
-      }}
-spec:
-  hostNetwork: true
-  nodeSelector:
-    kubernetes.io/arch: wasm32-wagi
-  containers:
-{containers}  tolerations:
-    - key: "node.kubernetes.io/network-unavailable"
-      operator: "Exists"
-      effect: "NoSchedule"
-    - key: "kubernetes.io/arch"
-      operator: "Equal"
-      value: "wasm32-wagi"
-      effect: "NoExecute"
-    - key: "kubernetes.io/arch"
-      operator: "Equal"
-      value: "wasm32-wagi"
-      effect: "NoSchedule"
-"#
-    )
+/// examples/wasi-example.yaml (the seed's pod, images at 127.0.0.1:5000, default-host
+/// 0.0.0.0:3001) with this test's registry and port.
+fn wasi_example(registry: &Registry, port: u16) -> Result<String> {
+    let path = e2e::guests::repo_root().join("examples/wasi-example.yaml");
+    let text = std::fs::read_to_string(&path).with_context(|| path.display().to_string())?;
+    let prefix = registry.image("");
+    Ok(text
+        .replace("127.0.0.1:5000/", &prefix)
+        .replace("0.0.0.0:3001", &format!("0.0.0.0:{port}")))
 }
 
 fn pod_running(cluster: &Cluster, pod: &str, containers: usize) -> Result<Value> {
@@ -395,7 +357,7 @@ fn seed_walkthrough_through_a_node_pool() -> Result<()> {
     // The seed's pod, through nginx as the seed's values.yaml configures it.
     let port = free_port();
     let pod_addr = format!("127.101.0.1:{port}");
-    cluster.kubectl_stdin(&["apply", "-f", "-"], &wasi_example(&registry, port))?;
+    cluster.kubectl_stdin(&["apply", "-f", "-"], &wasi_example(&registry, port)?)?;
     let pod = pod_running(&cluster, "krustlet-wagi-demo", 5)?;
     ensure!(pod["spec"]["nodeName"] == node, "{}", pod["spec"]);
     let nginx_addr = format!("127.0.0.1:{}", free_port());
@@ -682,6 +644,15 @@ fn three_node_pool_spreads_pods_and_scales_down_gracefully() -> Result<()> {
         "nodepool show",
     )?)?;
     ensure!(show["count"] == 1 && show["readyNodes"] == 1, "{show:#}");
+
+    // Any Kubernetes tool can scale a pool: `kubectl scale` goes through the scale subresource.
+    cluster.kubectl(&["scale", "nodepool", "spread", "--replicas", "2"])?;
+    cluster.wait_for("spread-000001 back and Ready", TIMEOUT, || {
+        let wide = cluster.kubectl(&["get", "nodes"])?;
+        Ok(wide.lines().any(|l| {
+            l.starts_with("spread-000001 ") && l.split_whitespace().nth(1) == Some("Ready")
+        }))
+    })?;
 
     let out = nodepool(&cluster, st, &["delete", "spread"])?;
     ok(&out, "nodepool delete")?;
