@@ -4,9 +4,14 @@
 //! - `--drain-on-shutdown`: on SIGTERM the node cordons itself (SchedulingDisabled) and evicts
 //!   the pod of a Deployment through the Eviction API (the ReplicaSet replaces it by a new pod,
 //!   which stays Pending), then exits 0;
+//! - with a PodDisruptionBudget that allows no disruption, the drain retries the refused
+//!   eviction until `--drain-timeout`, then the agent says which pod and budget block it, stops
+//!   anyway and exits 1;
 //! - `--node-labels` / `--register-with-taints` show in `kubectl get node -o json`, an empty
 //!   `--register-with-taints` registers none, a restarted agent merges its labels into the
-//!   existing Node, and bad syntax is refused naming the bad item;
+//!   existing Node (not a second one) and, since NodeRestriction forbids a node to change its
+//!   own taints, keeps the Node's taints and says how an admin changes them; bad syntax and
+//!   labels a node may not set are refused naming the bad item;
 //! - certificate renewal (forced early by the hidden `--cert-renew-after`): the node requests a
 //!   second client certificate as `system:node:<name>`, gets it, keeps heartbeating with it and
 //!   `kubectl logs` still works; its serving certificate is renewed the same way.
@@ -109,21 +114,8 @@ fn pods_of(cluster: &Cluster, app: &str) -> Result<Vec<(String, String, String, 
         .collect())
 }
 
-#[test]
-fn drain_on_shutdown_evicts_pods_and_cordons() -> Result<()> {
-    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    const NODE: &str = "drain-node";
-    let hello = guest("hello")?;
-    let cluster = Cluster::up()?;
-    let mut agent = start_agent(
-        &cluster,
-        NODE,
-        &["--drain-on-shutdown", "--drain-timeout", "90s"],
-    )?;
-    wait_ready(&cluster, NODE).with_context(|| agent.output())?;
-
-    let addr = format!("127.0.0.1:{}", free_port());
-    let deployment = json!({
+fn hello_deployment(addr: &str, hello: &std::path::Path) -> Value {
+    json!({
         "apiVersion": "apps/v1",
         "kind": "Deployment",
         "metadata": {"name": "web", "namespace": "default"},
@@ -146,17 +138,38 @@ fn drain_on_shutdown_evicts_pods_and_cordons() -> Result<()> {
                 },
             },
         },
-    });
-    cluster.apply(&deployment)?;
+    })
+}
+
+/// Waits for the Deployment's pod to run on `node`; returns its (name, uid).
+fn running_pod(cluster: &Cluster, node: &str) -> Result<(String, String)> {
     let mut first = None;
-    cluster
-        .wait_for("the Deployment's pod Running on the node", TIMEOUT, || {
-            let pods = pods_of(&cluster, "web")?;
-            first = pods.into_iter().find(|p| p.2 == "Running" && p.3 == NODE);
-            Ok(first.is_some())
-        })
-        .with_context(|| agent.output())?;
+    cluster.wait_for("the Deployment's pod Running on the node", TIMEOUT, || {
+        first = pods_of(cluster, "web")?
+            .into_iter()
+            .find(|p| p.2 == "Running" && p.3 == node);
+        Ok(first.is_some())
+    })?;
     let (name, uid, ..) = first.context("no pod")?;
+    Ok((name, uid))
+}
+
+#[test]
+fn drain_on_shutdown_evicts_pods_and_cordons() -> Result<()> {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    const NODE: &str = "drain-node";
+    let hello = guest("hello")?;
+    let cluster = Cluster::up()?;
+    let mut agent = start_agent(
+        &cluster,
+        NODE,
+        &["--drain-on-shutdown", "--drain-timeout", "90s"],
+    )?;
+    wait_ready(&cluster, NODE).with_context(|| agent.output())?;
+
+    let addr = format!("127.0.0.1:{}", free_port());
+    cluster.apply(&hello_deployment(&addr, &hello))?;
+    let (name, uid) = running_pod(&cluster, NODE).with_context(|| agent.output())?;
     let body = get(&addr, "/hello")?;
     ensure!(
         body.body.contains("hello world"),
@@ -200,6 +213,55 @@ fn drain_on_shutdown_evicts_pods_and_cordons() -> Result<()> {
 }
 
 #[test]
+fn drain_blocked_by_a_disruption_budget_says_why() -> Result<()> {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    const NODE: &str = "budget-node";
+    let hello = guest("hello")?;
+    let cluster = Cluster::up()?;
+    let mut agent = start_agent(
+        &cluster,
+        NODE,
+        &["--drain-on-shutdown", "--drain-timeout", "6s"],
+    )?;
+    wait_ready(&cluster, NODE).with_context(|| agent.output())?;
+    let addr = format!("127.0.0.1:{}", free_port());
+    cluster.apply(&hello_deployment(&addr, &hello))?;
+    cluster.apply(&json!({
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": {"name": "web-budget", "namespace": "default"},
+        "spec": {"minAvailable": 1, "selector": {"matchLabels": {"app": "web"}}},
+    }))?;
+    let (name, uid) = running_pod(&cluster, NODE).with_context(|| agent.output())?;
+    cluster.wait_for("the budget to count the pod", TIMEOUT, || {
+        let pdb = cluster.kubectl_json(&["get", "pdb", "web-budget", "-n", "default"])?;
+        Ok(pdb["status"]["currentHealthy"] == 1)
+    })?;
+
+    agent.signal("TERM")?;
+    let status = agent.wait_exit(Duration::from_secs(60))?;
+    let out = agent.output();
+    ensure!(
+        status.code() == Some(1),
+        "the agent exited with {status}:\n{out}"
+    );
+    for want in [
+        format!("default/{name}: eviction refused"),
+        "disruption budget web-budget".to_string(),
+        format!("cannot evict pod default/{name}"),
+        "kubectl get pdb -n default".to_string(),
+    ] {
+        ensure!(out.contains(&want), "no {want:?} in the output:\n{out}");
+    }
+    // Not evicted: the same pod object is still there (the node stopped running it).
+    ensure!(
+        pods_of(&cluster, "web")?.iter().any(|p| p.1 == uid),
+        "the pod was evicted despite its budget"
+    );
+    cluster.down()
+}
+
+#[test]
 fn labels_and_taints_are_configurable() -> Result<()> {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     // Bad syntax: clap refuses it and names the bad item (no cluster needed).
@@ -211,6 +273,11 @@ fn labels_and_taints_are_configurable() -> Result<()> {
             "c=d:Sometimes",
         ),
         ("--node-labels", "bad key=x", "bad key"),
+        (
+            "--node-labels",
+            "node-role.kubernetes.io/worker=",
+            "node-role.kubernetes.io/worker",
+        ),
     ] {
         let out = Command::new(e2e::wasinode::binary())
             .args([
@@ -285,14 +352,16 @@ fn labels_and_taints_are_configurable() -> Result<()> {
     agent.signal("TERM")?;
     agent.wait_exit(Duration::from_secs(30))?;
     let uid = node["metadata"]["uid"].clone();
-    let agent = start_agent(
+    // ... with other taints too, which NodeRestriction does not let a node change on an
+    // existing Node: they stay, and the agent says how to change them.
+    let mut agent = start_agent(
         &cluster,
         NODE,
         &[
             "--node-labels",
             "tier=core",
             "--register-with-taints",
-            "dedicated=wasm:NoSchedule,kubernetes.io/arch=wasm32-wagi:NoExecute",
+            "other=x:NoExecute",
         ],
     )?;
     cluster
@@ -308,6 +377,12 @@ fn labels_and_taints_are_configurable() -> Result<()> {
         "a label of the first run was dropped: {}",
         node["metadata"]["labels"]
     );
+    let mut kept = registered_taints(&node);
+    kept.sort();
+    ensure!(kept == taints, "taints changed from {taints:?} to {kept:?}");
+    agent
+        .wait_output("not allowed to modify taints", TIMEOUT)
+        .and_then(|_| agent.wait_output(&format!("kubectl taint nodes {NODE}"), TIMEOUT))?;
     let names = cluster.kubectl(&["get", "nodes", "-o", "name"])?;
     ensure!(
         names.matches(&format!("node/{NODE}\n")).count() == 1,

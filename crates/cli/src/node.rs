@@ -159,7 +159,7 @@ pub async fn node(args: NodeArgs) -> anyhow::Result<i32> {
         timeout: args.drain_timeout,
         ..Default::default()
     });
-    let drain_client = client.clone();
+    let drain_kubeconfig = kubeconfig.clone();
     let node_name = args.node_name.clone();
     let grace = args.engine.shutdown_grace;
     let drain_failed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -170,8 +170,18 @@ pub async fn node(args: NodeArgs) -> anyhow::Result<i32> {
             eprintln!("wasinode: draining node {node_name} (a second signal stops at once)");
             // The node keeps running and deleting its pods while the drain waits for them.
             let progress = |line: &str| eprintln!("wasinode: drain: {line}");
+            let drain = async {
+                // Built now: the node's current certificate (it may have been renewed), and no
+                // retries of refused evictions hidden in the client.
+                let client = node::client_without_retries(&drain_kubeconfig)
+                    .await
+                    .map_err(|e| format!("{e:#}"))?;
+                node::drain::drain(&client, &node_name, &opts, &progress)
+                    .await
+                    .map_err(|e| e.to_string())
+            };
             tokio::select! {
-                result = node::drain::drain(&drain_client, &node_name, &opts, &progress) => {
+                result = drain => {
                     if let Err(e) = result {
                         eprintln!("wasinode: drain failed: {e}");
                         failed.store(true, std::sync::atomic::Ordering::SeqCst);

@@ -544,6 +544,33 @@ mod tests {
     }
 
     #[test]
+    fn an_expired_client_certificate_is_noticed() {
+        let dir = std::env::temp_dir().join(format!("wasinode-bootstrap-{}", std::process::id()));
+        let cluster = json!({"server": "https://127.0.0.1:6443"});
+        for (year, expired) in [(2001, true), (2999, false)] {
+            let key = rcgen::KeyPair::generate().unwrap();
+            let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+            params.not_before = rcgen::date_time_ymd(2000, 1, 1);
+            params.not_after = rcgen::date_time_ymd(year, 1, 1);
+            let cert = params.self_signed(&key).unwrap();
+            let path = dir.join(format!("{year}.kubeconfig"));
+            write_kubeconfig(
+                &path,
+                &cluster,
+                "n1",
+                cert.pem().as_bytes(),
+                &key.serialize_pem(),
+            )
+            .unwrap();
+            assert_eq!(client_cert_expired(&path), expired, "{year}");
+            let pem = kubeconfig_client_cert(&path).unwrap().unwrap();
+            assert_eq!(pem, cert.pem().as_bytes());
+        }
+        assert!(!client_cert_expired(&dir.join("missing.kubeconfig")));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn csr_names_the_node() {
         let (csr, key) = client_csr("n1").unwrap();
         assert!(csr.starts_with("-----BEGIN CERTIFICATE REQUEST-----"));

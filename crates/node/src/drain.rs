@@ -4,6 +4,12 @@
 //! Used by `wasinode node --drain-on-shutdown` (acting as the node itself: the Node authorizer
 //! lets `system:node:N` patch its own Node and create `pods/eviction` for the pods bound to it)
 //! and by the node-pool code (acting as an admin).
+//!
+//! kube's default client retries a 429 itself (up to 15 times, honouring `Retry-After`, which is
+//! 10 s for an eviction a PodDisruptionBudget refuses), so a refused eviction would look like a
+//! hung request. Give [`drain`] a client without that layer ([`crate::client_without_retries`])
+//! to see each refusal at once; with any other client an eviction attempt that takes longer
+//! than [`ATTEMPT`] is cancelled and counted as refused.
 
 use std::collections::HashSet;
 use std::time::Duration;
@@ -12,6 +18,10 @@ use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, EvictParams, ListParams, Patch, PatchParams};
 use serde_json::json;
 use tokio::time::Instant;
+
+/// Longest time one eviction request may take before it is counted as refused (see the module
+/// documentation).
+pub const ATTEMPT: Duration = Duration::from_secs(15);
 
 /// The annotation the kubelet puts on mirror pods (static pods' API shadows).
 const MIRROR_ANNOTATION: &str = "kubernetes.io/config.mirror";
@@ -130,6 +140,19 @@ pub fn skip_reason(pod: &Pod) -> Option<&'static str> {
     None
 }
 
+/// The message of a refused eviction with its causes ("The disruption budget web needs 1
+/// healthy pods and has 1 currently").
+fn refusal_message(s: &kube::core::Status) -> String {
+    let mut out = s.message.trim_end_matches('.').to_string();
+    for cause in s.details.iter().flat_map(|d| &d.causes) {
+        if !cause.message.is_empty() {
+            out.push_str(": ");
+            out.push_str(&cause.message);
+        }
+    }
+    out
+}
+
 /// `namespace/name` of a pod.
 fn key(pod: &Pod) -> String {
     format!(
@@ -186,37 +209,46 @@ pub async fn drain(
         progress(&format!("evicting {pod_key}"));
         let api: Api<Pod> = Api::namespaced(client.clone(), &namespace);
         loop {
-            match api.evict(&name, &EvictParams::default()).await {
-                Ok(_) => {
+            let attempt = ATTEMPT.min(deadline.saturating_duration_since(Instant::now()));
+            let refusal = match tokio::time::timeout(
+                attempt.max(Duration::from_millis(100)),
+                api.evict(&name, &EvictParams::default()),
+            )
+            .await
+            {
+                Ok(Ok(_)) => {
                     evicted.push((uid, pod_key));
                     break;
                 }
-                Err(kube::Error::Api(s)) if s.code == 404 => {
+                Ok(Err(kube::Error::Api(s))) if s.code == 404 => {
                     progress(&format!("{pod_key} is already gone"));
                     break;
                 }
-                Err(kube::Error::Api(s)) if s.code == 429 => {
-                    if Instant::now() + opts.poll > deadline {
-                        return Err(DrainError::Blocked {
-                            pod: pod_key,
-                            namespace,
-                            waited: start.elapsed(),
-                            message: s.message.clone(),
-                        });
-                    }
-                    progress(&format!(
-                        "{pod_key}: eviction refused ({}); retrying in {:?}",
-                        s.message, opts.poll
-                    ));
-                    tokio::time::sleep(opts.poll).await;
-                }
-                Err(source) => {
+                Ok(Err(kube::Error::Api(s))) if s.code == 429 => refusal_message(&s),
+                Ok(Err(source)) => {
                     return Err(DrainError::Evict {
                         pod: pod_key,
                         source,
                     });
                 }
+                Err(_) => format!(
+                    "not accepted within {attempt:?}; the client retries refusals itself, most \
+                     likely a PodDisruptionBudget forbids it"
+                ),
+            };
+            if Instant::now() + opts.poll >= deadline {
+                return Err(DrainError::Blocked {
+                    pod: pod_key,
+                    namespace,
+                    waited: start.elapsed(),
+                    message: refusal,
+                });
             }
+            progress(&format!(
+                "{pod_key}: eviction refused ({refusal}); retrying in {:?}",
+                opts.poll
+            ));
+            tokio::time::sleep(opts.poll).await;
         }
     }
     let count = evicted.len();
@@ -302,6 +334,22 @@ mod tests {
         let p = pod(json!({"metadata": {"name": "x", "ownerReferences": [{
             "apiVersion": "apps/v1", "kind": "DaemonSet", "name": "agent", "uid": "u"}]}}));
         assert_eq!(skip_reason(&p), None);
+    }
+
+    #[test]
+    fn refusal_names_the_budget() {
+        let s: kube::core::Status = serde_json::from_value(json!({
+            "code": 429, "reason": "TooManyRequests",
+            "message": "Cannot evict pod as it would violate the pod's disruption budget.",
+            "details": {"causes": [{"reason": "DisruptionBudget",
+                "message": "The disruption budget web needs 1 healthy pods and has 1 currently"}]}
+        }))
+        .expect("status");
+        assert_eq!(
+            refusal_message(&s),
+            "Cannot evict pod as it would violate the pod's disruption budget: The disruption \
+             budget web needs 1 healthy pods and has 1 currently"
+        );
     }
 
     #[test]

@@ -89,6 +89,20 @@ pub async fn connect(path: &Path) -> anyhow::Result<(kube::Client, Vec<Vec<u8>>)
     Ok((client, ca))
 }
 
+/// A client acting with the identity of `kubeconfig` that does not retry 429, 503 and 504
+/// answers itself (kube's default does, up to 15 times): for [`drain::drain`], which must see
+/// an eviction refused by a PodDisruptionBudget at once.
+pub async fn client_without_retries(path: &Path) -> anyhow::Result<kube::Client> {
+    let kc = kube::config::Kubeconfig::read_from(path)
+        .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+    let mut config =
+        kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+            .await
+            .with_context(|| format!("loading kubeconfig {}", path.display()))?;
+    config.default_retry = false;
+    kube::Client::try_from(config).context("creating the Kubernetes client")
+}
+
 /// As [`connect`], with a client whose identity the returned slot can replace (certificate
 /// renewal: see [`bootstrap::Renewal`]).
 pub async fn connect_renewable(

@@ -130,6 +130,37 @@ pub fn check_value(key: &str, value: &str) -> Result<(), String> {
     }
 }
 
+/// Labels in the `kubernetes.io` and `k8s.io` namespaces that NodeRestriction lets a node set
+/// on itself (as the kubelet's `--node-labels` allows them).
+const NODE_SETTABLE: &[&str] = &[
+    "kubernetes.io/hostname",
+    "kubernetes.io/arch",
+    "kubernetes.io/os",
+    "beta.kubernetes.io/arch",
+    "beta.kubernetes.io/os",
+    "beta.kubernetes.io/instance-type",
+    "node.kubernetes.io/instance-type",
+    "failure-domain.beta.kubernetes.io/region",
+    "failure-domain.beta.kubernetes.io/zone",
+    "topology.kubernetes.io/region",
+    "topology.kubernetes.io/zone",
+];
+
+/// Whether NodeRestriction lets a node set label `key` on its own Node.
+pub fn node_may_set(key: &str) -> bool {
+    let Some((prefix, _)) = key.rsplit_once('/') else {
+        return true;
+    };
+    let reserved = |ns: &str| prefix == ns || prefix.ends_with(&format!(".{ns}"));
+    if !reserved("kubernetes.io") && !reserved("k8s.io") {
+        return true;
+    }
+    NODE_SETTABLE.contains(&key)
+        || ["kubelet.kubernetes.io", "node.kubernetes.io"]
+            .iter()
+            .any(|ns| reserved(ns))
+}
+
 /// Parses `--node-labels`: `key=value,key2=value2` (empty: none).
 pub fn parse_labels(text: &str) -> Result<Vec<(String, String)>, String> {
     let mut out = Vec::new();
@@ -138,6 +169,13 @@ pub fn parse_labels(text: &str) -> Result<Vec<(String, String)>, String> {
             .split_once('=')
             .ok_or_else(|| format!("{item:?}: expected key=value"))?;
         check_key(k)?;
+        if !node_may_set(k) {
+            return Err(format!(
+                "{k:?}: NodeRestriction does not let a node set labels in the kubernetes.io and \
+                 k8s.io namespaces other than kubelet.kubernetes.io/, node.kubernetes.io/ and \
+                 the well-known ones; an admin can set it with `kubectl label node`"
+            ));
+        }
         check_value(k, v)?;
         out.push((k.to_string(), v.to_string()));
     }
@@ -296,7 +334,7 @@ pub fn node_status(
             .saturating_sub(crate::host::MEMORY_AVAILABLE_MIN_KIB)
     ));
     if let Some(d) = pressure.disk {
-        capacity["ephemeral-storage"] = json!(d.total_bytes.to_string());
+        capacity["ephemeral-storage"] = json!(format!("{}Ki", d.total_bytes / 1024));
         allocatable["ephemeral-storage"] = json!(
             (d.total_bytes - d.total_bytes / 100 * crate::host::DISK_AVAILABLE_MIN_PERCENT)
                 .to_string()
@@ -374,13 +412,17 @@ pub async fn register(client: &kube::Client, cfg: &Config) -> kube::Result<Strin
                         Err(e) => {
                             // NodeRestriction forbids a node to change its own taints once
                             // the Node exists: only an admin can.
+                            let why = match &e {
+                                kube::Error::Api(s) => s.message.clone(),
+                                other => other.to_string(),
+                            };
                             let list: Vec<String> =
                                 cfg.taints.iter().map(ToString::to_string).collect();
                             tracing::warn!(
-                                "node {} exists with other taints and they cannot be changed \
-                                 with this identity ({e}); an admin can set them with `kubectl \
-                                 taint nodes {} ...` or delete the Node so that it is registered \
-                                 again with [{}]",
+                                "node {} already exists with other taints, which this identity \
+                                 cannot change ({why}); keeping them. An admin can set them \
+                                 with `kubectl taint nodes {} ...`, or delete the Node so that \
+                                 it is registered again with [{}]",
                                 cfg.node_name,
                                 cfg.node_name,
                                 list.join(", ")
@@ -577,6 +619,11 @@ mod tests {
         let e = parse_labels("k=not ok").unwrap_err();
         assert!(e.contains("not ok"), "{e}");
         assert!(parse_labels("Upper.Case/x=y").is_err());
+        let e = parse_labels("node-role.kubernetes.io/worker=").unwrap_err();
+        assert!(e.contains("NodeRestriction"), "{e}");
+        assert!(parse_labels("node.kubernetes.io/pool=a,kubelet.kubernetes.io/x=y").is_ok());
+        assert!(parse_labels("topology.kubernetes.io/zone=z1,example.com/k8s.io=x").is_ok());
+        assert!(parse_labels("k8s.io/x=y").is_err());
     }
 
     #[test]
