@@ -510,12 +510,35 @@ fn certificates_are_renewed() -> Result<()> {
                 .contains("query=after-renewal"))
         })
         .with_context(|| agent.output())?;
-    let renewals = csrs(&cluster, CLIENT)?
-        .iter()
-        .filter(|c| c.1 == user && c.2)
-        .count();
+    // The pod keeps serving across a further renewal, and its logs stay reachable.
+    let renewed_certs = |cluster: &Cluster| -> Result<usize> {
+        Ok(csrs(cluster, CLIENT)?
+            .iter()
+            .filter(|c| c.1 == user && c.2)
+            .count())
+    };
+    let before = renewed_certs(&cluster)?;
+    cluster
+        .wait_for("one more client certificate renewal", TIMEOUT, || {
+            Ok(renewed_certs(&cluster)? > before)
+        })
+        .with_context(|| agent.output())?;
+    let answer = get(&addr, "/log?later")?;
+    ensure!(
+        answer.body.contains("logged 3 lines"),
+        "GET /log: {:?}",
+        answer.body
+    );
+    cluster
+        .wait_for("kubectl logs after one more renewal", TIMEOUT, || {
+            Ok(cluster
+                .kubectl(&["logs", "logger", "-n", "default"])?
+                .contains("query=later"))
+        })
+        .with_context(|| agent.output())?;
     eprintln!(
-        "client certificates renewed: {renewals}; serving CSRs approved: {}",
+        "client certificates renewed: {}; serving CSRs approved: {}",
+        renewed_certs(&cluster)?,
         approved.len()
     );
     drop(agent);

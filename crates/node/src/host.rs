@@ -40,6 +40,14 @@ pub fn parse_mem_available(text: &str) -> Option<u64> {
         .and_then(|n| n.parse().ok())
 }
 
+/// The number of tasks from the text of /proc/loadavg (`0.10 0.20 0.30 2/345 6789` -> 345).
+pub fn parse_loadavg_tasks(text: &str) -> Option<u64> {
+    text.split_whitespace()
+        .nth(3)
+        .and_then(|f| f.split_once('/'))
+        .and_then(|(_, total)| total.parse().ok())
+}
+
 /// Size and free space of a filesystem.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DiskStats {
@@ -58,7 +66,7 @@ pub struct Pressure {
     pub memory_available_kib: Option<u64>,
     /// The filesystem of the data dir (modules, logs, volumes): the kubelet's nodefs.
     pub disk: Option<DiskStats>,
-    /// Processes running now, and `/proc/sys/kernel/pid_max`.
+    /// Tasks (processes and threads) now, and `/proc/sys/kernel/pid_max`.
     pub pids: Option<(u64, u64)>,
 }
 
@@ -86,15 +94,22 @@ impl Pressure {
     pub fn measure(data_dir: &Path) -> Pressure {
         let meminfo = std::fs::read_to_string("/proc/meminfo").ok();
         let pid_max = read_trimmed("/proc/sys/kernel/pid_max").and_then(|s| s.parse().ok());
-        let running = std::fs::read_dir("/proc").ok().map(|d| {
-            d.filter_map(Result::ok)
-                .filter(|e| {
-                    e.file_name()
-                        .to_str()
-                        .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
+        // Tasks (threads) in the system, the 4th field's denominator of /proc/loadavg (what
+        // the kubelet reads through sysinfo): each takes one of pid_max's ids.
+        let running = std::fs::read_to_string("/proc/loadavg")
+            .ok()
+            .and_then(|t| parse_loadavg_tasks(&t))
+            .or_else(|| {
+                std::fs::read_dir("/proc").ok().map(|d| {
+                    d.filter_map(Result::ok)
+                        .filter(|e| {
+                            e.file_name()
+                                .to_str()
+                                .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
+                        })
+                        .count() as u64
                 })
-                .count() as u64
-        });
+            });
         Pressure {
             memory_total_kib: meminfo.as_deref().and_then(parse_meminfo),
             memory_available_kib: meminfo.as_deref().and_then(parse_mem_available),
@@ -355,6 +370,11 @@ mod tests {
         assert!(p.memory_available_kib.is_some());
         assert!(p.disk.is_some_and(|d| d.total_bytes > 0));
         assert!(p.pids.is_some_and(|(n, max)| n > 0 && max > n));
+        assert_eq!(
+            parse_loadavg_tasks("0.10 0.20 0.30 2/345 6789\n"),
+            Some(345)
+        );
+        assert_eq!(parse_loadavg_tasks("0.10 0.20"), None);
         assert_eq!(
             parse_mem_available("MemTotal: 10 kB\nMemAvailable:   1234 kB\n"),
             Some(1234)
