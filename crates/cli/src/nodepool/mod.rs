@@ -208,17 +208,9 @@ impl Common {
 
 /// A client acting as `kubeconfig`'s current context, without kube's built-in retry of 429/503
 /// answers: an eviction a PodDisruptionBudget refuses (429) must come back to the drain, which
-/// retries it on its own schedule and reports it, instead of waiting inside the client for
-/// up to 15 exponential backoffs.
+/// retries it on its own schedule and reports it.
 pub(crate) async fn client(kubeconfig: &Path) -> anyhow::Result<kube::Client> {
-    let kc = kube::config::Kubeconfig::read_from(kubeconfig)
-        .with_context(|| format!("reading kubeconfig {}", kubeconfig.display()))?;
-    let mut config =
-        kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
-            .await
-            .with_context(|| format!("loading kubeconfig {}", kubeconfig.display()))?;
-    config.default_retry = false;
-    kube::Client::try_from(config).context("creating the Kubernetes client")
+    node::client_without_retries(kubeconfig).await
 }
 
 pub(crate) fn hostname() -> String {
