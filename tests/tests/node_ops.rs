@@ -12,6 +12,9 @@
 //!   existing Node (not a second one) and, since NodeRestriction forbids a node to change its
 //!   own taints, keeps the Node's taints and says how an admin changes them; bad syntax and
 //!   labels a node may not set are refused naming the bad item;
+//! - the node status: MemoryPressure, DiskPressure and PIDPressure with the kubelet's reasons,
+//!   `ephemeral-storage` in capacity and allocatable, and a Ready condition that the node
+//!   lifecycle controller set to Unknown (as after an outage) is corrected by the agent;
 //! - certificate renewal (forced early by the hidden `--cert-renew-after`): the node requests a
 //!   second client certificate as `system:node:<name>`, gets it, keeps heartbeating with it and
 //!   `kubectl logs` still works; its serving certificate is renewed the same way.
@@ -390,6 +393,64 @@ fn labels_and_taints_are_configurable() -> Result<()> {
     );
     drop(agent);
     drop(bare);
+    cluster.down()
+}
+
+#[test]
+fn node_status_tells_the_truth() -> Result<()> {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    const NODE: &str = "status-node";
+    let cluster = Cluster::up()?;
+    let agent = start_agent(&cluster, NODE, &[])?;
+    wait_ready(&cluster, NODE).with_context(|| agent.output())?;
+    let node = cluster.kubectl_json(&["get", "node", NODE])?;
+    let status = &node["status"];
+    let conditions = status["conditions"].as_array().cloned().unwrap_or_default();
+    for (type_, reason) in [
+        ("MemoryPressure", "KubeletHasSufficientMemory"),
+        ("DiskPressure", "KubeletHasNoDiskPressure"),
+        ("PIDPressure", "KubeletHasSufficientPID"),
+        ("Ready", "KubeletReady"),
+    ] {
+        let want = if type_ == "Ready" { "True" } else { "False" };
+        ensure!(
+            conditions
+                .iter()
+                .any(|c| c["type"] == type_ && c["status"] == want && c["reason"] == reason),
+            "no {type_}={want} ({reason}) in {conditions:?}"
+        );
+    }
+    for field in ["capacity", "allocatable"] {
+        let storage = status[field]["ephemeral-storage"]
+            .as_str()
+            .unwrap_or_default();
+        ensure!(
+            !storage.is_empty(),
+            "no ephemeral-storage in {field}: {}",
+            status[field]
+        );
+    }
+
+    // What the node lifecycle controller writes when a node stops posting its status.
+    cluster.kubectl(&[
+        "patch",
+        "node",
+        NODE,
+        "--subresource=status",
+        "-p",
+        r#"{"status":{"conditions":[{"type":"Ready","status":"Unknown","reason":"NodeStatusUnknown","message":"Kubelet stopped posting node status."}]}}"#,
+    ])?;
+    cluster
+        .wait_for("the agent to post Ready=True again", TIMEOUT, || {
+            let n = cluster.kubectl_json(&["get", "node", NODE])?;
+            Ok(n["status"]["conditions"].as_array().is_some_and(|c| {
+                c.iter().any(|c| {
+                    c["type"] == "Ready" && c["status"] == "True" && c["reason"] == "KubeletReady"
+                })
+            }))
+        })
+        .with_context(|| agent.output())?;
+    drop(agent);
     cluster.down()
 }
 

@@ -313,6 +313,20 @@ impl Conditions {
     }
 }
 
+/// Whether the Node's conditions in the API differ in status from `conds` (or lack one).
+pub fn differs(node: &Node, conds: &[Value]) -> bool {
+    let have = node
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.as_deref())
+        .unwrap_or_default();
+    conds.iter().any(|c| {
+        !have
+            .iter()
+            .any(|h| c["type"] == h.type_.as_str() && c["status"] == h.status.as_str())
+    })
+}
+
 /// `status` of the Node as the kubelet would report it now, with `conditions` from
 /// [`Conditions::observe`]. Allocatable is capacity less the kubelet's default hard eviction
 /// thresholds (100 MiB of memory, 10% of the data dir's filesystem).
@@ -541,8 +555,15 @@ pub async fn heartbeat(client: kube::Client, cfg: Config, host: HostInfo, data_d
         }
         let pressure = Pressure::measure(&data_dir);
         let (conds, changed) = conditions.observe(&pressure, SystemTime::now());
-        if changed || unwritten || last_status.is_none_or(|t| t.elapsed() >= STATUS_REPORT) {
-            if changed {
+        // As the kubelet, compare with what the API shows: after an outage the node lifecycle
+        // controller has set Ready=Unknown, and that must be corrected at once.
+        let stale = match Api::<Node>::all(client.clone()).get(&cfg.node_name).await {
+            Ok(node) => differs(&node, &conds),
+            Err(_) => false,
+        };
+        if changed || stale || unwritten || last_status.is_none_or(|t| t.elapsed() >= STATUS_REPORT)
+        {
+            if changed || stale {
                 tracing::info!(node = %cfg.node_name, "node conditions changed");
             }
             let status = node_status(&cfg, &host, &pressure, conds);
@@ -690,6 +711,35 @@ mod tests {
         assert_eq!(conds[0]["lastTransitionTime"], time(t2));
         // The others keep their transition time.
         assert_eq!(conds[2]["lastTransitionTime"], time(t0));
+    }
+
+    #[test]
+    fn a_condition_changed_by_the_controller_is_noticed() {
+        let pressure = Pressure {
+            memory_total_kib: Some(1 << 20),
+            memory_available_kib: Some(1 << 19),
+            disk: None,
+            pids: Some((10, 1000)),
+        };
+        let (conds, _) = Conditions::default().observe(&pressure, SystemTime::now());
+        let mut node: Node = serde_json::from_value(
+            json!({"metadata": {"name": "n1"}, "status": {"conditions": conds}}),
+        )
+        .unwrap();
+        assert!(!differs(&node, &conds));
+        if let Some(c) = node
+            .status
+            .as_mut()
+            .and_then(|s| s.conditions.as_mut())
+            .and_then(|c| c.iter_mut().find(|c| c.type_ == "Ready"))
+        {
+            c.status = "Unknown".into();
+        }
+        assert!(differs(&node, &conds));
+        assert!(differs(
+            &serde_json::from_value(json!({"metadata": {"name": "n1"}})).unwrap(),
+            &conds
+        ));
     }
 
     #[test]
