@@ -1,9 +1,11 @@
 //! The Kubernetes node agent (`wasinode node`): a kubelet whose runtime is wasmtime.
 //!
-//! Owns: registering the Node (labels, taints, addresses, capacity, nodeInfo, conditions), its
-//! Lease heartbeats and status updates, the watch of the pods bound to this node, turning the
-//! Supervisor's reports into pod status and Events, graceful pod deletion, and the node's client
-//! certificate (CSR bootstrap). Later: the kubelet API (logs) and its serving certificate.
+//! Owns: registering the Node (labels, taints, addresses, capacity, nodeInfo, conditions from
+//! memory, disk and PID pressure), its Lease heartbeats and status updates, the watch of the
+//! pods bound to this node, turning the Supervisor's reports into pod status and Events,
+//! graceful pod deletion, cordon and drain ([`drain`]), the node's client certificate (CSR
+//! bootstrap and renewal, [`bootstrap`]), and the kubelet API (logs) with its serving
+//! certificate ([`server`]).
 //!
 //! Must not touch: how pods run (plan, fetch, compile, listeners, logs belong to the workload
 //! crate, driven only through its `Supervisor`), wasmtime, registries, terminal output (the CLI).

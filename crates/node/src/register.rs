@@ -203,6 +203,15 @@ pub fn parse_taints(text: &str) -> Result<Vec<TaintSpec>, String> {
         if let Some(v) = value {
             check_value(key, v).map_err(|e| format!("{item:?}: {e}"))?;
         }
+        if out
+            .iter()
+            .any(|t: &TaintSpec| t.key == key && t.effect == effect)
+        {
+            return Err(format!(
+                "{item:?}: a taint with key {key:?} and effect {effect} is already given (taints \
+                 must be unique by key and effect)"
+            ));
+        }
         out.push(TaintSpec {
             key: key.to_string(),
             value: value.filter(|v| !v.is_empty()).map(str::to_string),
@@ -658,6 +667,9 @@ mod tests {
         assert_eq!(parse_taints("").unwrap(), []);
         let e = parse_taints("a=b:NoSchedule,c=d:Never").unwrap_err();
         assert!(e.contains("c=d:Never") && e.contains("Never"), "{e}");
+        let e = parse_taints("a=b:NoSchedule,a=c:NoSchedule").unwrap_err();
+        assert!(e.contains("a=c:NoSchedule") && e.contains("unique"), "{e}");
+        assert!(parse_taints("a=b:NoSchedule,a=b:NoExecute").is_ok());
         let e = parse_taints("novalue").unwrap_err();
         assert!(e.contains("novalue"), "{e}");
     }
