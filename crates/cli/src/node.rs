@@ -151,6 +151,7 @@ pub async fn node(args: NodeArgs) -> anyhow::Result<i32> {
             slot,
             renew_after: args.cert_renew_after,
             timeout: args.bootstrap_timeout,
+            bootstrap_kubeconfig: args.bootstrap_kubeconfig.clone(),
         }),
         cert_renew_after: args.cert_renew_after,
     };

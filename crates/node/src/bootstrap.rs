@@ -411,6 +411,9 @@ pub struct Renewal {
     pub renew_after: Option<Duration>,
     /// Longest wait for a renewal CSR to be issued.
     pub timeout: Duration,
+    /// When the certificate has expired before it could be renewed (the machine slept, the
+    /// API server was away), the node's identity is gone: bootstrap again with this.
+    pub bootstrap_kubeconfig: Option<PathBuf>,
 }
 
 /// Obtains a new client certificate with the node's current identity, writes it to the
