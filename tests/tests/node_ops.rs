@@ -44,12 +44,16 @@ fn tolerations() -> Value {
 }
 
 fn start_agent(cluster: &Cluster, node: &str, extra: &[&str]) -> Result<Wasinode> {
+    start_agent_on(cluster, node, &free_port().to_string(), extra)
+}
+
+/// The agent with its kubelet API on `port`.
+fn start_agent_on(cluster: &Cluster, node: &str, port: &str, extra: &[&str]) -> Result<Wasinode> {
     let bootstrap = cluster.bootstrap_kubeconfig();
-    let port = free_port().to_string();
     let mut args = vec![
         "node",
         "--port",
-        &port,
+        port,
         "--bootstrap-kubeconfig",
         bootstrap.to_str().context("kubeconfig path")?,
         "--node-name",
@@ -481,6 +485,25 @@ fn csrs(cluster: &Cluster, signer: &str) -> Result<Vec<(String, String, bool)>> 
         .collect())
 }
 
+/// `issuer=...` and `serial=...` of the certificate the kubelet API on `port` serves.
+fn served_cert(port: &str) -> Result<(String, String)> {
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "openssl s_client -connect 127.0.0.1:{port} </dev/null 2>/dev/null | openssl x509 -noout -issuer -serial"
+        ))
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .unwrap_or_default()
+            .trim()
+            .to_string()
+    };
+    Ok((field("issuer="), field("serial=")))
+}
+
 fn lease_renew_time(cluster: &Cluster, node: &str) -> Result<String> {
     let lease = cluster.kubectl_json(&["get", "lease", node, "-n", "kube-node-lease"])?;
     Ok(lease["spec"]["renewTime"]
@@ -498,7 +521,8 @@ fn certificates_are_renewed() -> Result<()> {
     let user = format!("system:node:{NODE}");
     let log = guest("log")?;
     let cluster = Cluster::up()?;
-    let agent = start_agent(&cluster, NODE, &["--cert-renew-after", "8s"])?;
+    let port = free_port().to_string();
+    let agent = start_agent_on(&cluster, NODE, &port, &["--cert-renew-after", "8s"])?;
     wait_ready(&cluster, NODE).with_context(|| agent.output())?;
     let kubeconfig = agent.data_dir.join("kubelet.kubeconfig");
     let first_kubeconfig = std::fs::read_to_string(&kubeconfig)?;
@@ -516,19 +540,38 @@ fn certificates_are_renewed() -> Result<()> {
         Ok(std::fs::read_to_string(&kubeconfig)? != first_kubeconfig)
     })?;
 
-    // The serving certificate, approved by an admin, is renewed too (a second CSR).
+    // The serving certificate, approved by an admin, is renewed too: the kubelet API serves
+    // one cluster-signed certificate, then another.
+    let ca = Command::new("openssl")
+        .args(["x509", "-noout", "-subject", "-in"])
+        .arg(cluster.ca_crt())
+        .output()?;
+    let ca = String::from_utf8_lossy(&ca.stdout)
+        .trim()
+        .trim_start_matches("subject=")
+        .trim()
+        .to_string();
     let mut approved = Vec::new();
+    let mut served = Vec::new();
     cluster
-        .wait_for("two approved serving certificates", TIMEOUT, || {
-            for (name, u, _) in csrs(&cluster, SERVING)? {
-                ensure!(u == user, "serving CSR {name} requested by {u}");
-                if !approved.contains(&name) {
-                    cluster.kubectl(&["certificate", "approve", &name])?;
-                    approved.push(name);
+        .wait_for(
+            "two cluster-signed serving certificates in turn",
+            TIMEOUT,
+            || {
+                for (name, u, _) in csrs(&cluster, SERVING)? {
+                    ensure!(u == user, "serving CSR {name} requested by {u}");
+                    if !approved.contains(&name) {
+                        cluster.kubectl(&["certificate", "approve", &name])?;
+                        approved.push(name);
+                    }
                 }
-            }
-            Ok(csrs(&cluster, SERVING)?.iter().filter(|c| c.2).count() >= 2)
-        })
+                let (issuer, serial) = served_cert(&port)?;
+                if issuer == ca && !served.contains(&serial) {
+                    served.push(serial);
+                }
+                Ok(served.len() >= 2)
+            },
+        )
         .with_context(|| agent.output())?;
 
     // Still the node after renewals: the Lease keeps being renewed...
