@@ -34,8 +34,8 @@ pub struct AgentOptions {
     pub pool: Option<String>,
     /// Appended to the command line (e.g. `--shutdown-grace 5s`).
     pub args: Vec<String>,
-    /// Extra environment (`WASINODE_LOG` is `info` and `DOCKER_CONFIG` an empty folder unless
-    /// set here).
+    /// Extra environment (`WASINODE_LOG` is `$WASINODE_AGENT_LOG`, else `info`, and
+    /// `DOCKER_CONFIG` an empty folder unless set here).
     pub env: Vec<(String, String)>,
 }
 
@@ -144,7 +144,10 @@ impl Agent {
         }
         // No credentials from the user's own Docker config: only what a test gives.
         cmd.args(&self.opts.args)
-            .env("WASINODE_LOG", "info")
+            .env(
+                "WASINODE_LOG",
+                std::env::var("WASINODE_AGENT_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .env("NO_COLOR", "1")
             .env("DOCKER_CONFIG", self.dir().join("docker"));
         for (k, v) in &self.opts.env {

@@ -509,6 +509,7 @@ fn outage(name: &str) -> Result<(Cluster, Agent, String)> {
         );
     }
     cluster.start_component("kube-apiserver")?;
+    eprintln!("outage: kube-apiserver ready again");
     stop.store(true, Ordering::Relaxed);
     let failures = prober.join().unwrap_or_default();
     let answered = ok.load(Ordering::Relaxed);
