@@ -121,17 +121,17 @@ fn pods_of(cluster: &Cluster, app: &str) -> Result<Vec<(String, String, String, 
         .collect())
 }
 
-fn hello_deployment(addr: &str, hello: &std::path::Path) -> Value {
+fn hello_deployment(app: &str, addr: &str, hello: &std::path::Path) -> Value {
     json!({
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": {"name": "web", "namespace": "default"},
+        "metadata": {"name": app, "namespace": "default"},
         "spec": {
             "replicas": 1,
-            "selector": {"matchLabels": {"app": "web"}},
+            "selector": {"matchLabels": {"app": app}},
             "template": {
                 "metadata": {
-                    "labels": {"app": "web"},
+                    "labels": {"app": app},
                     "annotations": {
                         "alpha.wagi.krustlet.dev/default-host": addr,
                         "alpha.wagi.krustlet.dev/modules": r#"{"hello": {"route": "/hello"}}"#,
@@ -148,15 +148,19 @@ fn hello_deployment(addr: &str, hello: &std::path::Path) -> Value {
     })
 }
 
-/// Waits for the Deployment's pod to run on `node`; returns its (name, uid).
-fn running_pod(cluster: &Cluster, node: &str) -> Result<(String, String)> {
+/// Waits for the pod of Deployment `app` to run on `node`; returns its (name, uid).
+fn running_pod(cluster: &Cluster, app: &str, node: &str) -> Result<(String, String)> {
     let mut first = None;
-    cluster.wait_for("the Deployment's pod Running on the node", TIMEOUT, || {
-        first = pods_of(cluster, "web")?
-            .into_iter()
-            .find(|p| p.2 == "Running" && p.3 == node);
-        Ok(first.is_some())
-    })?;
+    cluster.wait_for(
+        &format!("the pod of {app} Running on the node"),
+        TIMEOUT,
+        || {
+            first = pods_of(cluster, app)?
+                .into_iter()
+                .find(|p| p.2 == "Running" && p.3 == node);
+            Ok(first.is_some())
+        },
+    )?;
     let (name, uid, ..) = first.context("no pod")?;
     Ok((name, uid))
 }
@@ -175,8 +179,8 @@ fn drain_on_shutdown_evicts_pods_and_cordons() -> Result<()> {
     wait_ready(&cluster, NODE).with_context(|| agent.output())?;
 
     let addr = format!("127.0.0.1:{}", free_port());
-    cluster.apply(&hello_deployment(&addr, &hello))?;
-    let (name, uid) = running_pod(&cluster, NODE).with_context(|| agent.output())?;
+    cluster.apply(&hello_deployment("web", &addr, &hello))?;
+    let (name, uid) = running_pod(&cluster, "web", NODE).with_context(|| agent.output())?;
     let body = get(&addr, "/hello")?;
     ensure!(
         body.body.contains("hello world"),
@@ -232,14 +236,20 @@ fn drain_blocked_by_a_disruption_budget_says_why() -> Result<()> {
     )?;
     wait_ready(&cluster, NODE).with_context(|| agent.output())?;
     let addr = format!("127.0.0.1:{}", free_port());
-    cluster.apply(&hello_deployment(&addr, &hello))?;
+    cluster.apply(&hello_deployment("web", &addr, &hello))?;
+    // A second workload without a budget (listed after the first): its eviction is not held up
+    // by the first's.
+    let free_addr = format!("127.0.0.1:{}", free_port());
+    cluster.apply(&hello_deployment("worker", &free_addr, &hello))?;
     cluster.apply(&json!({
         "apiVersion": "policy/v1",
         "kind": "PodDisruptionBudget",
         "metadata": {"name": "web-budget", "namespace": "default"},
         "spec": {"minAvailable": 1, "selector": {"matchLabels": {"app": "web"}}},
     }))?;
-    let (name, uid) = running_pod(&cluster, NODE).with_context(|| agent.output())?;
+    let (name, uid) = running_pod(&cluster, "web", NODE).with_context(|| agent.output())?;
+    let (free_name, free_uid) =
+        running_pod(&cluster, "worker", NODE).with_context(|| agent.output())?;
     cluster.wait_for("the budget to count the pod", TIMEOUT, || {
         let pdb = cluster.kubectl_json(&["get", "pdb", "web-budget", "-n", "default"])?;
         Ok(pdb["status"]["currentHealthy"] == 1)
@@ -265,6 +275,15 @@ fn drain_blocked_by_a_disruption_budget_says_why() -> Result<()> {
         pods_of(&cluster, "web")?.iter().any(|p| p.1 == uid),
         "the pod was evicted despite its budget"
     );
+    // The other workload's pod was evicted meanwhile: replaced by a new, Pending one.
+    ensure!(
+        out.contains(&format!("evicting default/{free_name}")),
+        "{free_name} was not evicted:\n{out}"
+    );
+    cluster.wait_for("the worker pod replaced", TIMEOUT, || {
+        let pods = pods_of(&cluster, "worker")?;
+        Ok(pods.iter().all(|p| p.1 != free_uid) && pods.iter().any(|p| p.2 == "Pending"))
+    })?;
     cluster.down()
 }
 

@@ -71,6 +71,7 @@ pub enum DrainError {
          (`kubectl get pdb -n {namespace}`), then drain again"
     )]
     Blocked {
+        /// The pods still refused (`namespace/name`, comma-separated).
         pod: String,
         namespace: String,
         waited: Duration,
@@ -181,8 +182,8 @@ async fn evictable(client: &kube::Client, node: &str) -> Result<Vec<Pod>, DrainE
 
 /// Cordons `node`, evicts each of its pods (except mirror pods, DaemonSet pods and finished
 /// ones) through the Eviction API, and waits until the evicted pods are gone from the API.
-/// An eviction a PodDisruptionBudget refuses is retried every `opts.poll` until
-/// `opts.timeout`. `progress` receives one human line per step. Returns how many pods were
+/// Evictions a PodDisruptionBudget refuses are retried every `opts.poll` until `opts.timeout`
+/// (the others go ahead meanwhile); then [`DrainError::Blocked`] names the pods still refused. `progress` receives one human line per step. Returns how many pods were
 /// evicted.
 pub async fn drain(
     client: &kube::Client,
@@ -194,62 +195,87 @@ pub async fn drain(
     let deadline = start + opts.timeout;
     cordon(client, node).await?;
     progress(&format!("node {node} cordoned"));
-    let candidates = evictable(client, node).await?;
+    // (name, namespace, uid, namespace/name) of the pods still to evict.
+    let mut pending: Vec<(String, String, String, String)> = evictable(client, node)
+        .await?
+        .iter()
+        .map(|pod| {
+            (
+                pod.metadata.name.clone().unwrap_or_default(),
+                pod.metadata
+                    .namespace
+                    .clone()
+                    .unwrap_or_else(|| "default".into()),
+                pod.metadata.uid.clone().unwrap_or_default(),
+                key(pod),
+            )
+        })
+        .collect();
     // (uid, namespace/name) of every pod whose eviction was accepted.
     let mut evicted: Vec<(String, String)> = Vec::new();
-    for pod in &candidates {
-        let name = pod.metadata.name.clone().unwrap_or_default();
-        let namespace = pod
-            .metadata
-            .namespace
-            .clone()
-            .unwrap_or_else(|| "default".into());
-        let uid = pod.metadata.uid.clone().unwrap_or_default();
-        let pod_key = key(pod);
-        progress(&format!("evicting {pod_key}"));
-        let api: Api<Pod> = Api::namespaced(client.clone(), &namespace);
-        loop {
-            let attempt = ATTEMPT.min(deadline.saturating_duration_since(Instant::now()));
-            let refusal = match tokio::time::timeout(
-                attempt.max(Duration::from_millis(100)),
-                api.evict(&name, &EvictParams::default()),
-            )
-            .await
-            {
-                Ok(Ok(_)) => {
-                    evicted.push((uid, pod_key));
-                    break;
-                }
+    // In rounds, as `kubectl drain`: a pod whose budget refuses does not hold up the others.
+    let mut round = 0;
+    loop {
+        let mut refused: Vec<(String, String, String, String, String)> = Vec::new();
+        for (name, namespace, uid, pod_key) in std::mem::take(&mut pending) {
+            if round == 0 {
+                progress(&format!("evicting {pod_key}"));
+            }
+            let api: Api<Pod> = Api::namespaced(client.clone(), &namespace);
+            let attempt = ATTEMPT
+                .min(deadline.saturating_duration_since(Instant::now()))
+                .max(Duration::from_millis(100));
+            match tokio::time::timeout(attempt, api.evict(&name, &EvictParams::default())).await {
+                Ok(Ok(_)) => evicted.push((uid, pod_key)),
                 Ok(Err(kube::Error::Api(s))) if s.code == 404 => {
                     progress(&format!("{pod_key} is already gone"));
-                    break;
                 }
-                Ok(Err(kube::Error::Api(s))) if s.code == 429 => refusal_message(&s),
+                Ok(Err(kube::Error::Api(s))) if s.code == 429 => {
+                    let why = refusal_message(&s);
+                    refused.push((name, namespace, uid, pod_key, why));
+                }
                 Ok(Err(source)) => {
                     return Err(DrainError::Evict {
                         pod: pod_key,
                         source,
                     });
                 }
-                Err(_) => format!(
-                    "not accepted within {attempt:?}; the client retries refusals itself, most \
-                     likely a PodDisruptionBudget forbids it"
-                ),
-            };
-            if Instant::now() + opts.poll >= deadline {
-                return Err(DrainError::Blocked {
-                    pod: pod_key,
-                    namespace,
-                    waited: start.elapsed(),
-                    message: refusal,
-                });
+                Err(_) => {
+                    let why = format!(
+                        "not accepted within {attempt:?}; the client retries refusals itself, \
+                         most likely a PodDisruptionBudget forbids it"
+                    );
+                    refused.push((name, namespace, uid, pod_key, why));
+                }
             }
+        }
+        let Some(first) = refused.first() else {
+            break;
+        };
+        if Instant::now() + opts.poll >= deadline {
+            return Err(DrainError::Blocked {
+                pod: refused
+                    .iter()
+                    .map(|r| r.3.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                namespace: first.1.clone(),
+                waited: start.elapsed(),
+                message: first.4.clone(),
+            });
+        }
+        for (_, _, _, pod_key, why) in &refused {
             progress(&format!(
-                "{pod_key}: eviction refused ({refusal}); retrying in {:?}",
+                "{pod_key}: eviction refused ({why}); retrying in {:?}",
                 opts.poll
             ));
-            tokio::time::sleep(opts.poll).await;
         }
+        pending = refused
+            .into_iter()
+            .map(|(name, namespace, uid, pod_key, _)| (name, namespace, uid, pod_key))
+            .collect();
+        round += 1;
+        tokio::time::sleep(opts.poll).await;
     }
     let count = evicted.len();
     loop {
