@@ -397,8 +397,13 @@ pub async fn run(
     controller
         .run(reconcile, error_policy, ctx)
         .for_each(|r| async move {
-            if let Err(e) = r {
-                tracing::debug!("pod controller: {e}");
+            match r {
+                // The pod watch failed (API server away, ...): retried with back-off.
+                Err(kube::runtime::controller::Error::QueueError(e)) => {
+                    tracing::warn!("watching the pods of this node: {e}; retrying")
+                }
+                Err(e) => tracing::debug!("pod controller: {e}"),
+                Ok(_) => {}
             }
         })
         .await;
