@@ -271,6 +271,23 @@ pub fn node_ready(cluster: &Cluster, name: &str) -> Result<bool> {
     }))
 }
 
+/// Checks that `kubectl describe node` shows the seed's pool label and `wasm32-wagi` label and
+/// taints (both effects).
+pub fn check_seed_node(cluster: &Cluster, node: &str, pool: &str) -> Result<()> {
+    let describe = cluster.kubectl(&["describe", "node", node])?;
+    for want in [
+        format!("agentpool={pool}"),
+        "kubernetes.io/arch=wasm32-wagi".to_string(),
+        "kubernetes.io/arch=wasm32-wagi:NoExecute".to_string(),
+        "kubernetes.io/arch=wasm32-wagi:NoSchedule".to_string(),
+    ] {
+        if !describe.contains(&want) {
+            bail!("kubectl describe node {node} lacks {want:?}:\n{describe}");
+        }
+    }
+    Ok(())
+}
+
 /// The tolerations of the seed's node taints (`kubernetes.io/arch=wasm32-wagi`, both effects).
 pub const TOLERATIONS: &str = r#"[
   {"key": "kubernetes.io/arch", "operator": "Equal", "value": "wasm32-wagi", "effect": "NoSchedule"},

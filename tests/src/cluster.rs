@@ -261,6 +261,16 @@ impl Cluster {
             .collect())
     }
 
+    /// `spec.renewTime` of the node's Lease in `kube-node-lease` (RFC 3339 with microseconds, so
+    /// later renewals compare greater as text).
+    pub fn lease_renew_time(&self, node: &str) -> Result<String> {
+        let lease = self.kubectl_json(&["get", "lease", node, "-n", "kube-node-lease"])?;
+        Ok(lease["spec"]["renewTime"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string())
+    }
+
     /// Whether the pod `default/<name>` exists.
     pub fn pod_exists(&self, name: &str) -> Result<bool> {
         let names = self.kubectl(&["get", "pods", "-n", "default", "-o", "name"])?;

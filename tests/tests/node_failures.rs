@@ -458,14 +458,6 @@ fn deletion_lets_the_request_in_flight_finish() -> Result<()> {
 
 // ---------------------------------------------------------------------------------------------
 
-fn lease_renew_time(cluster: &Cluster, node: &str) -> Result<String> {
-    let lease = cluster.kubectl_json(&["get", "lease", node, "-n", "kube-node-lease"])?;
-    Ok(lease["spec"]["renewTime"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string())
-}
-
 /// A node with pod `steady` Running, kube-apiserver stopped for 30 s and started again; all the
 /// while `steady` answers every request and the agent keeps running. Returns the Lease's
 /// renewTime from before the outage.
@@ -494,7 +486,7 @@ fn outage(name: &str) -> Result<(Cluster, Agent, String)> {
             failures
         })
     };
-    let before = lease_renew_time(&cluster, name)?;
+    let before = cluster.lease_renew_time(name)?;
     cluster.stop_component("kube-apiserver")?;
     ensure!(
         cluster.kubectl(&["get", "--raw", "/readyz"]).is_err(),
@@ -528,7 +520,7 @@ fn api_server_outage_keeps_pods_serving() -> Result<()> {
     let (cluster, mut agent, before) = outage(NODE)?;
     cluster
         .wait_for("the Lease to renew after the outage", TIMEOUT, || {
-            Ok(lease_renew_time(&cluster, NODE)? > before)
+            Ok(cluster.lease_renew_time(NODE)? > before)
         })
         .with_context(|| agent.output())?;
     // The pod watch caught up: a pod created after the outage runs.

@@ -13,7 +13,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
-use e2e::agent::{Agent, AgentOptions};
+use e2e::agent::{Agent, AgentOptions, check_seed_node};
 use e2e::cluster::Cluster;
 use e2e::guests::guest;
 use e2e::nginx::Nginx;
@@ -191,18 +191,7 @@ fn node_ready(cluster: &Cluster) -> Result<()> {
             .any(|l| l.starts_with(NODE) && l.split_whitespace().nth(1) == Some("Ready")))
     })?;
     eprintln!("{}", cluster.kubectl(&["get", "nodes", "-o", "wide"])?);
-    let describe = cluster.kubectl(&["describe", "node", NODE])?;
-    for want in [
-        "agentpool=mywasipool",
-        "kubernetes.io/arch=wasm32-wagi",
-        "kubernetes.io/arch=wasm32-wagi:NoExecute",
-        "kubernetes.io/arch=wasm32-wagi:NoSchedule",
-    ] {
-        ensure!(
-            describe.contains(want),
-            "kubectl describe node lacks {want:?}:\n{describe}"
-        );
-    }
+    check_seed_node(cluster, NODE, "mywasipool")?;
     Ok(())
 }
 
