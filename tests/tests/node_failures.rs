@@ -523,10 +523,23 @@ fn api_server_outage_keeps_pods_serving() -> Result<()> {
             Ok(cluster.lease_renew_time(NODE)? > before)
         })
         .with_context(|| agent.output())?;
-    // The pod watch caught up: a pod created after the outage runs.
+    // The pod watch caught up: a pod bound to the node after the outage runs. Bound directly
+    // (spec.nodeName), not by kube-scheduler: when the node controller marked the Node Unknown
+    // during the outage it is tainted unreachable:NoSchedule until the agent posts Ready again
+    // (see node_is_ready_again_after_an_api_server_outage).
     let addr = format!("127.0.0.1:{}", free_port());
-    cluster.apply(&hello_pod("after-outage", &addr, &image_of("hello")?))?;
-    wait_running(&cluster, "after-outage").with_context(|| agent.output())?;
+    let mut pod = hello_pod("after-outage", &addr, &image_of("hello")?);
+    pod["spec"]["nodeName"] = json!(NODE);
+    cluster.apply(&pod)?;
+    wait_running(&cluster, "after-outage").with_context(|| {
+        format!(
+            "{}\n{}",
+            cluster
+                .kubectl(&["get", "pods", "-o", "wide"])
+                .unwrap_or_default(),
+            agent.output()
+        )
+    })?;
     hello_answers(&addr)?;
     ensure!(agent.running(), "the agent exited:\n{}", agent.output());
     Ok(())
