@@ -555,6 +555,19 @@ fn api_server_outage_keeps_pods_serving() -> Result<()> {
 fn node_is_ready_again_after_an_api_server_outage() -> Result<()> {
     const NODE: &str = "wasi-outage-ready";
     let (cluster, mut agent, _) = outage(NODE)?;
+    // Whether the node controller got to mark the Node Unknown before the agent renewed its
+    // Lease is a race; make it certain, as the controller writes it.
+    cluster.kubectl(&[
+        "patch",
+        "node",
+        NODE,
+        "--subresource=status",
+        "--type=strategic",
+        "-p",
+        r#"{"status": {"conditions": [{"type": "Ready", "status": "Unknown",
+            "reason": "NodeStatusUnknown", "message": "Kubelet stopped posting node status."}]}}"#,
+    ])?;
+    ensure!(!node_ready(&cluster, NODE)?, "the Node is still Ready");
     agent.wait_ready(&cluster, TIMEOUT).with_context(|| {
         format!(
             "the Node Ready after the outage; node conditions: {}\n{}",
