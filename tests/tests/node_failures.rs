@@ -545,13 +545,10 @@ fn api_server_outage_keeps_pods_serving() -> Result<()> {
     Ok(())
 }
 
-/// The node controller marks the Node `Unknown` ("Kubelet stopped posting node status") once the
-/// server is back, because the Lease went stale during the outage; the kubelet re-posts its
-/// status on its next check (10 s) when the stored conditions differ from its own. The agent
-/// (crates/node/src/register.rs) re-posts only every 5 minutes, so the Node stays Unknown until
-/// then: ignored until register.rs compares the stored conditions.
+/// After an outage the node lifecycle controller may mark the Node `Unknown` ("Kubelet stopped
+/// posting node status") before the agent renews its Lease; the agent, as the kubelet, compares
+/// the stored conditions with its own on its next check and posts Ready again.
 #[test]
-#[ignore = "register.rs does not re-post the node status after NodeStatusUnknown (5 min)"]
 fn node_is_ready_again_after_an_api_server_outage() -> Result<()> {
     const NODE: &str = "wasi-outage-ready";
     let (cluster, mut agent, _) = outage(NODE)?;
