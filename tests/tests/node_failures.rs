@@ -5,7 +5,8 @@
 //!   and an Event; the first keeps serving. A port held by another process: the same;
 //! - an image tag missing from the registry, and a registry nobody listens on: the pod waits with
 //!   `ErrImagePull`, then `ImagePullBackOff`, the message names the reference, Events `Failed` and
-//!   `BackOff`; a good pod on the node runs all the while;
+//!   `BackOff`; a good pod on the node runs all the while; once the tag is pushed, the retried
+//!   pull succeeds and the pod runs;
 //! - a module that is not valid wasm: `CreateContainerError` saying so in `kubectl describe pod`;
 //! - a `hostNetwork` pod with default-host `:PORT` listens on the node IP (here 127.0.0.2) only;
 //! - `imagePullSecrets` against a registry with htpasswd auth: with the secret the pod runs,
@@ -273,6 +274,14 @@ fn unpullable_images_wait_in_image_pull_back_off() -> Result<()> {
     wait_running(&cluster, "pulls-fine").with_context(|| agent.output())?;
     hello_answers(&good_addr)?;
     ensure!(node_ready(&cluster, "wasi-pull")?, "the node stays Ready");
+
+    // The pull is retried after the back-off: once the tag exists, the pod runs.
+    e2e::wasinode::push(&guest("hello")?, &missing, push_dir.path(), &[])?;
+    wait_running(&cluster, "missing-tag").with_context(|| agent.output())?;
+    eprintln!(
+        "missing-tag: STATUS went {:?}",
+        watch.statuses("missing-tag")
+    );
     Ok(())
 }
 
@@ -451,6 +460,7 @@ fn deletion_lets_the_request_in_flight_finish() -> Result<()> {
         })
         .with_context(|| agent.output())?;
     ensure!(!listening(&addr), "{addr} listens after the delete");
+    wait_event(&cluster, "slow", "Normal", "Killing", &[])?;
     // The port is free: something else can bind it.
     TcpListener::bind(&addr).with_context(|| format!("binding {addr} after the delete"))?;
     Ok(())
