@@ -99,8 +99,19 @@ fn registered_taints(node: &Value) -> Vec<String> {
         .collect()
 }
 
-/// The pods of Deployment `app` as (name, uid, phase, nodeName, deleting).
-fn pods_of(cluster: &Cluster, app: &str) -> Result<Vec<(String, String, String, String, bool)>> {
+/// One pod of a Deployment, as the tests look at it.
+#[derive(Debug)]
+#[allow(dead_code)] // `deleting` shows in the failure messages' Debug output.
+struct PodRow {
+    name: String,
+    uid: String,
+    phase: String,
+    node: String,
+    deleting: bool,
+}
+
+/// The pods of Deployment `app`.
+fn pods_of(cluster: &Cluster, app: &str) -> Result<Vec<PodRow>> {
     let list =
         cluster.kubectl_json(&["get", "pods", "-n", "default", "-l", &format!("app={app}")])?;
     Ok(list["items"]
@@ -110,13 +121,13 @@ fn pods_of(cluster: &Cluster, app: &str) -> Result<Vec<(String, String, String, 
         .iter()
         .map(|p| {
             let s = |v: &Value| v.as_str().unwrap_or_default().to_string();
-            (
-                s(&p["metadata"]["name"]),
-                s(&p["metadata"]["uid"]),
-                s(&p["status"]["phase"]),
-                s(&p["spec"]["nodeName"]),
-                !p["metadata"]["deletionTimestamp"].is_null(),
-            )
+            PodRow {
+                name: s(&p["metadata"]["name"]),
+                uid: s(&p["metadata"]["uid"]),
+                phase: s(&p["status"]["phase"]),
+                node: s(&p["spec"]["nodeName"]),
+                deleting: !p["metadata"]["deletionTimestamp"].is_null(),
+            }
         })
         .collect())
 }
@@ -157,12 +168,12 @@ fn running_pod(cluster: &Cluster, app: &str, node: &str) -> Result<(String, Stri
         || {
             first = pods_of(cluster, app)?
                 .into_iter()
-                .find(|p| p.2 == "Running" && p.3 == node);
+                .find(|p| p.phase == "Running" && p.node == node);
             Ok(first.is_some())
         },
     )?;
-    let (name, uid, ..) = first.context("no pod")?;
-    Ok((name, uid))
+    let pod = first.context("no pod")?;
+    Ok((pod.name, pod.uid))
 }
 
 #[test]
@@ -210,13 +221,13 @@ fn drain_on_shutdown_evicts_pods_and_cordons() -> Result<()> {
     // node and so stays Pending.
     let pods = pods_of(&cluster, "web")?;
     ensure!(
-        pods.iter().all(|p| p.1 != uid),
+        pods.iter().all(|p| p.uid != uid),
         "the evicted pod {name} ({uid}) is still there: {pods:?}"
     );
     cluster.wait_for("the replacement pod", TIMEOUT, || {
         Ok(pods_of(&cluster, "web")?
             .iter()
-            .any(|p| p.1 != uid && p.2 == "Pending" && p.3.is_empty()))
+            .any(|p| p.uid != uid && p.phase == "Pending" && p.node.is_empty()))
     })?;
     // The pod's port was freed when it was deleted.
     ensure!(!e2e::wasinode::listening(&addr), "{addr} still listens");
@@ -272,7 +283,7 @@ fn drain_blocked_by_a_disruption_budget_says_why() -> Result<()> {
     }
     // Not evicted: the same pod object is still there (the node stopped running it).
     ensure!(
-        pods_of(&cluster, "web")?.iter().any(|p| p.1 == uid),
+        pods_of(&cluster, "web")?.iter().any(|p| p.uid == uid),
         "the pod was evicted despite its budget"
     );
     // The other workload's pod was evicted meanwhile: replaced by a new, Pending one.
@@ -282,7 +293,7 @@ fn drain_blocked_by_a_disruption_budget_says_why() -> Result<()> {
     );
     cluster.wait_for("the worker pod replaced", TIMEOUT, || {
         let pods = pods_of(&cluster, "worker")?;
-        Ok(pods.iter().all(|p| p.1 != free_uid) && pods.iter().any(|p| p.2 == "Pending"))
+        Ok(pods.iter().all(|p| p.uid != free_uid) && pods.iter().any(|p| p.phase == "Pending"))
     })?;
     cluster.down()
 }
@@ -523,14 +534,6 @@ fn served_cert(port: &str) -> Result<(String, String)> {
     Ok((field("issuer="), field("serial=")))
 }
 
-fn lease_renew_time(cluster: &Cluster, node: &str) -> Result<String> {
-    let lease = cluster.kubectl_json(&["get", "lease", node, "-n", "kube-node-lease"])?;
-    Ok(lease["spec"]["renewTime"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string())
-}
-
 #[test]
 fn certificates_are_renewed() -> Result<()> {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
@@ -594,10 +597,10 @@ fn certificates_are_renewed() -> Result<()> {
         .with_context(|| agent.output())?;
 
     // Still the node after renewals: the Lease keeps being renewed...
-    let renewed = lease_renew_time(&cluster, NODE)?;
+    let renewed = cluster.lease_renew_time(NODE)?;
     cluster
         .wait_for("the Lease renewed again", TIMEOUT, || {
-            Ok(lease_renew_time(&cluster, NODE)? != renewed)
+            Ok(cluster.lease_renew_time(NODE)? != renewed)
         })
         .with_context(|| agent.output())?;
     // ... pods run, and kubectl logs reaches the kubelet API.

@@ -341,18 +341,7 @@ fn seed_walkthrough_through_a_node_pool() -> Result<()> {
             && l.contains("127.101.0.1")),
         "kubectl get nodes -o wide:\n{wide}"
     );
-    let describe = cluster.kubectl(&["describe", "node", node])?;
-    for want in [
-        "agentpool=mywasipool",
-        "kubernetes.io/arch=wasm32-wagi",
-        "kubernetes.io/arch=wasm32-wagi:NoExecute",
-        "kubernetes.io/arch=wasm32-wagi:NoSchedule",
-    ] {
-        ensure!(
-            describe.contains(want),
-            "describe node lacks {want}:\n{describe}"
-        );
-    }
+    e2e::agent::check_seed_node(&cluster, node, "mywasipool")?;
 
     // The seed's pod, through nginx as the seed's values.yaml configures it.
     let port = free_port();

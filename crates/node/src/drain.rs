@@ -66,9 +66,10 @@ pub enum DrainError {
         source: kube::Error,
     },
     #[error(
-        "cannot evict pod {pod}: a PodDisruptionBudget still forbids it after {waited:?} \
+        "cannot evict pod {pod}: a PodDisruptionBudget still forbids it after {}s \
          ({message}); scale up the pod's workload or relax its PodDisruptionBudget \
-         (`kubectl get pdb -n {namespace}`), then drain again"
+         (`kubectl get pdb -n {namespace}`), then drain again",
+        waited.as_secs()
     )]
     Blocked {
         /// The pods still refused (`namespace/name`, comma-separated).
@@ -87,8 +88,9 @@ pub enum DrainError {
         source: kube::Error,
     },
     #[error(
-        "pods still terminating after {waited:?}: {pods}; look at them with `kubectl describe \
-         pod`, or delete them with --force once their workload is safe"
+        "pods still terminating after {}s: {pods}; look at them with `kubectl describe \
+         pod`, or delete them with --force once their workload is safe",
+        waited.as_secs()
     )]
     Timeout { waited: Duration, pods: String },
 }
