@@ -16,7 +16,9 @@
 //! - kube-apiserver stopped for 30 s: the agent keeps running and its pod keeps answering; when the
 //!   server is back the Node is Ready, the Lease renews and a new pod runs;
 //! - kill -9 and restart with the same data dir: the pod keeps its startTime and restartCount,
-//!   `kubectl logs` still has the lines logged before, the route answers, one listener.
+//!   `kubectl logs` still has the lines logged before, the route answers, one listener;
+//! - `--max-pods 1`: the Node advertises it, and a pod bound beyond it is Failed `OutOfpods` with
+//!   the kubelet's message and Event, while the first keeps serving.
 //!
 //! Run: `cargo build --release && cargo test --release -p wasinode-e2e --test node_failures`
 
@@ -665,5 +667,50 @@ fn killed_agent_readopts_its_pod() -> Result<()> {
         "{}",
         cluster.kubectl(&["get", "pod", "keeper", "-o", "wide"])?
     );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn a_pod_beyond_max_pods_is_rejected_as_out_of_pods() -> Result<()> {
+    let (cluster, agent) = node(AgentOptions::new("wasi-full").args(&["--max-pods", "1"]))?;
+    let node = cluster.kubectl_json(&["get", "node", "wasi-full"])?;
+    ensure!(
+        node["status"]["capacity"]["pods"] == "1" && node["status"]["allocatable"]["pods"] == "1",
+        "the Node advertises --max-pods: {}",
+        node["status"]
+    );
+    let first = format!("127.0.0.1:{}", free_port());
+    cluster.apply(&hello_pod("first", &first, &image_of("hello")?))?;
+    wait_running(&cluster, "first").with_context(|| agent.output())?;
+    // Bound directly (the scheduler would keep it Pending): the node's admission rejects it.
+    let second = format!("127.0.0.1:{}", free_port());
+    let mut pod = hello_pod("second", &second, &image_of("hello")?);
+    pod["spec"]["nodeName"] = json!("wasi-full");
+    cluster.apply(&pod)?;
+    cluster
+        .wait_for("second Failed with OutOfpods", TIMEOUT, || {
+            let p = cluster.pod("second")?;
+            Ok(p["status"]["phase"] == "Failed" && p["status"]["reason"] == "OutOfpods")
+        })
+        .with_context(|| agent.output())?;
+    ensure!(status_column(&cluster, "second")? == "OutOfpods");
+    let p = cluster.pod("second")?;
+    let message = p["status"]["message"].as_str().unwrap_or_default();
+    ensure!(
+        message.contains("pods, requested: 1, used: 1, capacity: 1"),
+        "{message}"
+    );
+    wait_event(&cluster, "second", "Warning", "OutOfpods", &["capacity: 1"])?;
+    ensure!(!listening(&second), "a rejected pod listens on {second}");
+    hello_answers(&first)?;
+    ensure!(node_ready(&cluster, "wasi-full")?, "the node stays Ready");
+    // Room again once the first pod is gone.
+    cluster.kubectl(&["delete", "pod", "first", "--wait=true", "--timeout=60s"])?;
+    let third = format!("127.0.0.1:{}", free_port());
+    cluster.apply(&hello_pod("third", &third, &image_of("hello")?))?;
+    wait_running(&cluster, "third").with_context(|| agent.output())?;
+    hello_answers(&third)?;
     Ok(())
 }

@@ -41,6 +41,10 @@ pub struct NodeArgs {
     /// each its own loopback address); unset, they listen on every address of the host.
     #[arg(long, value_name = "IP")]
     pub pod_address: Option<IpAddr>,
+    /// Pods this node takes (its `pods` capacity, as the kubelet's --max-pods); a pod bound to it
+    /// beyond that is rejected with OutOfpods, as the kubelet does.
+    #[arg(long, default_value_t = node::register::MAX_PODS, value_name = "N")]
+    pub max_pods: u32,
     /// CA certificates (PEM) that sign the client certificates of kubelet API callers
     /// [default: the CA of the kubeconfig's cluster].
     #[arg(long, value_name = "FILE")]
@@ -141,6 +145,7 @@ pub async fn node(args: NodeArgs) -> anyhow::Result<i32> {
         port: args.port,
         address: args.address,
         pod_address: args.pod_address,
+        max_pods: args.max_pods,
         shutdown_grace: args.engine.shutdown_grace,
         client_ca,
         labels: args.node_labels.0.clone(),

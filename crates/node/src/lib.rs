@@ -44,6 +44,8 @@ pub struct Config {
     /// When set, WAGI listeners whose `default-host` names no address (`0.0.0.0:3001`) bind
     /// this one instead, so that several nodes can share one host (see `PlanContext::bind_ip`).
     pub pod_address: Option<IpAddr>,
+    /// The `pods` capacity the Node advertises; a pod bound beyond it is rejected (`OutOfpods`).
+    pub max_pods: u32,
     /// Time running pods get to stop when the agent shuts down.
     pub shutdown_grace: Duration,
     /// DER certificates of the CA that signs callers' client certificates (the cluster CA).
@@ -191,6 +193,7 @@ pub async fn run(
             base_dir: None,
         },
         handled: Mutex::default(),
+        max_pods: cfg.max_pods as usize,
     });
     pods::run(&cfg.node_name, ctx, shutdown).await;
     sup.stop_all(cfg.shutdown_grace).await;

@@ -12,7 +12,7 @@ use kube::runtime::controller::{Action, Controller};
 use kube::runtime::reflector::Store;
 use kube::runtime::watcher;
 use workload::plan::pod_key;
-use workload::{ContainerState, EventType, PlanContext, PodKey, StartError, Supervisor};
+use workload::{ContainerState, EventType, Phase, PlanContext, PodKey, StartError, Supervisor};
 
 use crate::resolve::{ApiObjects, resolve};
 use crate::status::Statuses;
@@ -30,6 +30,8 @@ pub struct Context {
     pub plan: PlanContext,
     /// The pods this agent has taken in hand, and those waiting to pull an image again.
     pub handled: Mutex<Handled>,
+    /// The node's `pods` capacity: admission rejects a pod beyond it (`OutOfpods`).
+    pub max_pods: usize,
 }
 
 /// Uids of the pods this agent has taken in hand (started or tried to), and the image pull
@@ -94,6 +96,18 @@ fn is_terminal(pod: &Pod) -> bool {
     )
 }
 
+/// The kubelet's admission message when the node already runs `max_pods` pods (those running,
+/// and those waiting to pull their image again), or None when the pod fits.
+fn over_capacity(ctx: &Context) -> Option<String> {
+    let used = ctx.sup.running().len() + ctx.handled().pulls.len();
+    (used >= ctx.max_pods).then(|| {
+        format!(
+            "Pod was rejected: Node didn't have enough resource: pods, requested: 1, used: {used}, capacity: {}",
+            ctx.max_pods
+        )
+    })
+}
+
 async fn reconcile(pod: Arc<Pod>, ctx: Arc<Context>) -> Result<Action, Error> {
     let key = pod_key(&pod);
     if pod.metadata.deletion_timestamp.is_some() {
@@ -103,8 +117,20 @@ async fn reconcile(pod: Arc<Pod>, ctx: Arc<Context>) -> Result<Action, Error> {
     if ctx.handled().contains(&key.uid) || is_terminal(&pod) {
         return Ok(Action::await_change());
     }
-    ctx.handled().insert(key.uid.clone());
     ctx.statuses.track(&key, &pod);
+    if let Some(message) = over_capacity(&ctx) {
+        // As the kubelet's admission: the pod is Failed with reason OutOfpods and an Event.
+        tracing::warn!(pod = %key, "{message}");
+        ctx.handled().insert(key.uid.clone());
+        ctx.statuses
+            .event(&key, EventType::Warning, "OutOfpods", &message)
+            .await;
+        ctx.sup
+            .reporter()
+            .phase(&key, Phase::Failed, Some("OutOfpods"), Some(message));
+        return Ok(Action::await_change());
+    }
+    ctx.handled().insert(key.uid.clone());
     if let Err(e) = ctx.statuses.write(&key).await {
         tracing::warn!(pod = %key, "writing initial status: {e}");
     }

@@ -21,6 +21,7 @@ use crate::{Config, time};
 pub const ARCH: &str = "wasm32-wagi";
 /// Semver within skew of a 1.33 control plane; the pre-release part names us.
 pub const KUBELET_VERSION: &str = "v1.33.0-wasinode";
+/// The kubelet's default `--max-pods`.
 pub const MAX_PODS: u32 = 110;
 pub const LEASE_NAMESPACE: &str = "kube-node-lease";
 pub const LEASE_DURATION_SECONDS: i32 = 40;
@@ -348,7 +349,7 @@ pub fn node_status(
     let mut capacity = json!({
         "cpu": host.cpus.to_string(),
         "memory": format!("{}Ki", host.memory_kib),
-        "pods": MAX_PODS.to_string(),
+        "pods": cfg.max_pods.to_string(),
     });
     let mut allocatable = capacity.clone();
     allocatable["memory"] = json!(format!(
@@ -605,6 +606,7 @@ mod tests {
             port: 10250,
             address: "0.0.0.0".parse().unwrap(),
             pod_address: None,
+            max_pods: MAX_PODS,
             shutdown_grace: Duration::from_secs(1),
             client_ca: vec![],
             labels: vec![("tier".into(), "edge".into())],
