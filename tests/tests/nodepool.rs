@@ -311,6 +311,7 @@ fn seed_walkthrough_through_a_node_pool() -> Result<()> {
     )?)?;
     ensure!(
         show["workloadRuntime"] == "WasmWasi"
+            && show["provisionerRunning"] == true
             && show["provisioningState"] == "Succeeded"
             && show["nodeTaints"].as_array().is_some_and(|t| t.len() == 2),
         "nodepool show: {show:#}"

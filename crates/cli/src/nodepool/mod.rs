@@ -451,12 +451,18 @@ async fn add(a: AddArgs) -> anyhow::Result<i32> {
         },
     );
     np.metadata.finalizers = Some(vec![resource::FINALIZER.to_string()]);
-    match api.create(&PostParams::default(), &np).await {
-        Ok(_) => {}
+    let created = match api.create(&PostParams::default(), &np).await {
+        Ok(_) => Ok(()),
         Err(kube::Error::Api(s)) if s.code == 409 => {
-            anyhow::bail!("node pool {} already exists", a.name)
+            Err(anyhow::anyhow!("node pool {} already exists", a.name))
         }
-        Err(e) => return Err(api_context(e, "creating the node pool")),
+        Err(e) => Err(api_context(e, "creating the node pool")),
+    };
+    if let Err(e) = created {
+        // Leave nothing of the attempt behind: its token and its directory.
+        let _ = join::delete_tokens(&client, &a.name).await;
+        let _ = std::fs::remove_dir_all(&dir.0);
+        return Err(e);
     }
     let status = resource::Status {
         provisioning_state: "Creating".into(),
@@ -542,7 +548,19 @@ async fn show(a: ShowArgs) -> anyhow::Result<i32> {
     let (client, _) = a.common.client().await?;
     let np = get_pool(&client, &a.name).await?;
     let nodes = pool_nodes(&client, &a.name).await?;
-    print(a.output, &view(&np, &nodes))?;
+    let mut v = view(&np, &nodes);
+    // On the provisioning host, say whether the provisioner is alive (the status is what it
+    // last wrote; `scale` and `delete` restart a dead one).
+    let root = a
+        .common
+        .state_dir
+        .clone()
+        .unwrap_or_else(local::default_state_root);
+    let dir = PoolDir::new(&root, &a.name);
+    if dir.config().is_file() {
+        v["provisionerRunning"] = json!(dir.provisioner_pid().is_some());
+    }
+    print(a.output, &v)?;
     Ok(0)
 }
 
