@@ -7,4 +7,5 @@ pub mod cluster;
 pub mod guests;
 pub mod nginx;
 pub mod registry;
+pub mod seed;
 pub mod wasinode;

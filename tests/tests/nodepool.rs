@@ -131,35 +131,6 @@ impl Drop for Leftovers<'_> {
     }
 }
 
-/// The seed's five demo modules: (guest module, image suffix).
-const DEMOS: [(&str, &str); 5] = [
-    ("hello", "hello"),
-    ("index", "index"),
-    ("log", "log"),
-    ("error", "error"),
-    ("http_example", "http-example"),
-];
-
-fn push_demos(registry: &Registry) -> Result<()> {
-    let dir = tempfile::tempdir()?;
-    for (module, x) in DEMOS {
-        let reference = registry.image(&format!("krustlet-wagi-demo-{x}:v1.0.0"));
-        e2e::wasinode::push(&guest(module)?, &reference, dir.path(), &[])?;
-    }
-    Ok(())
-}
-
-/// examples/wasi-example.yaml (the seed's pod, images at 127.0.0.1:5000, default-host
-/// 0.0.0.0:3001) with this test's registry and port.
-fn wasi_example(registry: &Registry, port: u16) -> Result<String> {
-    let path = e2e::guests::repo_root().join("examples/wasi-example.yaml");
-    let text = std::fs::read_to_string(&path).with_context(|| path.display().to_string())?;
-    let prefix = registry.image("");
-    Ok(text
-        .replace("127.0.0.1:5000/", &prefix)
-        .replace("0.0.0.0:3001", &format!("0.0.0.0:{port}")))
-}
-
 fn pod_running(cluster: &Cluster, pod: &str, containers: usize) -> Result<Value> {
     cluster.wait_for(&format!("{pod} Running and ready"), TIMEOUT, || {
         let p = cluster.kubectl_json(&["get", "pod", pod])?;
@@ -221,12 +192,10 @@ fn nothing_left(cluster: &Cluster, state: &Path, pool: &str, addrs: &[String]) -
 
 #[test]
 fn seed_walkthrough_through_a_node_pool() -> Result<()> {
-    for (module, _) in DEMOS {
-        guest(module)?;
-    }
+    e2e::seed::build_demos()?;
     let cluster = Cluster::up()?;
     let registry = Registry::start();
-    push_demos(&registry)?;
+    e2e::seed::push_demos(&registry)?;
     let state = tempfile::tempdir()?;
     let st = state.path();
     let _leftovers = Leftovers(st);
@@ -347,7 +316,10 @@ fn seed_walkthrough_through_a_node_pool() -> Result<()> {
     // The seed's pod, through nginx as the seed's values.yaml configures it.
     let port = free_port();
     let pod_addr = format!("127.101.0.1:{port}");
-    cluster.kubectl_stdin(&["apply", "-f", "-"], &wasi_example(&registry, port)?)?;
+    cluster.kubectl_stdin(
+        &["apply", "-f", "-"],
+        &e2e::seed::wasi_example(&registry, port)?,
+    )?;
     let pod = pod_running(&cluster, "krustlet-wagi-demo", 5)?;
     ensure!(pod["spec"]["nodeName"] == node, "{}", pod["spec"]);
     let nginx_addr = format!("127.0.0.1:{}", free_port());

@@ -15,7 +15,6 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, ensure};
 use e2e::agent::{Agent, AgentOptions, check_seed_node};
 use e2e::cluster::Cluster;
-use e2e::guests::guest;
 use e2e::nginx::Nginx;
 use e2e::registry::Registry;
 use e2e::wasinode::{free_port, get, listening};
@@ -24,94 +23,15 @@ use serde_json::Value;
 const TIMEOUT: Duration = Duration::from_secs(90);
 const NODE: &str = "aks-mywasipool-000000";
 const POD: &str = "krustlet-wagi-demo";
-/// (guest module, image/container suffix) for the seed's five demo modules.
-const DEMOS: [(&str, &str); 5] = [
-    ("hello", "hello"),
-    ("index", "index"),
-    ("log", "log"),
-    ("error", "error"),
-    ("http_example", "http-example"),
-];
-
-/// `wasinode push` of a demo module with its own data dir; the manifest digest it prints.
-fn push(data_dir: &std::path::Path, module: &str, reference: &str) -> Result<String> {
-    e2e::wasinode::push(&guest(module)?, reference, data_dir, &[])
-}
-
-/// The seed's wasi-example.yaml, with local images and default-host `0.0.0.0:<port>`.
-fn wasi_example(registry: &Registry, port: u16) -> String {
-    let image = |x: &str| registry.image(&format!("krustlet-wagi-demo-{x}:v1.0.0"));
-    format!(
-        r#"apiVersion: v1
-kind: Pod
-metadata:
-  name: krustlet-wagi-demo
-  labels:
-    app: krustlet-wagi-demo
-  annotations:
-    alpha.wagi.krustlet.dev/default-host: "0.0.0.0:{port}"
-    alpha.wagi.krustlet.dev/modules: |
-      {{
-        "krustlet-wagi-demo-http-example": {{"route": "/http-example", "allowed_hosts": ["https://api.brigade.sh"]}},
-        "krustlet-wagi-demo-hello": {{"route": "/hello/..."}},
-        "krustlet-wagi-demo-error": {{"route": "/error"}},
-        "krustlet-wagi-demo-log": {{"route": "/log"}},
-        "krustlet-wagi-demo-index": {{"route": "/"}}
-      }}
-spec:
-  hostNetwork: true
-  nodeSelector:
-    kubernetes.io/arch: wasm32-wagi
-  containers:
-    - image: {http_example}
-      imagePullPolicy: Always
-      name: krustlet-wagi-demo-http-example
-    - image: {hello}
-      imagePullPolicy: Always
-      name: krustlet-wagi-demo-hello
-    - image: {index}
-      imagePullPolicy: Always
-      name: krustlet-wagi-demo-index
-    - image: {error}
-      imagePullPolicy: Always
-      name: krustlet-wagi-demo-error
-    - image: {log}
-      imagePullPolicy: Always
-      name: krustlet-wagi-demo-log
-  tolerations:
-    - key: "node.kubernetes.io/network-unavailable"
-      operator: "Exists"
-      effect: "NoSchedule"
-    - key: "kubernetes.io/arch"
-      operator: "Equal"
-      value: "wasm32-wagi"
-      effect: "NoExecute"
-    - key: "kubernetes.io/arch"
-      operator: "Equal"
-      value: "wasm32-wagi"
-      effect: "NoSchedule"
-"#,
-        http_example = image("http-example"),
-        hello = image("hello"),
-        index = image("index"),
-        error = image("error"),
-        log = image("log"),
-    )
-}
 
 #[test]
 fn seed_walkthrough_on_the_local_control_plane() -> Result<()> {
     let started = Instant::now();
     // 1. cluster, registry, the five demo modules pushed.
-    for (module, _) in DEMOS {
-        guest(module)?;
-    }
+    e2e::seed::build_demos()?;
     let cluster = Cluster::up()?;
     let registry = Registry::start();
-    let push_dir = tempfile::tempdir()?;
-    for (module, x) in DEMOS {
-        let reference = registry.image(&format!("krustlet-wagi-demo-{x}:v1.0.0"));
-        let digest = push(push_dir.path(), module, &reference)?;
+    for (reference, digest) in e2e::seed::push_demos(&registry)? {
         ensure!(
             digest.starts_with("sha256:"),
             "push {reference} prints a digest: {digest:?}"
@@ -126,7 +46,10 @@ fn seed_walkthrough_on_the_local_control_plane() -> Result<()> {
     // 3. the seed's pod, Running 5/5.
     let pod_port = free_port();
     let pod_addr = format!("127.0.0.1:{pod_port}");
-    cluster.kubectl_stdin(&["apply", "-f", "-"], &wasi_example(&registry, pod_port))?;
+    cluster.kubectl_stdin(
+        &["apply", "-f", "-"],
+        &e2e::seed::wasi_example(&registry, pod_port)?,
+    )?;
     pod_running(&cluster).with_context(|| agent.output())?;
 
     // 4. nginx as the seed's values.yaml serverBlock.

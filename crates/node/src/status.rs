@@ -531,16 +531,8 @@ mod tests {
         workload::plan::pod_key(&pod())
     }
 
-    #[test]
-    fn running_and_ready_after_start() {
-        let now = SystemTime::now();
-        let mut r = PodRecord::new(&pod(), now);
-        let s = r.status("u1", "10.0.0.1".parse().unwrap(), now);
-        assert_eq!(s["status"]["phase"], "Pending");
-        assert_eq!(
-            s["status"]["containerStatuses"][0]["state"]["waiting"]["reason"],
-            "ContainerCreating"
-        );
+    /// The supervisor's reports of container `c` running and the pod Running.
+    fn start_running(r: &mut PodRecord, now: SystemTime) {
         r.apply(&Report::Container {
             pod: key(),
             container: "c".into(),
@@ -555,6 +547,19 @@ mod tests {
             reason: None,
             message: None,
         });
+    }
+
+    #[test]
+    fn running_and_ready_after_start() {
+        let now = SystemTime::now();
+        let mut r = PodRecord::new(&pod(), now);
+        let s = r.status("u1", "10.0.0.1".parse().unwrap(), now);
+        assert_eq!(s["status"]["phase"], "Pending");
+        assert_eq!(
+            s["status"]["containerStatuses"][0]["state"]["waiting"]["reason"],
+            "ContainerCreating"
+        );
+        start_running(&mut r, now);
         let s = r.status("u1", "10.0.0.1".parse().unwrap(), now);
         assert_eq!(s["status"]["phase"], "Running");
         assert_eq!(s["status"]["podIP"], "10.0.0.1");
@@ -599,20 +604,7 @@ mod tests {
         .unwrap();
         let now = SystemTime::now();
         let mut r = PodRecord::new(&pod, now);
-        r.apply(&Report::Container {
-            pod: key(),
-            container: "c".into(),
-            state: ContainerState::Running { started_at: now },
-            ready: true,
-            restart_count: 0,
-            image_id: Some("sha256:ab".into()),
-        });
-        r.apply(&Report::Pod {
-            pod: key(),
-            phase: Phase::Running,
-            reason: None,
-            message: None,
-        });
+        start_running(&mut r, now);
         let s = r.status("u1", "10.0.0.1".parse().unwrap(), now);
         assert_eq!(s["status"]["startTime"], "2026-01-02T03:04:05Z");
         assert_eq!(s["status"]["containerStatuses"][0]["restartCount"], 2);
