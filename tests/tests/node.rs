@@ -521,8 +521,12 @@ fn restart_readopts(cluster: &Cluster, agent: &mut Agent, image: &str) -> Result
     );
     let resp = get(&addr, "/hello")?;
     ensure!(resp.body == "hello world\n", "{resp:?}");
-    let p = pod_json(cluster, "survivor")?;
-    ensure!(p["status"]["phase"] == "Running", "{}", p["status"]);
+    // The status is written just after the listener is up.
+    cluster.wait_for("survivor Running and Ready again", TIMEOUT, || {
+        let p = pod_json(cluster, "survivor")?;
+        Ok(p["status"]["phase"] == "Running"
+            && p["status"]["containerStatuses"][0]["ready"] == true)
+    })?;
     cluster.delete_pod("survivor", TIMEOUT)?;
     ensure!(!listening(&addr), "{addr} still listens after delete");
     Ok(())

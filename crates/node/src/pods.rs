@@ -131,7 +131,10 @@ async fn reconcile(pod: Arc<Pod>, ctx: Arc<Context>) -> Result<Action, Error> {
         return Ok(Action::await_change());
     }
     ctx.handled().insert(key.uid.clone());
-    if let Err(e) = ctx.statuses.write(&key).await {
+    // A pod this node already ran (the agent restarted) keeps the Running status it has until
+    // the supervisor reports it started again: no flip back to Pending in between.
+    let readopted = pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running");
+    if !readopted && let Err(e) = ctx.statuses.write(&key).await {
         tracing::warn!(pod = %key, "writing initial status: {e}");
     }
     let pod = without_service_account_token(&pod);
