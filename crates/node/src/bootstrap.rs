@@ -119,29 +119,24 @@ fn base64(bytes: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(bytes)
 }
 
-/// The server and CA of the bootstrap kubeconfig's current context, as kubeconfig fields.
-fn cluster_of(bootstrap: &kube::config::Kubeconfig) -> anyhow::Result<serde_json::Value> {
+/// The server and CA of a kubeconfig's current context, as kubeconfig `cluster` fields.
+pub fn cluster_of(bootstrap: &kube::config::Kubeconfig) -> anyhow::Result<serde_json::Value> {
     let ctx_name = bootstrap
         .current_context
         .clone()
-        .context("the bootstrap kubeconfig has no current-context")?;
+        .context("the kubeconfig has no current-context")?;
     let ctx = bootstrap
         .contexts
         .iter()
         .find(|c| c.name == ctx_name)
         .and_then(|c| c.context.clone())
-        .with_context(|| format!("context {ctx_name:?} missing from the bootstrap kubeconfig"))?;
+        .with_context(|| format!("context {ctx_name:?} missing from the kubeconfig"))?;
     let cluster = bootstrap
         .clusters
         .iter()
         .find(|c| c.name == ctx.cluster)
         .and_then(|c| c.cluster.clone())
-        .with_context(|| {
-            format!(
-                "cluster {:?} missing from the bootstrap kubeconfig",
-                ctx.cluster
-            )
-        })?;
+        .with_context(|| format!("cluster {:?} missing from the kubeconfig", ctx.cluster))?;
     let mut out = json!({"server": cluster.server});
     if let Some(ca) = cluster.certificate_authority_data {
         out["certificate-authority-data"] = json!(ca);

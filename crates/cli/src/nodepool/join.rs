@@ -124,48 +124,23 @@ pub async fn delete_tokens(client: &kube::Client, pool: &str) -> anyhow::Result<
 pub fn write_bootstrap_kubeconfig(admin: &Path, token: &str, out: &Path) -> anyhow::Result<()> {
     let kc = kube::config::Kubeconfig::read_from(admin)
         .with_context(|| format!("reading kubeconfig {}", admin.display()))?;
-    let ctx_name = kc
-        .current_context
-        .clone()
-        .context("the kubeconfig has no current-context")?;
-    let ctx = kc
-        .contexts
-        .iter()
-        .find(|c| c.name == ctx_name)
-        .and_then(|c| c.context.as_ref())
-        .with_context(|| format!("context {ctx_name} not found in the kubeconfig"))?;
-    let cluster = kc
-        .clusters
-        .iter()
-        .find(|c| c.name == ctx.cluster)
-        .and_then(|c| c.cluster.as_ref())
-        .with_context(|| format!("cluster {} not found in the kubeconfig", ctx.cluster))?;
-    let server = cluster
-        .server
-        .clone()
-        .context("the kubeconfig's cluster has no server")?;
-    let ca_data = match (
-        &cluster.certificate_authority_data,
-        &cluster.certificate_authority,
-    ) {
-        (Some(d), _) => Some(d.clone()),
-        (None, Some(file)) => {
-            let file = admin.parent().unwrap_or(Path::new(".")).join(file);
-            let pem = std::fs::read(&file)
-                .with_context(|| format!("reading the cluster CA {}", file.display()))?;
-            Some(base64::Engine::encode(
-                &base64::engine::general_purpose::STANDARD,
-                &pem,
-            ))
+    let mut cluster_entry = node::bootstrap::cluster_of(&kc)?;
+    // The agents read the bootstrap kubeconfig from elsewhere: embed a CA given as a file.
+    if let Some(file) = cluster_entry
+        .get("certificate-authority")
+        .and_then(|f| f.as_str())
+        .map(str::to_string)
+    {
+        let file = admin.parent().unwrap_or(Path::new(".")).join(file);
+        let pem = std::fs::read(&file)
+            .with_context(|| format!("reading the cluster CA {}", file.display()))?;
+        if let Some(obj) = cluster_entry.as_object_mut() {
+            obj.remove("certificate-authority");
         }
-        (None, None) => None,
-    };
-    let mut cluster_entry = json!({"server": server});
-    if let Some(ca) = ca_data {
-        cluster_entry["certificate-authority-data"] = json!(ca);
-    }
-    if cluster.insecure_skip_tls_verify == Some(true) {
-        cluster_entry["insecure-skip-tls-verify"] = json!(true);
+        cluster_entry["certificate-authority-data"] = json!(base64::Engine::encode(
+            &base64::engine::general_purpose::STANDARD,
+            &pem
+        ));
     }
     let doc = json!({
         "apiVersion": "v1",
@@ -195,4 +170,35 @@ pub fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     f.sync_all()?;
     std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_ca_file_relative_to_the_admin_kubeconfig_is_embedded() -> anyhow::Result<()> {
+        let dir = std::env::temp_dir().join(format!("wasinode-join-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        std::fs::write(dir.join("ca.pem"), "PEM BYTES")?;
+        let admin = dir.join("admin.kubeconfig");
+        std::fs::write(
+            &admin,
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: https://10.0.0.1:6443\n    certificate-authority: ca.pem\nusers:\n- name: u\n  user: {token: admin}\ncontexts:\n- name: x\n  context: {cluster: c, user: u}\ncurrent-context: x\n",
+        )?;
+        let out = dir.join("bootstrap.kubeconfig");
+        write_bootstrap_kubeconfig(&admin, "abcdef.0123456789abcdef", &out)?;
+        let kc = kube::config::Kubeconfig::read_from(&out)?;
+        let cluster = kc.clusters[0].cluster.clone().unwrap_or_default();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(cluster.server.as_deref(), Some("https://10.0.0.1:6443"));
+        assert_eq!(cluster.certificate_authority, None);
+        assert_eq!(
+            cluster.certificate_authority_data.as_deref(),
+            Some("UEVNIEJZVEVT")
+        );
+        let user = kc.auth_infos[0].auth_info.clone().unwrap_or_default();
+        assert!(user.token.is_some());
+        Ok(())
+    }
 }
