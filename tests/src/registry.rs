@@ -26,6 +26,8 @@ pub struct Registry {
     pub log: PathBuf,
     /// (user, password) when started with htpasswd auth.
     pub basic: Option<(String, String)>,
+    /// Guests pushed by [`Registry::push_guest`].
+    pushed: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 impl Registry {
@@ -95,6 +97,7 @@ impl Registry {
                 dir,
                 log,
                 basic: basic.clone(),
+                pushed: Default::default(),
             };
             if reg.wait_ready() {
                 return reg;
@@ -127,6 +130,21 @@ impl Registry {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// The reference of guest module `name` (built by `tools/build-guests`) in this registry,
+    /// `127.0.0.1:PORT/guests/<name>:v1`, pushed by `wasinode push` the first time it is asked
+    /// for. Node mode takes registry references only, so node tests run their guests this way.
+    pub fn push_guest(&self, name: &str) -> anyhow::Result<String> {
+        let reference = self.image(&format!("guests/{}:v1", name.replace('_', "-")));
+        let mut pushed = self.pushed.lock().unwrap_or_else(|p| p.into_inner());
+        if !pushed.contains(name) {
+            let file = crate::guests::guest(name)?;
+            let data = self.dir.path().join("push-data");
+            crate::wasinode::push(&file, &reference, &data, &[])?;
+            pushed.insert(name.to_string());
+        }
+        Ok(reference)
     }
 
     /// `127.0.0.1:PORT/<repo_and_tag>`, as a user writes it in a manifest.

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, ensure};
 use e2e::agent::{Agent, AgentOptions, wagi_pod};
 use e2e::cluster::Cluster;
-use e2e::guests::guest;
+use e2e::registry::Registry;
 use e2e::wasinode::{free_port, get, listening};
 use serde_json::{Value, json};
 
@@ -39,20 +39,20 @@ fn pod_json(cluster: &Cluster, name: &str) -> Result<Value> {
 
 #[test]
 fn node_joins_and_runs_pods() -> Result<()> {
-    let hello = guest("hello")?;
+    let registry = Registry::start();
     let cluster = Cluster::up()?;
     let mut agent = Agent::start(&cluster, AgentOptions::new(NODE))?;
     let port = agent.port.to_string();
-    let image = format!("file://{}", hello.display());
+    let image = registry.push_guest("hello")?;
 
     node_joins(&cluster).with_context(|| agent.output())?;
     acts_as_the_node(&cluster, &agent)?;
-    kubelet_api(&cluster, &port).with_context(|| agent.output())?;
+    kubelet_api(&cluster, &registry, &port).with_context(|| agent.output())?;
     wagi_pod_runs(&cluster, &image).with_context(|| agent.output())?;
     untolerated_pod_stays_pending(&cluster, &image)?;
     broken_pod_is_failed(&cluster, &image).with_context(|| agent.output())?;
-    references_are_resolved(&cluster, &agent).with_context(|| agent.output())?;
-    missing_config_map_waits(&cluster).with_context(|| agent.output())?;
+    references_are_resolved(&cluster, &registry, &agent).with_context(|| agent.output())?;
+    missing_config_map_waits(&cluster, &registry).with_context(|| agent.output())?;
     restart_readopts(&cluster, &mut agent, &image).with_context(|| agent.output())?;
     agent.terminate(Duration::from_secs(20))?;
     cluster.down()
@@ -329,11 +329,11 @@ fn apply(cluster: &Cluster, obj: &Value) -> Result<()> {
     cluster.apply(obj)
 }
 
-fn image_of(name: &str) -> Result<String> {
-    Ok(format!("file://{}", guest(name)?.display()))
+fn image_of(registry: &Registry, name: &str) -> Result<String> {
+    registry.push_guest(name)
 }
 
-fn references_are_resolved(cluster: &Cluster, agent: &Agent) -> Result<()> {
+fn references_are_resolved(cluster: &Cluster, registry: &Registry, agent: &Agent) -> Result<()> {
     apply(
         cluster,
         &json!({"apiVersion": "v1", "kind": "ConfigMap",
@@ -360,7 +360,7 @@ fn references_are_resolved(cluster: &Cluster, agent: &Agent) -> Result<()> {
         "spec": {
             "nodeSelector": {"kubernetes.io/arch": "wasm32-wagi"},
             "tolerations": tolerations,
-            "containers": [{"name": "echo", "image": image_of("cgi_echo")?,
+            "containers": [{"name": "echo", "image": image_of(registry, "cgi_echo")?,
                 "envFrom": [{"configMapRef": {"name": "app-config"}, "prefix": "CM_"}],
                 "env": [
                     {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
@@ -395,7 +395,7 @@ fn references_are_resolved(cluster: &Cluster, agent: &Agent) -> Result<()> {
             "nodeSelector": {"kubernetes.io/arch": "wasm32-wagi"},
             "tolerations": tolerations,
             "volumes": [{"name": "sec", "secret": {"secretName": "app-secret"}}],
-            "containers": [{"name": "job", "image": image_of("wasi_cmd")?,
+            "containers": [{"name": "job", "image": image_of(registry, "wasi_cmd")?,
                 "volumeMounts": [{"name": "sec", "mountPath": "/secret", "readOnly": true}],
                 "env": [
                     {"name": "READ_FILE", "value": "/secret/token.txt"},
@@ -439,7 +439,7 @@ fn references_are_resolved(cluster: &Cluster, agent: &Agent) -> Result<()> {
     Ok(())
 }
 
-fn missing_config_map_waits(cluster: &Cluster) -> Result<()> {
+fn missing_config_map_waits(cluster: &Cluster, registry: &Registry) -> Result<()> {
     let addr = format!("127.0.0.1:{}", free_port());
     apply(
         cluster,
@@ -450,7 +450,7 @@ fn missing_config_map_waits(cluster: &Cluster) -> Result<()> {
             "spec": {
                 "nodeSelector": {"kubernetes.io/arch": "wasm32-wagi"},
                 "tolerations": [{"key": "kubernetes.io/arch", "operator": "Exists"}],
-                "containers": [{"name": "echo", "image": image_of("cgi_echo")?,
+                "containers": [{"name": "echo", "image": image_of(registry, "cgi_echo")?,
                     "env": [{"name": "LATE", "valueFrom": {"configMapKeyRef": {"name": "late-config", "key": "VALUE"}}}]}]}}),
     )?;
     cluster.wait_for("needs-config CreateContainerConfigError", TIMEOUT, || {
@@ -550,7 +550,7 @@ fn served_issuer(port: &str) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
-fn kubelet_api(cluster: &Cluster, port: &str) -> Result<()> {
+fn kubelet_api(cluster: &Cluster, registry: &Registry, port: &str) -> Result<()> {
     let base = format!("https://127.0.0.1:{port}");
     ensure!(curl(&[&format!("{base}/healthz")])? == "200", "/healthz");
     let logs_url = format!("{base}/containerLogs/default/x/y");
@@ -612,7 +612,7 @@ fn kubelet_api(cluster: &Cluster, port: &str) -> Result<()> {
             "logger",
             &addr,
             r#"{"hello": {"route": "/log"}}"#,
-            &image_of("log")?,
+            &image_of(registry, "log")?,
             true,
         ),
     )?;

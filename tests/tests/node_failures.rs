@@ -39,16 +39,14 @@ use serde_json::{Value, json};
 
 const TIMEOUT: Duration = Duration::from_secs(90);
 
-fn image_of(name: &str) -> Result<String> {
-    Ok(format!("file://{}", guest(name)?.display()))
-}
-
-/// A control plane and one Ready agent named `node`.
-fn node(opts: AgentOptions) -> Result<(Cluster, Agent)> {
-    guest("hello")?;
+/// A control plane, one Ready agent named `node`, and a registry for the guests (node mode
+/// takes registry references only).
+fn node(opts: AgentOptions) -> Result<(Cluster, Agent, Registry)> {
+    let registry = Registry::start();
+    registry.push_guest("hello")?;
     let cluster = Cluster::up()?;
     let agent = Agent::start_ready(&cluster, opts, TIMEOUT)?;
-    Ok((cluster, agent))
+    Ok((cluster, agent, registry))
 }
 
 fn wait_running(cluster: &Cluster, name: &str) -> Result<()> {
@@ -115,8 +113,8 @@ fn wait_event(
 
 #[test]
 fn port_in_use_fails_only_the_pod_that_wants_it() -> Result<()> {
-    let (cluster, agent) = node(AgentOptions::new("wasi-clash"))?;
-    let image = image_of("hello")?;
+    let (cluster, agent, registry) = node(AgentOptions::new("wasi-clash"))?;
+    let image = registry.push_guest("hello")?;
     let addr = format!("127.0.0.1:{}", free_port());
     cluster.apply(&hello_pod("first", &addr, &image))?;
     wait_running(&cluster, "first").with_context(|| agent.output())?;
@@ -224,7 +222,7 @@ impl Drop for Watch {
 
 #[test]
 fn unpullable_images_wait_in_image_pull_back_off() -> Result<()> {
-    let (cluster, agent) = node(AgentOptions::new("wasi-pull"))?;
+    let (cluster, agent, _guests) = node(AgentOptions::new("wasi-pull"))?;
     let registry = Registry::start();
     let push_dir = tempfile::tempdir()?;
     let good = registry.image("hello:v1");
@@ -291,18 +289,16 @@ fn unpullable_images_wait_in_image_pull_back_off() -> Result<()> {
 
 #[test]
 fn a_module_that_is_not_wasm_is_reported() -> Result<()> {
-    let (cluster, agent) = node(AgentOptions::new("wasi-badwasm"))?;
+    let (cluster, agent, registry) = node(AgentOptions::new("wasi-badwasm"))?;
     let dir = tempfile::tempdir()?;
     let mut junk = b"\0asm\x01\0\0\0".to_vec();
     junk.extend_from_slice(b"this is not a WebAssembly module");
     let path = dir.path().join("junk.wasm");
     std::fs::write(&path, &junk)?;
     let addr = format!("127.0.0.1:{}", free_port());
-    cluster.apply(&hello_pod(
-        "not-wasm",
-        &addr,
-        &format!("file://{}", path.display()),
-    ))?;
+    let junk_image = registry.image("junk/not-wasm:v1");
+    e2e::wasinode::push(&path, &junk_image, dir.path(), &[])?;
+    cluster.apply(&hello_pod("not-wasm", &addr, &junk_image))?;
     cluster
         .wait_for("not-wasm CreateContainerError", TIMEOUT, || {
             Ok(status_column(&cluster, "not-wasm")? == "CreateContainerError")
@@ -323,7 +319,7 @@ fn a_module_that_is_not_wasm_is_reported() -> Result<()> {
     ensure!(!listening(&addr), "a pod that failed listens on {addr}");
     // The node still runs good pods.
     let good = format!("127.0.0.1:{}", free_port());
-    cluster.apply(&hello_pod("good", &good, &image_of("hello")?))?;
+    cluster.apply(&hello_pod("good", &good, &registry.push_guest("hello")?))?;
     wait_running(&cluster, "good")?;
     hello_answers(&good)?;
     Ok(())
@@ -333,9 +329,13 @@ fn a_module_that_is_not_wasm_is_reported() -> Result<()> {
 
 #[test]
 fn host_network_pod_listens_on_the_node_ip() -> Result<()> {
-    let (cluster, agent) = node(AgentOptions::new("wasi-hostnet").ip("127.0.0.2"))?;
+    let (cluster, agent, registry) = node(AgentOptions::new("wasi-hostnet").ip("127.0.0.2"))?;
     let port = free_port();
-    let mut pod = hello_pod("hostnet", &format!(":{port}"), &image_of("hello")?);
+    let mut pod = hello_pod(
+        "hostnet",
+        &format!(":{port}"),
+        &registry.push_guest("hello")?,
+    );
     pod["spec"]["hostNetwork"] = json!(true);
     cluster.apply(&pod)?;
     wait_running(&cluster, "hostnet").with_context(|| agent.output())?;
@@ -357,7 +357,7 @@ fn host_network_pod_listens_on_the_node_ip() -> Result<()> {
 
 #[test]
 fn image_pull_secrets_open_a_private_registry() -> Result<()> {
-    let (cluster, agent) = node(AgentOptions::new("wasi-secret"))?;
+    let (cluster, agent, _guests) = node(AgentOptions::new("wasi-secret"))?;
     let registry = Registry::start_with_htpasswd("wasi", "s3cret");
     let push_dir = tempfile::tempdir()?;
     let docker = push_dir.path().join("docker");
@@ -418,13 +418,13 @@ fn image_pull_secrets_open_a_private_registry() -> Result<()> {
 
 #[test]
 fn deletion_lets_the_request_in_flight_finish() -> Result<()> {
-    let (cluster, agent) = node(AgentOptions::new("wasi-grace"))?;
+    let (cluster, agent, registry) = node(AgentOptions::new("wasi-grace"))?;
     let addr = format!("127.0.0.1:{}", free_port());
     cluster.apply(&wagi_pod(
         "slow",
         &addr,
         r#"{"hello": {"route": "/echo"}}"#,
-        &image_of("cgi_echo")?,
+        &registry.push_guest("cgi_echo")?,
         true,
     ))?;
     wait_running(&cluster, "slow").with_context(|| agent.output())?;
@@ -473,10 +473,10 @@ fn deletion_lets_the_request_in_flight_finish() -> Result<()> {
 /// A node with pod `steady` Running, kube-apiserver stopped for 30 s and started again; all the
 /// while `steady` answers every request and the agent keeps running. Returns the Lease's
 /// renewTime from before the outage.
-fn outage(name: &str) -> Result<(Cluster, Agent, String)> {
-    let (cluster, mut agent) = node(AgentOptions::new(name))?;
+fn outage(name: &str) -> Result<(Cluster, Agent, Registry, String)> {
+    let (cluster, mut agent, registry) = node(AgentOptions::new(name))?;
     let addr = format!("127.0.0.1:{}", free_port());
-    cluster.apply(&hello_pod("steady", &addr, &image_of("hello")?))?;
+    cluster.apply(&hello_pod("steady", &addr, &registry.push_guest("hello")?))?;
     wait_running(&cluster, "steady").with_context(|| agent.output())?;
 
     // Requests all through the outage, from another thread.
@@ -523,13 +523,13 @@ fn outage(name: &str) -> Result<(Cluster, Agent, String)> {
     );
     eprintln!("outage: {answered} requests answered 200 while kube-apiserver was down, 0 failed");
     hello_answers(&addr)?;
-    Ok((cluster, agent, before))
+    Ok((cluster, agent, registry, before))
 }
 
 #[test]
 fn api_server_outage_keeps_pods_serving() -> Result<()> {
     const NODE: &str = "wasi-outage";
-    let (cluster, mut agent, before) = outage(NODE)?;
+    let (cluster, mut agent, registry, before) = outage(NODE)?;
     cluster
         .wait_for("the Lease to renew after the outage", TIMEOUT, || {
             Ok(cluster.lease_renew_time(NODE)? > before)
@@ -540,7 +540,7 @@ fn api_server_outage_keeps_pods_serving() -> Result<()> {
     // during the outage it is tainted unreachable:NoSchedule until the agent posts Ready again
     // (see node_is_ready_again_after_an_api_server_outage).
     let addr = format!("127.0.0.1:{}", free_port());
-    let mut pod = hello_pod("after-outage", &addr, &image_of("hello")?);
+    let mut pod = hello_pod("after-outage", &addr, &registry.push_guest("hello")?);
     pod["spec"]["nodeName"] = json!(NODE);
     cluster.apply(&pod)?;
     wait_running(&cluster, "after-outage").with_context(|| {
@@ -563,7 +563,7 @@ fn api_server_outage_keeps_pods_serving() -> Result<()> {
 #[test]
 fn node_is_ready_again_after_an_api_server_outage() -> Result<()> {
     const NODE: &str = "wasi-outage-ready";
-    let (cluster, mut agent, _) = outage(NODE)?;
+    let (cluster, mut agent, _guests, _) = outage(NODE)?;
     // Whether the node controller got to mark the Node Unknown before the agent renewed its
     // Lease is a race; make it certain, as the controller writes it.
     cluster.kubectl(&[
@@ -605,14 +605,14 @@ fn listeners(port: u16) -> Result<usize> {
 
 #[test]
 fn killed_agent_readopts_its_pod() -> Result<()> {
-    let (cluster, mut agent) = node(AgentOptions::new("wasi-readopt"))?;
+    let (cluster, mut agent, registry) = node(AgentOptions::new("wasi-readopt"))?;
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
     cluster.apply(&wagi_pod(
         "keeper",
         &addr,
         r#"{"hello": {"route": "/log"}}"#,
-        &image_of("log")?,
+        &registry.push_guest("log")?,
         true,
     ))?;
     wait_running(&cluster, "keeper").with_context(|| agent.output())?;
@@ -674,7 +674,8 @@ fn killed_agent_readopts_its_pod() -> Result<()> {
 
 #[test]
 fn a_pod_beyond_max_pods_is_rejected_as_out_of_pods() -> Result<()> {
-    let (cluster, agent) = node(AgentOptions::new("wasi-full").args(&["--max-pods", "1"]))?;
+    let (cluster, agent, registry) =
+        node(AgentOptions::new("wasi-full").args(&["--max-pods", "1"]))?;
     let node = cluster.kubectl_json(&["get", "node", "wasi-full"])?;
     ensure!(
         node["status"]["capacity"]["pods"] == "1" && node["status"]["allocatable"]["pods"] == "1",
@@ -682,11 +683,11 @@ fn a_pod_beyond_max_pods_is_rejected_as_out_of_pods() -> Result<()> {
         node["status"]
     );
     let first = format!("127.0.0.1:{}", free_port());
-    cluster.apply(&hello_pod("first", &first, &image_of("hello")?))?;
+    cluster.apply(&hello_pod("first", &first, &registry.push_guest("hello")?))?;
     wait_running(&cluster, "first").with_context(|| agent.output())?;
     // Bound directly (the scheduler would keep it Pending): the node's admission rejects it.
     let second = format!("127.0.0.1:{}", free_port());
-    let mut pod = hello_pod("second", &second, &image_of("hello")?);
+    let mut pod = hello_pod("second", &second, &registry.push_guest("hello")?);
     pod["spec"]["nodeName"] = json!("wasi-full");
     cluster.apply(&pod)?;
     cluster
@@ -709,7 +710,7 @@ fn a_pod_beyond_max_pods_is_rejected_as_out_of_pods() -> Result<()> {
     // Room again once the first pod is gone.
     cluster.kubectl(&["delete", "pod", "first", "--wait=true", "--timeout=60s"])?;
     let third = format!("127.0.0.1:{}", free_port());
-    cluster.apply(&hello_pod("third", &third, &image_of("hello")?))?;
+    cluster.apply(&hello_pod("third", &third, &registry.push_guest("hello")?))?;
     wait_running(&cluster, "third").with_context(|| agent.output())?;
     hello_answers(&third)?;
     Ok(())

@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use e2e::cluster::Cluster;
-use e2e::guests::guest;
+use e2e::registry::Registry;
 use e2e::wasinode::{Wasinode, free_port, get};
 use serde_json::{Value, json};
 
@@ -132,7 +132,7 @@ fn pods_of(cluster: &Cluster, app: &str) -> Result<Vec<PodRow>> {
         .collect())
 }
 
-fn hello_deployment(app: &str, addr: &str, hello: &std::path::Path) -> Value {
+fn hello_deployment(app: &str, addr: &str, hello: &str) -> Value {
     json!({
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -152,7 +152,7 @@ fn hello_deployment(app: &str, addr: &str, hello: &std::path::Path) -> Value {
                     "nodeSelector": {"kubernetes.io/arch": "wasm32-wagi"},
                     "tolerations": tolerations(),
                     "terminationGracePeriodSeconds": 5,
-                    "containers": [{"name": "hello", "image": format!("file://{}", hello.display())}],
+                    "containers": [{"name": "hello", "image": hello}],
                 },
             },
         },
@@ -180,7 +180,8 @@ fn running_pod(cluster: &Cluster, app: &str, node: &str) -> Result<(String, Stri
 fn drain_on_shutdown_evicts_pods_and_cordons() -> Result<()> {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     const NODE: &str = "drain-node";
-    let hello = guest("hello")?;
+    let guests = Registry::start();
+    let hello = guests.push_guest("hello")?;
     let cluster = Cluster::up()?;
     let mut agent = start_agent(
         &cluster,
@@ -238,7 +239,8 @@ fn drain_on_shutdown_evicts_pods_and_cordons() -> Result<()> {
 fn drain_blocked_by_a_disruption_budget_says_why() -> Result<()> {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     const NODE: &str = "budget-node";
-    let hello = guest("hello")?;
+    let guests = Registry::start();
+    let hello = guests.push_guest("hello")?;
     let cluster = Cluster::up()?;
     let mut agent = start_agent(
         &cluster,
@@ -541,7 +543,8 @@ fn certificates_are_renewed() -> Result<()> {
     const CLIENT: &str = "kubernetes.io/kube-apiserver-client-kubelet";
     const SERVING: &str = "kubernetes.io/kubelet-serving";
     let user = format!("system:node:{NODE}");
-    let log = guest("log")?;
+    let guests = Registry::start();
+    let log = guests.push_guest("log")?;
     let cluster = Cluster::up()?;
     let port = free_port().to_string();
     let agent = start_agent_on(&cluster, NODE, &port, &["--cert-renew-after", "8s"])?;
@@ -620,7 +623,7 @@ fn certificates_are_renewed() -> Result<()> {
             "nodeSelector": {"kubernetes.io/arch": "wasm32-wagi"},
             "tolerations": tolerations(),
             "terminationGracePeriodSeconds": 5,
-            "containers": [{"name": "log", "image": format!("file://{}", log.display())}],
+            "containers": [{"name": "log", "image": log}],
         },
     }))?;
     cluster

@@ -473,8 +473,12 @@ async fn main() -> Result<()> {
     let t_agent = Instant::now();
     // Room for every pod of the load section and the latency pods still around.
     let max_pods = (load_pods + latency_pods + sched_pods + 10).to_string();
+    // The operator's opt-in to local modules: the bench measures the node, not the registry.
+    let guest_dir = hello.parent().context("guest dir")?;
     let agent = Wasinode::start(&[
         "node",
+        "--allow-local-images",
+        guest_dir.to_str().context("guest dir path")?,
         "--max-pods",
         &max_pods,
         "--port",

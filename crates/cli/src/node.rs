@@ -71,6 +71,12 @@ pub struct NodeArgs {
     /// and for the evicted pods to be gone; then the node stops anyway and exits with 1.
     #[arg(long, default_value = "5m", value_parser = parse_duration)]
     pub drain_timeout: Duration,
+    /// Let pods name local modules (`file:///...` or a path) beneath this folder. By default a
+    /// node takes registry references only: an image names a file the agent reads and runs, and
+    /// pod authors are not trusted with the host's files. Paths are resolved by the kernel
+    /// without leaving the folder (no `..`, no link out of it).
+    #[arg(long, value_name = "DIR")]
+    pub allow_local_images: Option<PathBuf>,
     /// Testing only: renew the client and serving certificates this long after they were
     /// obtained instead of at 70–90% of their lifetime.
     #[arg(long, hide = true, value_parser = parse_duration, value_name = "DURATION")]
@@ -138,7 +144,15 @@ pub async fn node(args: NodeArgs) -> anyhow::Result<i32> {
     if let Some(file) = &args.client_ca_file {
         client_ca = node::read_pem_certs(file)?;
     }
+    let local_images = match &args.allow_local_images {
+        None => workload::LocalImages::Refused,
+        Some(dir) => workload::LocalImages::Beneath(
+            std::fs::canonicalize(dir)
+                .map_err(|e| anyhow::anyhow!("--allow-local-images {}: {e}", dir.display()))?,
+        ),
+    };
     let cfg = node::Config {
+        local_images,
         node_name: args.node_name.clone(),
         node_ip: args.node_ip,
         pool: args.pool.clone(),

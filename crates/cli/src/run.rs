@@ -53,6 +53,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<i32> {
             node_ip: None,
             bind_ip: None,
             base_dir: Some(mp.base_dir.clone()),
+            local_images: workload::LocalImages::Any,
         };
         let sup = sup.clone();
         async move { sup.start(&mp.pod, &ctx, None).await }

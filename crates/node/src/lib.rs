@@ -46,6 +46,8 @@ pub struct Config {
     pub pod_address: Option<IpAddr>,
     /// The `pods` capacity the Node advertises; a pod bound beyond it is rejected (`OutOfpods`).
     pub max_pods: u32,
+    /// Which local files pods may name as images (`--allow-local-images`; none by default).
+    pub local_images: workload::LocalImages,
     /// Time running pods get to stop when the agent shuts down.
     pub shutdown_grace: Duration,
     /// DER certificates of the CA that signs callers' client certificates (the cluster CA).
@@ -191,6 +193,7 @@ pub async fn run(
             node_ip: Some(cfg.node_ip),
             bind_ip: cfg.pod_address,
             base_dir: None,
+            local_images: cfg.local_images.clone(),
         },
         handled: Mutex::default(),
         max_pods: cfg.max_pods as usize,

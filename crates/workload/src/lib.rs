@@ -18,6 +18,6 @@ pub mod supervisor;
 
 pub use image::{Images, PullRetry};
 pub use logs::LogStore;
-pub use plan::{Plan, PlanContext, PodKey};
+pub use plan::{LocalImages, Plan, PlanContext, PodKey};
 pub use report::{ContainerState, EventType, Phase, Report, Reporter};
 pub use supervisor::{StartError, Started, Supervisor, SupervisorConfig};

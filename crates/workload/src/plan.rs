@@ -101,6 +101,22 @@ pub struct PlanContext {
     /// Folder of the manifest the pod came from (relative hostPath volumes are not allowed, but
     /// relative images are resolved against it by the image resolver).
     pub base_dir: Option<PathBuf>,
+    /// Which local image forms (`file://`, paths) a pod may name.
+    pub local_images: LocalImages,
+}
+
+/// Which local files a pod's `image:` may name. An image names a file the agent reads and
+/// runs, so in node mode (where pod authors are untrusted) only registries are allowed unless
+/// the operator names a folder.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum LocalImages {
+    /// Any file (standalone mode: the manifest's author runs wasinode).
+    #[default]
+    Any,
+    /// None: registry references only (node mode's default).
+    Refused,
+    /// Only files beneath this folder, resolved without leaving it (`--allow-local-images`).
+    Beneath(PathBuf),
 }
 
 #[derive(Debug, Deserialize)]

@@ -280,6 +280,7 @@ impl Supervisor {
             .fetch(
                 &c.image,
                 c.image_pull_policy.as_deref(),
+                &ctx.local_images,
                 ctx.base_dir.as_deref(),
                 creds,
             )

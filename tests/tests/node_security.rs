@@ -1,0 +1,146 @@
+//! What a hostile pod author cannot make a node do, tried from the pod spec on the real control
+//! plane (kube-apiserver, kube-scheduler, kube-controller-manager, etcd):
+//! - name a host file as its image: `file://` paths, absolute and relative paths are refused
+//!   before any file is opened (InvalidImageName, an Event saying the node takes registry
+//!   references only), so neither a text file's content nor a `.wasm` elsewhere on the host is
+//!   read, shown or served; with `--allow-local-images DIR` only files beneath DIR run, and a
+//!   link or `..` out of DIR is refused;
+//!
+//! Run: `cargo build --release && cargo test --release -p wasinode-e2e --test node_security`
+
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use e2e::agent::{Agent, AgentOptions, hello_pod};
+use e2e::cluster::Cluster;
+use e2e::guests::guest;
+use e2e::wasinode::{free_port, get, listening};
+use serde_json::Value;
+
+const TIMEOUT: Duration = Duration::from_secs(90);
+
+/// `hello_pod` bound to `node` directly (two agents share the cluster).
+fn pod_on(node: &str, name: &str, addr: &str, image: &str) -> Value {
+    let mut pod = hello_pod(name, addr, image);
+    pod["spec"]["nodeName"] = node.into();
+    pod
+}
+
+/// The waiting reason of the pod's first container, once it has one.
+fn waiting_reason(cluster: &Cluster, name: &str) -> Result<Option<String>> {
+    let p = cluster.pod(name)?;
+    Ok(
+        p["status"]["containerStatuses"][0]["state"]["waiting"]["reason"]
+            .as_str()
+            .map(String::from),
+    )
+}
+
+#[test]
+fn pods_cannot_name_host_files_as_images() -> Result<()> {
+    let host = tempfile::tempdir()?;
+    let secret = host.path().join("host-secret.txt");
+    std::fs::write(&secret, "TOP-SECRET-FIRST-LINE 4f1c\nsecond line\n")?;
+    // A real module elsewhere on the host, and the operator's allowed folder.
+    let outside = host.path().join("outside.wasm");
+    std::fs::copy(guest("hello")?, &outside)?;
+    let allowed = host.path().join("allowed");
+    std::fs::create_dir(&allowed)?;
+    std::fs::copy(guest("hello")?, allowed.join("hello.wasm"))?;
+    std::os::unix::fs::symlink(&outside, allowed.join("link-out.wasm"))?;
+    std::os::unix::fs::symlink(&secret, allowed.join("secret.wasm"))?;
+
+    let cluster = Cluster::up()?;
+    let strict = Agent::start_ready(&cluster, AgentOptions::new("wasi-strict"), TIMEOUT)?;
+    let opted = Agent::start_ready(
+        &cluster,
+        AgentOptions::new("wasi-opted")
+            .args(&["--allow-local-images", allowed.to_str().context("path")?]),
+        TIMEOUT,
+    )?;
+    let out = || format!("{}\n{}", strict.output(), opted.output());
+
+    // Node mode's default: no local form at all, whatever the file.
+    let secret_uri = format!("file://{}", secret.display());
+    let outside_uri = format!("file://{}", outside.display());
+    let mut refused = vec![];
+    for (name, image) in [
+        ("file-uri-text", secret_uri.as_str()),
+        ("abs-path-text", secret.to_str().context("path")?),
+        ("proc-environ", "/proc/self/environ"),
+        ("relative-wasm", "./outside.wasm"),
+        ("host-wasm", outside_uri.as_str()),
+    ] {
+        let addr = format!("127.0.0.1:{}", free_port());
+        cluster.apply(&pod_on("wasi-strict", name, &addr, image))?;
+        refused.push((name, addr));
+    }
+    // With --allow-local-images: beneath the folder runs; a way out of it does not.
+    let good_addr = format!("127.0.0.1:{}", free_port());
+    let inside = format!("file://{}", allowed.join("hello.wasm").display());
+    cluster.apply(&pod_on("wasi-opted", "allowed-wasm", &good_addr, &inside))?;
+    let mut escapes = vec![];
+    for (name, image) in [
+        (
+            "link-out",
+            format!("file://{}", allowed.join("link-out.wasm").display()),
+        ),
+        (
+            "link-to-text",
+            format!("file://{}", allowed.join("secret.wasm").display()),
+        ),
+        ("dot-dot", format!("{}/../outside.wasm", allowed.display())),
+        ("elsewhere", outside_uri.clone()),
+    ] {
+        let addr = format!("127.0.0.1:{}", free_port());
+        cluster.apply(&pod_on("wasi-opted", name, &addr, &image))?;
+        escapes.push((name, addr));
+    }
+
+    for (name, _) in refused.iter().chain(&escapes) {
+        cluster
+            .wait_for(&format!("{name} InvalidImageName"), TIMEOUT, || {
+                Ok(waiting_reason(&cluster, name)?.as_deref() == Some("InvalidImageName"))
+            })
+            .with_context(out)?;
+        let describe = cluster.describe_pod(name)?;
+        ensure!(
+            !describe.contains("TOP-SECRET") && !describe.contains("second line"),
+            "the host file's content reached `kubectl describe pod {name}`:\n{describe}"
+        );
+        ensure!(
+            cluster.pod(name)?["status"]["phase"] == "Failed",
+            "{name} is not Failed"
+        );
+    }
+    for (name, _) in &refused {
+        let events = cluster.pod_events(name)?;
+        ensure!(
+            events
+                .iter()
+                .any(|(_, _, m)| m.contains("registry references only")),
+            "no Event of {name} says the node takes registry references only: {events:?}"
+        );
+    }
+    for (name, _) in &escapes {
+        let events = cluster.pod_events(name)?;
+        ensure!(
+            events
+                .iter()
+                .any(|(_, _, m)| m.contains("--allow-local-images")),
+            "no Event of {name} names --allow-local-images: {events:?}"
+        );
+    }
+    // Nothing refused serves: its port was never bound.
+    for (name, addr) in refused.iter().chain(&escapes) {
+        ensure!(!listening(addr), "{name} listens on {addr}");
+    }
+    cluster
+        .wait_for("allowed-wasm answers", TIMEOUT, || {
+            Ok(get(&good_addr, "/hello").is_ok_and(|r| r.status == 200))
+        })
+        .with_context(out)?;
+    let body = get(&good_addr, "/hello")?.body;
+    ensure!(body.contains("hello world"), "allowed-wasm said {body:?}");
+    cluster.down()
+}
