@@ -62,7 +62,9 @@ pub struct Cluster {
     pub dir: PathBuf,
     /// The API server's URL, e.g. `https://127.0.0.1:41234`.
     pub api_server: String,
-    /// The kubectl `tools/cluster` chose (within version skew of the server).
+    /// The kubectl every test and benchmark runs: `$KUBECTL` if set, else the one built with the
+    /// control plane from the same Kubernetes release (`tools/cluster`'s `find_kubectl`, the one
+    /// rule, written into the cluster's `env` file).
     pub kubectl_path: PathBuf,
     tmp: Option<tempfile::TempDir>,
     stopped: bool,

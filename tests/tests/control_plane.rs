@@ -2,6 +2,7 @@
 //!
 //! One cluster for the whole binary: a single test brings it up and checks, in order, that
 //! - the API server answers `/readyz` with `ok` through kubectl and reports the pinned version;
+//!   the kubectl is the one built from the same release (unless `$KUBECTL` names another);
 //! - the controller-manager turns a Deployment into a ReplicaSet and the ReplicaSet into pods;
 //! - the scheduler reports a pod whose nodeSelector matches no node as Unschedulable;
 //! - a `kube-apiserver-client-kubelet` CSR made with the bootstrap token is auto-approved and
@@ -41,12 +42,15 @@ fn api_server_is_ready(cluster: &Cluster) -> Result<()> {
         server.starts_with("v1.3"),
         "server version {server:?}: {version}"
     );
-    eprintln!(
-        "API server {server}, kubectl {}: /readyz ok",
-        version["clientVersion"]["gitVersion"]
-            .as_str()
-            .unwrap_or("?")
+    let client = version["clientVersion"]["gitVersion"]
+        .as_str()
+        .unwrap_or_default();
+    // Unless $KUBECTL names one, the kubectl is built with the control plane, from its release.
+    ensure!(
+        std::env::var_os("KUBECTL").is_some() || client == server,
+        "kubectl {client:?} is not the control plane's release {server:?}"
     );
+    eprintln!("API server {server}, kubectl {client}: /readyz ok");
     Ok(())
 }
 
