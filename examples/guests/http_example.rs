@@ -1,10 +1,16 @@
 //! http_example: an outbound HTTP GET through the `wasi_experimental_http` host imports.
 //!
 //! Target URL: the query parameter `url=` (percent-decoded, `%XX` only), or, when absent,
-//! the environment variable `TARGET_URL`. The module calls `req` with method GET, no
-//! headers and no body, reads the response body with `body_read` until it returns 0 bytes,
-//! and answers `Content-Type: text/plain` with `status: <upstream status>\n` followed by the
-//! upstream body as is.
+//! the environment variable `TARGET_URL`. The module calls `req` with method GET (or the
+//! query's `method=`), the headers given as `h=Name:Value` query parameters (percent-decoded,
+//! in order; none by default) and no body, reads the response body with `body_read` until it
+//! returns 0 bytes, and answers `Content-Type: text/plain` with `status: <upstream status>\n`
+//! followed by the upstream body as is.
+//!
+//! With `n=<N>` it makes the request N times instead and always answers 200 with one line per
+//! request: `request <i>: status <S> (<B> bytes)`, or `request <i>: error <code>` (and stops
+//! there). With `keep=1` as well, each response is held (its body not read, its handle not
+//! closed) until the end, and its line is `request <i>: status <S> (held)`.
 //!
 //! Errors:
 //!   - no URL at all: `Status: 400 Bad Request`, body `no target url: pass ?url=... or set TARGET_URL\n`
@@ -68,11 +74,94 @@ fn percent_decode(s: &str) -> String {
 
 /// The value of the first `url=` parameter of the query string, decoded.
 fn url_from_query(query: &str) -> Option<String> {
+    param(query, "url").filter(|u| !u.is_empty())
+}
+
+/// Every value of the `name=` parameter, decoded, in order.
+fn params(query: &str, name: &str) -> Vec<String> {
+    let prefix = format!("{name}=");
     query
         .split('&')
-        .find_map(|kv| kv.strip_prefix("url="))
+        .filter_map(|kv| kv.strip_prefix(prefix.as_str()))
         .map(percent_decode)
-        .filter(|u| !u.is_empty())
+        .collect()
+}
+
+fn param(query: &str, name: &str) -> Option<String> {
+    params(query, name).into_iter().next()
+}
+
+/// Sends one request; the upstream status and the handle, or the host's error code.
+fn request(url: &str, method: &str, headers: &str) -> Result<(u16, u32), u32> {
+    let body: &[u8] = &[];
+    let mut status_code: u16 = 0;
+    let mut handle: u32 = 0;
+    let err = unsafe {
+        req(
+            url.as_ptr(),
+            url.len(),
+            method.as_ptr(),
+            method.len(),
+            headers.as_ptr(),
+            headers.len(),
+            body.as_ptr(),
+            body.len(),
+            &mut status_code,
+            &mut handle,
+        )
+    };
+    if err != 0 {
+        Err(err)
+    } else {
+        Ok((status_code, handle))
+    }
+}
+
+/// Reads the whole body of `handle`.
+fn read_body(handle: u32) -> Result<Vec<u8>, u32> {
+    let mut upstream = Vec::new();
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let mut written: usize = 0;
+        let err = unsafe { body_read(handle, buf.as_mut_ptr(), buf.len(), &mut written) };
+        if err != 0 {
+            return Err(err);
+        }
+        if written == 0 {
+            return Ok(upstream);
+        }
+        upstream.extend_from_slice(&buf[..written.min(buf.len())]);
+    }
+}
+
+/// `n=` mode: the request `n` times, one report line each.
+fn repeat(url: &str, method: &str, headers: &str, n: u32, keep: bool) {
+    let mut report = String::new();
+    for i in 1..=n {
+        match request(url, method, headers) {
+            Err(err) => {
+                report.push_str(&format!("request {i}: error {err}\n"));
+                break;
+            }
+            Ok((status, handle)) if keep => {
+                report.push_str(&format!("request {i}: status {status} (held)\n"));
+                let _ = handle;
+            }
+            Ok((status, handle)) => {
+                let body = read_body(handle);
+                unsafe { close(handle) };
+                match body {
+                    Ok(b) => report.push_str(&format!("request {i}: status {status} ({} bytes)\n", b.len())),
+                    Err(err) => {
+                        report.push_str(&format!("request {i}: error {err}\n"));
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    eprintln!("http_example: {method} {url} x{n}: {}", report.lines().last().unwrap_or(""));
+    respond(None, report.as_bytes());
 }
 
 fn respond(status: Option<&str>, body: &[u8]) {
@@ -100,47 +189,39 @@ fn main() {
         }
     };
 
-    let method = "GET";
-    let headers = "";
-    let body: &[u8] = &[];
-    let mut status_code: u16 = 0;
-    let mut handle: u32 = 0;
-    let err = unsafe {
-        req(
-            url.as_ptr(),
-            url.len(),
-            method.as_ptr(),
-            method.len(),
-            headers.as_ptr(),
-            headers.len(),
-            body.as_ptr(),
-            body.len(),
-            &mut status_code,
-            &mut handle,
-        )
-    };
-    if err != 0 {
-        let status = if err == DESTINATION_NOT_ALLOWED {
-            "403 Forbidden"
-        } else {
-            "502 Bad Gateway"
-        };
-        eprintln!("http_example: GET {url} failed: error {err}");
-        respond(
-            Some(status),
-            format!("outbound request failed: error {err}\n").as_bytes(),
-        );
+    let method = param(&query, "method").unwrap_or_else(|| "GET".to_string());
+    let mut headers = String::new();
+    for h in params(&query, "h") {
+        headers.push_str(&h);
+        headers.push('\n');
+    }
+    if let Some(n) = param(&query, "n").and_then(|n| n.parse().ok()) {
+        repeat(&url, &method, &headers, n, param(&query, "keep").as_deref() == Some("1"));
         return;
     }
+    let (status_code, handle) = match request(&url, &method, &headers) {
+        Ok(r) => r,
+        Err(err) => {
+            let status = if err == DESTINATION_NOT_ALLOWED {
+                "403 Forbidden"
+            } else {
+                "502 Bad Gateway"
+            };
+            eprintln!("http_example: GET {url} failed: error {err}");
+            respond(
+                Some(status),
+                format!("outbound request failed: error {err}\n").as_bytes(),
+            );
+            return;
+        }
+    };
 
     // Read the whole upstream body before answering, so a read error can still change the status.
-    let mut upstream = Vec::new();
-    let mut buf = vec![0u8; 16 * 1024];
-    loop {
-        let mut written: usize = 0;
-        let err = unsafe { body_read(handle, buf.as_mut_ptr(), buf.len(), &mut written) };
-        if err != 0 {
-            unsafe { close(handle) };
+    let upstream = read_body(handle);
+    unsafe { close(handle) };
+    let upstream = match upstream {
+        Ok(b) => b,
+        Err(err) => {
             eprintln!("http_example: GET {url} -> {status_code}, reading body failed: error {err}");
             respond(
                 Some("502 Bad Gateway"),
@@ -148,12 +229,7 @@ fn main() {
             );
             return;
         }
-        if written == 0 {
-            break;
-        }
-        upstream.extend_from_slice(&buf[..written.min(buf.len())]);
-    }
-    unsafe { close(handle) };
+    };
 
     eprintln!("http_example: GET {url} -> {status_code} ({} bytes)", upstream.len());
     let mut body = format!("status: {status_code}\n").into_bytes();

@@ -585,3 +585,223 @@ fn help_explains_itself() -> Result<()> {
     }
     Ok(())
 }
+
+/// A loopback HTTP server that answers every request with `body` and keeps the header block of
+/// each request it received (`name: value` lines, names lowercased), in order.
+fn recording_upstream(
+    body: Vec<u8>,
+) -> Result<(
+    String,
+    std::sync::Arc<std::sync::Mutex<Vec<Vec<(String, String)>>>>,
+)> {
+    let l = TcpListener::bind("127.0.0.1:0")?;
+    let a = l.local_addr()?.to_string();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let s2 = seen.clone();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { continue };
+            let mut head = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                match s.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => head.extend_from_slice(&buf[..n]),
+                }
+            }
+            let text = String::from_utf8_lossy(&head).into_owned();
+            let headers = text
+                .lines()
+                .skip(1)
+                .filter_map(|l| l.split_once(':'))
+                .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+                .collect();
+            if let Ok(mut v) = s2.lock() {
+                v.push(headers);
+            }
+            let _ = write!(
+                s,
+                "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = s.write_all(&body);
+        }
+    });
+    Ok((a, seen))
+}
+
+#[test]
+fn outbound_requests_carry_no_guest_host_or_hop_by_hop_headers() -> Result<()> {
+    let (up, seen) = recording_upstream(b"fine".to_vec())?;
+    let a = addr();
+    let modules = format!(r#"{{"out": {{"route": "/out", "allowed_hosts": ["http://{up}"]}}}}"#);
+    let y = wagi_pod(
+        "hdrs",
+        &a,
+        &modules,
+        &[("out", &guest("http_example")?)],
+        "",
+    );
+    let (mut w, _d) = run_one(&y, &["--quiet"])?;
+    w.wait_listening(&a, T)?;
+    // The guest asks for a virtual host behind the allowed origin, and for hop-by-hop headers.
+    let q = [
+        "h=Host:internal.admin.example",
+        "h=Connection:X-Hop",
+        "h=X-Hop:1",
+        "h=Keep-Alive:timeout=99",
+        "h=Proxy-Authorization:Basic%20eDp5",
+        "h=Upgrade:websocket",
+        "h=TE:trailers",
+        "h=X-Keep:kept",
+    ]
+    .join("&");
+    let r = get(&a, &format!("/out?url=http://{up}/x&{q}"))?;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(r.body.contains("fine"), "{}", r.body);
+    let got = seen
+        .lock()
+        .map_err(|_| anyhow::anyhow!("poisoned"))?
+        .last()
+        .cloned()
+        .unwrap_or_default();
+    let named = |n: &str| -> Vec<&str> {
+        got.iter()
+            .filter(|(k, _)| k == n)
+            .map(|(_, v)| v.as_str())
+            .collect()
+    };
+    assert_eq!(named("host"), vec![up.as_str()], "{got:?}");
+    for n in [
+        "x-hop",
+        "keep-alive",
+        "proxy-authorization",
+        "upgrade",
+        "te",
+    ] {
+        assert!(named(n).is_empty(), "{n} was passed through: {got:?}");
+    }
+    assert!(
+        !named("connection").iter().any(|v| v.contains("X-Hop")),
+        "{got:?}"
+    );
+    assert_eq!(named("x-keep"), vec!["kept"], "{got:?}");
+    w.signal("INT")?;
+    assert_eq!(w.wait_exit(T)?.code(), Some(0));
+    Ok(())
+}
+
+#[test]
+fn outbound_link_local_and_metadata_addresses_are_refused_under_allow_all() -> Result<()> {
+    let (up, seen) = recording_upstream(b"loopback ok".to_vec())?;
+    let a = addr();
+    let modules = r#"{"any": {"route": "/any", "allowed_hosts": ["insecure:allow-all"]}}"#;
+    let y = wagi_pod("meta", &a, modules, &[("any", &guest("http_example")?)], "");
+    let (mut w, _d) = run_one(&y, &["--quiet", "--request-timeout", "5s"])?;
+    w.wait_listening(&a, T)?;
+    for target in [
+        "http://169.254.169.254/latest/meta-data/",
+        "http://169.254.169.254:8080/",
+        "http://0xa9fea9fe/",
+        "http://%5Bfe80::1%5D/",
+        "http://%5B::ffff:169.254.169.254%5D/",
+        "http://%5Bfd00:ec2::254%5D/",
+    ] {
+        let r = get(&a, &format!("/any?url={target}"))?;
+        assert_eq!(r.status, 403, "{target}: {}", r.body);
+        assert!(r.body.contains("error 7"), "{target}: {}", r.body);
+    }
+    // Everything else stays reachable under allow-all.
+    let r = get(&a, &format!("/any?url=http://{up}/"))?;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(r.body.contains("loopback ok"), "{}", r.body);
+    assert_eq!(seen.lock().map(|v| v.len()).unwrap_or_default(), 1);
+    w.signal("INT")?;
+    assert_eq!(w.wait_exit(T)?.code(), Some(0));
+    Ok(())
+}
+
+#[test]
+fn outbound_response_bodies_count_against_the_memory_budget() -> Result<()> {
+    let (up, _seen) = recording_upstream(vec![b'x'; 4 << 20])?;
+    let a = addr();
+    let modules = format!(r#"{{"big": {{"route": "/big", "allowed_hosts": ["http://{up}"]}}}}"#);
+    let y = wagi_pod(
+        "bodies",
+        &a,
+        &modules,
+        &[("big", &guest("http_example")?)],
+        "",
+    );
+    let (mut w, _d) = run_one(&y, &["--quiet", "--max-memory", "32MiB"])?;
+    w.wait_listening(&a, T)?;
+    // Twelve 4 MiB responses read and closed one after the other: each is given back on close.
+    let r = get(&a, &format!("/big?url=http://{up}/&n=12"))?;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(
+        r.body.contains("request 12: status 200 (4194304 bytes)"),
+        "{}",
+        r.body
+    );
+    // Twelve held at once would be 48 MiB beside a 32 MiB budget: the one that does not fit
+    // fails (error 12, runtime error) instead of the host keeping it.
+    let r = get(&a, &format!("/big?url=http://{up}/&n=12&keep=1"))?;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(
+        r.body.contains("request 2: status 200 (held)"),
+        "{}",
+        r.body
+    );
+    assert!(r.body.contains(": error 12"), "{}", r.body);
+    assert!(!r.body.contains("request 8: status"), "{}", r.body);
+    // The instance's budget ends with it: the next request has all of it again.
+    let r = get(&a, &format!("/big?url=http://{up}/&n=3&keep=1"))?;
+    assert!(
+        r.body.contains("request 3: status 200 (held)"),
+        "{}",
+        r.body
+    );
+    w.signal("INT")?;
+    assert_eq!(w.wait_exit(T)?.code(), Some(0));
+    Ok(())
+}
+
+#[test]
+fn outbound_timeout_bounds_a_request_to_a_silent_upstream() -> Result<()> {
+    // Accepts connections, reads, never answers.
+    let l = TcpListener::bind("127.0.0.1:0")?;
+    let up = l.local_addr()?.to_string();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for s in l.incoming().flatten() {
+            held.push(s);
+        }
+    });
+    let a = addr();
+    let modules = format!(r#"{{"slow": {{"route": "/slow", "allowed_hosts": ["http://{up}"]}}}}"#);
+    let y = wagi_pod(
+        "silent",
+        &a,
+        &modules,
+        &[("slow", &guest("http_example")?)],
+        "",
+    );
+    let (mut w, _d) = run_one(
+        &y,
+        &[
+            "--quiet",
+            "--request-timeout",
+            "120s",
+            "--outbound-timeout",
+            "1s",
+        ],
+    )?;
+    w.wait_listening(&a, T)?;
+    // The guest is told (error 11) and answers for itself, long before the request's deadline.
+    let r = get(&a, &format!("/slow?url=http://{up}/"))?;
+    assert_eq!(r.status, 502, "{}", r.body);
+    assert!(r.body.contains("error 11"), "{}", r.body);
+    w.signal("INT")?;
+    assert_eq!(w.wait_exit(T)?.code(), Some(0));
+    Ok(())
+}

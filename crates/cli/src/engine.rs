@@ -25,6 +25,10 @@ pub struct EngineArgs {
     /// Module instances that may run at once (slots reserved by the pooling allocator).
     #[arg(long, default_value_t = 1000)]
     pub max_instances: u32,
+    /// Longest one outbound HTTP request of a module may take, connect to last byte (a WAGI
+    /// request's own deadline cuts it sooner; this bounds those of WASI commands).
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub outbound_timeout: Duration,
     /// A plain-HTTP registry to allow besides loopback ones (HOST[:PORT]; repeatable).
     #[arg(long, value_name = "HOST[:PORT]")]
     pub insecure_registry: Vec<String>,
@@ -84,6 +88,7 @@ pub fn start(
     let rt = runtime::Runtime::new(runtime::RuntimeConfig {
         max_memory: opts.max_memory,
         max_instances: opts.max_instances,
+        outbound_timeout: opts.outbound_timeout,
         cache_dir: Some(data_dir.join("modules")),
         ..Default::default()
     })?;

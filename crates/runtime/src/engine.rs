@@ -24,6 +24,10 @@ pub struct RuntimeConfig {
     pub cache_dir: Option<PathBuf>,
     /// How often running guests yield to the scheduler and deadlines are checked.
     pub epoch_tick: Duration,
+    /// Longest one outbound HTTP request of a guest may take, connect to last byte; an
+    /// invocation's own deadline (WAGI requests have one) cuts it sooner. This is what bounds
+    /// the requests of invocations without a deadline (WASI commands).
+    pub outbound_timeout: Duration,
 }
 
 impl Default for RuntimeConfig {
@@ -33,6 +37,7 @@ impl Default for RuntimeConfig {
             max_instances: 1000,
             cache_dir: None,
             epoch_tick: Duration::from_millis(10),
+            outbound_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -128,8 +133,13 @@ impl Runtime {
             .map_err(err)?;
         crate::outbound::add_to_linker(&mut linker).map_err(err)?;
 
+        // No proxy from the environment: a proxy would resolve names itself, past the resolver
+        // that keeps guests off restricted addresses.
         let http = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
+            .no_proxy()
+            .dns_resolver(Arc::new(crate::outbound::GuardedResolver::system()))
+            .connect_timeout(config.outbound_timeout)
             .build()
             .map_err(|e| RuntimeError::Engine(format!("outbound HTTP client: {e}")))?;
 

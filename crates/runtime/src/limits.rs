@@ -1,5 +1,6 @@
 //! Per-instance memory limit: the sum of every linear memory and table of one instance, not a
-//! limit per memory (a module with two memories gets the same budget as one with one).
+//! limit per memory (a module with two memories gets the same budget as one with one), plus what
+//! the host holds for the instance (outbound HTTP responses not yet closed).
 
 use wasmtime::ResourceLimiter;
 
@@ -18,6 +19,29 @@ impl InstanceLimiter {
             used: 0,
             refused: false,
         }
+    }
+
+    /// Bytes of the budget not yet used.
+    pub(crate) fn available(&self) -> usize {
+        self.limit.saturating_sub(self.used)
+    }
+
+    /// Takes `bytes` of the budget for something the host holds for the guest; false (and
+    /// nothing taken) when that would exceed the budget. A refusal here is not a refused grow:
+    /// the guest is told through the call that asked, and `refused` is left alone.
+    pub(crate) fn reserve(&mut self, bytes: usize) -> bool {
+        match self.used.checked_add(bytes) {
+            Some(total) if total <= self.limit => {
+                self.used = total;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Gives back what `reserve` took.
+    pub(crate) fn release(&mut self, bytes: usize) {
+        self.used = self.used.saturating_sub(bytes);
     }
 
     fn grow(&mut self, current: usize, desired: usize) -> bool {
@@ -82,5 +106,22 @@ mod tests {
         assert!(l.refused);
         assert!(l.grow(60, 100));
         assert!(!l.grow(0, 1));
+    }
+
+    #[test]
+    fn host_reservations_share_the_budget_and_are_given_back() {
+        let mut l = InstanceLimiter::new(100);
+        assert!(l.grow(0, 40));
+        assert!(l.reserve(50));
+        assert_eq!(l.available(), 10);
+        assert!(!l.reserve(11), "more than what is left");
+        assert!(!l.refused, "a refused reservation is not a refused grow");
+        assert!(
+            !l.grow(40, 60),
+            "memory cannot grow into what the host holds"
+        );
+        l.release(50);
+        assert!(l.grow(40, 60));
+        assert_eq!(l.available(), 40);
     }
 }

@@ -3,11 +3,31 @@
 //! Deny by default: a request goes out only when its URL's scheme, host and port equal one of the
 //! module's `allowed_hosts` entries. Redirects are not followed (a redirect could leave the
 //! allow-list); the guest sees the 3xx and its Location header.
+//!
+//! What a guest cannot stretch:
+//! - headers: `Host`, `Content-Length` and the hop-by-hop headers (RFC 9110 7.6.1: `Connection`,
+//!   `Keep-Alive`, `Proxy-*`, `TE`, `Trailer`, `Transfer-Encoding`, `Upgrade` and every header
+//!   `Connection` names) are dropped; the client sets `Host` from the URL and frames the body;
+//! - memory: the response headers and body a guest holds count against its instance's memory
+//!   budget (the same one as its linear memories) until it closes the handle; a response that
+//!   does not fit in what is left fails the request;
+//! - time: connect and the whole exchange end at the invocation's deadline and at the runtime's
+//!   `outbound_timeout`, whichever comes first;
+//! - addresses: link-local and cloud metadata addresses ([`is_restricted`]) are refused even under
+//!   `insecure:allow-all`, as URL literals and as what a host name resolves to, unless an entry
+//!   names that address as an IP literal.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
-use url::Url;
+use http::{HeaderMap, HeaderName, HeaderValue};
+use tokio::time::Instant;
+use url::{Host as UrlHost, Url};
 use wasmtime::{Caller, Extern, Linker};
 
 use crate::run::Host;
@@ -15,8 +35,6 @@ use crate::run::Host;
 const MODULE: &str = "wasi_experimental_http";
 /// Most responses a guest may hold open at once.
 const MAX_OPEN: usize = 16;
-/// Largest response body kept for a guest.
-const MAX_BODY: usize = 16 * 1024 * 1024;
 
 // Error codes of the ABI (`http_error` enum in the witx).
 const SUCCESS: u32 = 0;
@@ -31,6 +49,7 @@ const INVALID_METHOD: u32 = 8;
 const INVALID_ENCODING: u32 = 9;
 const INVALID_URL: u32 = 10;
 const REQUEST_ERROR: u32 = 11;
+const RUNTIME_ERROR: u32 = 12;
 const TOO_MANY_SESSIONS: u32 = 13;
 
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +67,8 @@ pub enum AllowListError {
 pub struct AllowList {
     any: bool,
     origins: Vec<(String, String, u16)>,
+    /// Restricted addresses an entry names as an IP literal: the only ones a request may reach.
+    named: Vec<IpAddr>,
 }
 
 impl AllowList {
@@ -57,7 +78,9 @@ impl AllowList {
     }
 
     /// Entries as in the pod annotation: `https://api.example.com`, `http://127.0.0.1:8080`.
-    /// `insecure:allow-all` allows every destination (as WAGI did); use only for trusted modules.
+    /// `insecure:allow-all` allows every destination (as WAGI did) except the restricted
+    /// addresses ([`is_restricted`]); use only for trusted modules. A restricted address is
+    /// reachable only through an entry that names it as an IP literal (`http://169.254.169.254`).
     pub fn parse<S: AsRef<str>>(entries: &[S]) -> Result<Self, AllowListError> {
         let mut list = AllowList::default();
         for entry in entries {
@@ -70,6 +93,9 @@ impl AllowList {
                 entry: entry.to_string(),
                 reason: e.to_string(),
             })?;
+            if let Some(ip) = literal_ip(&url).filter(|ip| is_restricted(*ip)) {
+                list.named.push(ip);
+            }
             list.origins
                 .push(origin(&url).ok_or_else(|| match url.scheme() {
                     "http" | "https" => AllowListError::NoHost {
@@ -83,18 +109,105 @@ impl AllowList {
         Ok(list)
     }
 
+    /// Whether a request to `url` may go out, as far as the URL itself tells (a host name's
+    /// addresses are checked again when it is resolved).
     pub fn allows(&self, url: &Url) -> bool {
-        if self.any {
-            return true;
+        let Some(o) = origin(url) else {
+            return false;
+        };
+        if let Some(ip) = literal_ip(url)
+            && is_restricted(ip)
+            && !self.named.contains(&ip)
+        {
+            return false;
         }
-        match origin(url) {
-            Some(o) => self.origins.contains(&o),
-            None => false,
-        }
+        self.any || self.origins.contains(&o)
     }
 
     pub fn is_empty(&self) -> bool {
         !self.any && self.origins.is_empty()
+    }
+}
+
+/// The URL's host when it is an IP literal, IPv4-mapped IPv6 as IPv4.
+fn literal_ip(url: &Url) -> Option<IpAddr> {
+    match url.host()? {
+        UrlHost::Ipv4(v4) => Some(IpAddr::V4(v4)),
+        UrlHost::Ipv6(v6) => Some(IpAddr::V6(v6).to_canonical()),
+        UrlHost::Domain(_) => None,
+    }
+}
+
+/// The AWS metadata service's IPv6 address.
+const AWS_METADATA_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254);
+
+/// Addresses a guest never reaches unless an allow-list entry names them: IPv4 link-local
+/// 169.254.0.0/16 (where cloud metadata services answer, 169.254.169.254), IPv6 link-local
+/// fe80::/10, AWS's fd00:ec2::254, and the same IPv4 addresses IPv4-mapped (::ffff:0:0/96) or
+/// behind the NAT64 well-known prefix (64:ff9b::/96).
+pub fn is_restricted(ip: IpAddr) -> bool {
+    match ip.to_canonical() {
+        IpAddr::V4(v4) => v4.is_link_local(),
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            let nat64 = s[..6] == [0x64, 0xff9b, 0, 0, 0, 0];
+            (s[0] & 0xffc0) == 0xfe80 || v6 == AWS_METADATA_V6 || (nat64 && s[6] == 0xa9fe)
+        }
+    }
+}
+
+/// A host name whose every address is restricted: the request is refused as a destination
+/// that is not allowed.
+#[derive(Debug, thiserror::Error)]
+#[error("{name} resolves only to link-local or metadata addresses, which guests may not reach")]
+pub(crate) struct RestrictedName {
+    name: String,
+}
+
+type LookupFuture = Pin<Box<dyn Future<Output = std::io::Result<Vec<SocketAddr>>> + Send>>;
+type Lookup = dyn Fn(String) -> LookupFuture + Send + Sync;
+
+/// The outbound client's resolver: the system's (getaddrinfo on a blocking thread, as reqwest's
+/// default), minus the restricted addresses. Every connection resolves through it, so a name
+/// that is allowed (or `insecure:allow-all`) cannot lead to a restricted address, whatever its
+/// DNS answers and however often they change.
+pub(crate) struct GuardedResolver {
+    lookup: Box<Lookup>,
+}
+
+impl GuardedResolver {
+    pub(crate) fn system() -> Self {
+        Self::with_lookup(|name| {
+            Box::pin(
+                async move { Ok(tokio::net::lookup_host((name.as_str(), 0)).await?.collect()) },
+            )
+        })
+    }
+
+    pub(crate) fn with_lookup(
+        lookup: impl Fn(String) -> LookupFuture + Send + Sync + 'static,
+    ) -> Self {
+        Self {
+            lookup: Box::new(lookup),
+        }
+    }
+}
+
+impl reqwest::dns::Resolve for GuardedResolver {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let name = name.as_str().to_string();
+        let lookup = (self.lookup)(name.clone());
+        Box::pin(async move {
+            let all = lookup.await?;
+            let any = !all.is_empty();
+            let kept: Vec<SocketAddr> =
+                all.into_iter().filter(|a| !is_restricted(a.ip())).collect();
+            if any && kept.is_empty() {
+                tracing::info!(%name, "outbound request denied: resolves only to restricted addresses");
+                return Err(Box::new(RestrictedName { name }) as _);
+            }
+            Ok(Box::new(kept.into_iter()) as reqwest::dns::Addrs)
+        })
     }
 }
 
@@ -113,23 +226,44 @@ pub(crate) struct Response {
     headers: Vec<(String, String)>,
     body: Bytes,
     read: usize,
+    /// Bytes of the instance's memory budget this response holds (headers and body).
+    held: usize,
 }
 
 /// Per-invocation state of the outbound HTTP ABI.
 pub(crate) struct OutboundState {
-    pub(crate) allow: std::sync::Arc<AllowList>,
+    pub(crate) allow: Arc<AllowList>,
     pub(crate) client: reqwest::Client,
+    /// The invocation's deadline, if it has one.
+    deadline: Option<Instant>,
+    /// Longest one request may take (connect, send, and the whole response).
+    bound: Duration,
     responses: HashMap<u32, Response>,
     next: u32,
 }
 
 impl OutboundState {
-    pub(crate) fn new(allow: std::sync::Arc<AllowList>, client: reqwest::Client) -> Self {
+    pub(crate) fn new(
+        allow: Arc<AllowList>,
+        client: reqwest::Client,
+        deadline: Option<Instant>,
+        bound: Duration,
+    ) -> Self {
         Self {
             allow,
             client,
+            deadline,
+            bound,
             responses: HashMap::new(),
             next: 1,
+        }
+    }
+
+    /// How long the next request may take.
+    fn time_left(&self) -> Duration {
+        match self.deadline {
+            Some(d) => self.bound.min(d.saturating_duration_since(Instant::now())),
+            None => self.bound,
         }
     }
 }
@@ -189,10 +323,52 @@ fn header_lines(headers: &[(String, String)]) -> String {
     s
 }
 
+/// Headers that describe one hop (RFC 9110 7.6.1), plus the two the client sets itself.
+const NOT_FORWARDED: [&str; 9] = [
+    "host",
+    "content-length",
+    "connection",
+    "keep-alive",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "proxy-connection",
+];
+
+/// The guest's headers as they are sent: valid names and values only (else `INVALID_ENCODING`),
+/// without `Host`, `Content-Length`, hop-by-hop headers, `Proxy-*` and what `Connection` names.
+fn forwarded_headers(headers: &[(String, String)]) -> Result<HeaderMap, u32> {
+    let mut named_by_connection: Vec<String> = Vec::new();
+    for (k, v) in headers {
+        if k.eq_ignore_ascii_case("connection") {
+            named_by_connection.extend(
+                v.split(',')
+                    .map(|t| t.trim().to_ascii_lowercase())
+                    .filter(|t| !t.is_empty()),
+            );
+        }
+    }
+    let mut map = HeaderMap::new();
+    for (k, v) in headers {
+        let name = HeaderName::from_bytes(k.as_bytes()).map_err(|_| INVALID_ENCODING)?;
+        let value = HeaderValue::from_str(v).map_err(|_| INVALID_ENCODING)?;
+        let n = name.as_str();
+        if NOT_FORWARDED.contains(&n)
+            || n.starts_with("proxy-")
+            || named_by_connection.iter().any(|c| c == n)
+        {
+            continue;
+        }
+        map.append(name, value);
+    }
+    Ok(map)
+}
+
 struct ReqArgs {
     url: Url,
     method: reqwest::Method,
-    headers: Vec<(String, String)>,
+    headers: HeaderMap,
     body: Vec<u8>,
 }
 
@@ -213,7 +389,11 @@ fn decode_req(
     let method_text = read_str(caller, method_ptr, method_len)?;
     let method =
         reqwest::Method::from_bytes(method_text.trim().as_bytes()).map_err(|_| INVALID_METHOD)?;
-    let headers = parse_header_lines(&read_str(caller, headers_ptr, headers_len)?)?;
+    let headers = forwarded_headers(&parse_header_lines(&read_str(
+        caller,
+        headers_ptr,
+        headers_len,
+    )?)?)?;
     let body = read_bytes(caller, body_ptr, body_len)?;
     if !caller.data().outbound.allow.allows(&url) {
         tracing::info!(%url, "outbound request denied: not in allowed_hosts");
@@ -230,20 +410,40 @@ fn decode_req(
     })
 }
 
-async fn send(client: reqwest::Client, args: ReqArgs) -> Result<(u16, Response), u32> {
-    let mut req = client.request(args.method, args.url.clone());
-    for (k, v) in &args.headers {
-        req = req.header(k.as_str(), v.as_str());
+/// Whether `e` (or what caused it) is the resolver refusing a restricted name.
+fn is_restricted_name(e: &reqwest::Error) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cause {
+        if c.is::<RestrictedName>() {
+            return true;
+        }
+        cause = c.source();
     }
+    false
+}
+
+/// Sends the request and reads the whole response, refusing one whose headers and body would
+/// take more than `budget` bytes.
+async fn send(
+    client: reqwest::Client,
+    args: ReqArgs,
+    budget: usize,
+) -> Result<(u16, Response), u32> {
+    let mut req = client
+        .request(args.method, args.url.clone())
+        .headers(args.headers);
     if !args.body.is_empty() {
         req = req.body(args.body);
     }
     let resp = req.send().await.map_err(|e| {
+        if is_restricted_name(&e) {
+            return DESTINATION_NOT_ALLOWED;
+        }
         tracing::info!(url = %args.url, error = %e, "outbound request failed");
         REQUEST_ERROR
     })?;
     let status = resp.status().as_u16();
-    let headers = resp
+    let headers: Vec<(String, String)> = resp
         .headers()
         .iter()
         .map(|(k, v)| {
@@ -253,11 +453,20 @@ async fn send(client: reqwest::Client, args: ReqArgs) -> Result<(u16, Response),
             )
         })
         .collect();
+    let header_bytes: usize = headers.iter().map(|(k, v)| k.len() + v.len() + 2).sum();
+    let too_large = || {
+        tracing::info!(url = %args.url, budget, "outbound response refused: larger than the instance's memory left");
+        RUNTIME_ERROR
+    };
+    let room = budget.checked_sub(header_bytes).ok_or_else(too_large)?;
+    if resp.content_length().is_some_and(|n| n > room as u64) {
+        return Err(too_large());
+    }
     let mut body = Vec::new();
     let mut resp = resp;
     while let Some(chunk) = resp.chunk().await.map_err(|_| REQUEST_ERROR)? {
-        if body.len() + chunk.len() > MAX_BODY {
-            return Err(REQUEST_ERROR);
+        if body.len() + chunk.len() > room {
+            return Err(too_large());
         }
         body.extend_from_slice(&chunk);
     }
@@ -265,6 +474,7 @@ async fn send(client: reqwest::Client, args: ReqArgs) -> Result<(u16, Response),
         status,
         Response {
             headers,
+            held: header_bytes + body.len(),
             body: Bytes::from(body),
             read: 0,
         },
@@ -304,10 +514,22 @@ pub(crate) fn add_to_linker(linker: &mut Linker<Host>) -> wasmtime::Result<()> {
                     Err(code) => return code,
                 };
                 let client = caller.data().outbound.client.clone();
-                let (status, response) = match send(client, args).await {
-                    Ok(r) => r,
-                    Err(code) => return code,
-                };
+                let budget = caller.data().limiter.available();
+                let time = caller.data().outbound.time_left();
+                let url = args.url.clone();
+                let (status, response) =
+                    match tokio::time::timeout(time, send(client, args, budget)).await {
+                        Ok(Ok(r)) => r,
+                        Ok(Err(code)) => return code,
+                        Err(_) => {
+                            tracing::info!(%url, ?time, "outbound request timed out");
+                            return REQUEST_ERROR;
+                        }
+                    };
+                // The guest did not run while the request was out, so what was left is left.
+                if !caller.data_mut().limiter.reserve(response.held) {
+                    return RUNTIME_ERROR;
+                }
                 let state = &mut caller.data_mut().outbound;
                 let handle = state.next;
                 state.next = state.next.wrapping_add(1).max(1);
@@ -328,7 +550,10 @@ pub(crate) fn add_to_linker(linker: &mut Linker<Host>) -> wasmtime::Result<()> {
         "close",
         |mut caller: Caller<'_, Host>, handle: u32| -> u32 {
             match caller.data_mut().outbound.responses.remove(&handle) {
-                Some(_) => SUCCESS,
+                Some(resp) => {
+                    caller.data_mut().limiter.release(resp.held);
+                    SUCCESS
+                }
                 None => INVALID_HANDLE,
             }
         },
@@ -498,5 +723,173 @@ mod tests {
         );
         assert_eq!(header_lines(&h), "A:1\nB:two\n");
         assert_eq!(parse_header_lines("nocolon"), Err(INVALID_ENCODING));
+    }
+
+    #[test]
+    fn host_and_hop_by_hop_headers_are_not_forwarded() {
+        let h = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let sent = forwarded_headers(&h(&[
+            ("Host", "internal.example"),
+            ("Connection", "keep-alive, X-Secret"),
+            ("Keep-Alive", "timeout=5"),
+            ("Proxy-Authorization", "Basic eA=="),
+            ("TE", "trailers"),
+            ("Trailer", "X-T"),
+            ("Transfer-Encoding", "chunked"),
+            ("Upgrade", "h2c"),
+            ("Content-Length", "99"),
+            ("x-secret", "named by Connection"),
+            ("X-Keep", "1"),
+            ("Accept", "text/plain"),
+        ]))
+        .unwrap_or_default();
+        let names: Vec<&str> = sent.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, vec!["x-keep", "accept"]);
+        assert_eq!(
+            forwarded_headers(&h(&[("bad name", "x")])).err(),
+            Some(INVALID_ENCODING)
+        );
+        assert_eq!(
+            forwarded_headers(&h(&[("X", "a\u{7f}b")])).err(),
+            Some(INVALID_ENCODING)
+        );
+    }
+
+    #[test]
+    fn restricted_addresses_need_an_entry_that_names_them() {
+        let any = AllowList::parse(&["insecure:allow-all"]).unwrap_or_else(|e| panic!("{e}"));
+        for u in [
+            "http://169.254.169.254/latest/meta-data/",
+            "http://169.254.0.1:8080/",
+            "http://0xa9fea9fe/",
+            "http://2852039166/",
+            "http://[fe80::1]/",
+            "http://[febf::1]/",
+            "http://[fd00:ec2::254]/",
+            "http://[::ffff:169.254.169.254]/",
+            "http://[64:ff9b::a9fe:a9fe]/",
+        ] {
+            assert!(!any.allows(&url(u)), "{u} must be refused under allow-all");
+        }
+        assert!(any.allows(&url("http://169.255.0.1/")));
+        assert!(any.allows(&url("http://[fec0::1]/")));
+        assert!(any.allows(&url("http://127.0.0.1:9/")));
+
+        let named = AllowList::parse(&["insecure:allow-all", "http://169.254.169.254"])
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(named.allows(&url("http://169.254.169.254/latest/")));
+        assert!(named.allows(&url("http://[::ffff:a9fe:a9fe]/")));
+        assert!(
+            !named.allows(&url("http://169.254.169.253/")),
+            "only the named one"
+        );
+        let v6 = AllowList::parse(&["http://[fd00:ec2::254]"]).unwrap_or_else(|e| panic!("{e}"));
+        assert!(v6.allows(&url("http://[fd00:ec2::254]/")));
+        assert!(
+            !v6.allows(&url("http://[fd00:ec2::254]:81/")),
+            "port differs"
+        );
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn link_local_v4_is_restricted_in_every_spelling(c in 0u8.., d in 0u8..) {
+            let v4 = std::net::Ipv4Addr::new(169, 254, c, d);
+            proptest::prop_assert!(is_restricted(IpAddr::V4(v4)));
+            proptest::prop_assert!(is_restricted(IpAddr::V6(v4.to_ipv6_mapped())));
+            let [a, b, c, d] = v4.octets();
+            let nat64 = Ipv6Addr::new(0x64, 0xff9b, 0, 0, 0, 0, u16::from_be_bytes([a, b]), u16::from_be_bytes([c, d]));
+            proptest::prop_assert!(is_restricted(IpAddr::V6(nat64)));
+        }
+
+        #[test]
+        fn other_v4_is_not_restricted(a in 0u8.., b in 0u8.., c in 0u8.., d in 0u8..) {
+            proptest::prop_assume!((a, b) != (169, 254));
+            proptest::prop_assert!(!is_restricted(IpAddr::V4(std::net::Ipv4Addr::new(a, b, c, d))));
+        }
+
+        #[test]
+        fn v6_link_local_is_restricted(seg in proptest::array::uniform8(0u16..), low in 0u16..0x40) {
+            let mut s = seg;
+            s[0] = 0xfe80 | low;
+            proptest::prop_assert!(is_restricted(IpAddr::V6(Ipv6Addr::from(s))));
+        }
+    }
+
+    /// A loopback HTTP server that answers every request `ok`; counts connections.
+    fn upstream() -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+        use std::io::{Read, Write};
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("{e}"));
+        let addr = l.local_addr().unwrap_or_else(|e| panic!("{e}"));
+        let hits = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let h = hits.clone();
+        std::thread::spawn(move || {
+            for s in l.incoming() {
+                let Ok(mut s) = s else { continue };
+                h.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf);
+                let _ = s.write_all(
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok",
+                );
+            }
+        });
+        (addr, hits)
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn names_that_resolve_to_restricted_addresses_are_refused() {
+        let (up, hits) = upstream();
+        // A fake DNS: "metadata.test" is the metadata service, "mixed.test" has a metadata
+        // address first and the loopback upstream second, "v6.test" only fe80::1.
+        let resolver = GuardedResolver::with_lookup(move |name| {
+            let meta: SocketAddr = ([169, 254, 169, 254], 0).into();
+            let addrs = match name.as_str() {
+                "metadata.test" => vec![meta],
+                "mixed.test" => vec![meta, up],
+                "v6.test" => vec![SocketAddr::from((
+                    Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1),
+                    0,
+                ))],
+                _ => vec![],
+            };
+            Box::pin(async move { Ok(addrs) })
+        });
+        let client = reqwest::Client::builder()
+            .no_proxy()
+            .dns_resolver(Arc::new(resolver))
+            .build()
+            .unwrap_or_else(|e| panic!("{e}"));
+        let allow =
+            Arc::new(AllowList::parse(&["insecure:allow-all"]).unwrap_or_else(|e| panic!("{e}")));
+        let args = |u: &str| ReqArgs {
+            url: url(u),
+            method: reqwest::Method::GET,
+            headers: HeaderMap::new(),
+            body: Vec::new(),
+        };
+        for name in ["metadata.test", "v6.test"] {
+            let u = format!("http://{name}:{}/", up.port());
+            assert!(allow.allows(&url(&u)), "the URL itself is allowed");
+            let got = send(client.clone(), args(&u), 1 << 20).await.err();
+            assert_eq!(got, Some(DESTINATION_NOT_ALLOWED), "{u}");
+        }
+        assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 0);
+        let mixed = format!("http://mixed.test:{}/", up.port());
+        let (status, resp) = send(client.clone(), args(&mixed), 1 << 20)
+            .await
+            .unwrap_or_else(|c| panic!("error {c}"));
+        assert_eq!((status, &resp.body[..]), (200, &b"ok"[..]));
+        assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 1);
+        // And a body larger than the budget is refused, not held.
+        assert_eq!(
+            send(client, args(&mixed), 10).await.err(),
+            Some(RUNTIME_ERROR)
+        );
     }
 }

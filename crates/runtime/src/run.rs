@@ -126,6 +126,7 @@ impl Runtime {
     }
 
     async fn run_inner(&self, program: &Program, inv: Invocation) -> Result<Outcome, RunError> {
+        let deadline = inv.timeout.map(|t| tokio::time::Instant::now() + t);
         let mut b = WasiCtxBuilder::new();
         b.args(&inv.args).envs(&inv.env);
         b.stdin(MemoryInputPipe::new(inv.stdin));
@@ -149,7 +150,12 @@ impl Runtime {
         let host = Host {
             wasi: b.build_p1(),
             limiter: InstanceLimiter::new(self.inner.config.max_memory),
-            outbound: OutboundState::new(inv.allowed_hosts.clone(), self.inner.http.clone()),
+            outbound: OutboundState::new(
+                inv.allowed_hosts.clone(),
+                self.inner.http.clone(),
+                deadline,
+                self.inner.config.outbound_timeout,
+            ),
         };
         let mut store = Store::new(&self.inner.engine, host);
         store.limiter(|h| &mut h.limiter);
