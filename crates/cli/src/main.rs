@@ -1,4 +1,9 @@
-//! The `wasinode` binary: run WAGI/WASI pods standalone, or push and pull wasm modules.
+//! The `wasinode` binary: `run` serves pods standalone (the workload crate), `node` joins a
+//! cluster as a node (the node crate), `nodepool` manages pools of such nodes (the nodepool
+//! crate), `push` and `pull` move modules to and from registries (the oci crate).
+//!
+//! Flags and wiring only: each subcommand parses its flags into the library's plain options,
+//! calls the library, and prints what comes back; errors become `anyhow` here, at the edge.
 
 mod engine;
 mod node;

@@ -2,14 +2,17 @@
 //! bindings that let `system:bootstrappers` request node client certificates and have them
 //! auto-approved, and the bootstrap kubeconfig the agents start with.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, SystemTime};
 
-use anyhow::Context as _;
 use k8s_openapi::api::core::v1::Secret;
-use k8s_openapi::api::rbac::v1::ClusterRoleBinding;
+use k8s_openapi::api::rbac::v1::{ClusterRoleBinding, RoleRef, Subject};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use serde_json::json;
+
+use crate::{Error, IoOp, Op};
 
 /// Label on the token Secrets a pool created, so its deletion removes them.
 pub const TOKEN_POOL_LABEL: &str = "wasinode.dev/nodepool";
@@ -36,83 +39,141 @@ const BINDINGS: [(&str, &str, &str); 3] = [
 ];
 
 /// Creates the bootstrap RBAC bindings that are missing.
-pub async fn ensure_bindings(client: &kube::Client) -> anyhow::Result<()> {
+pub async fn ensure_bindings(client: &kube::Client) -> Result<(), Error> {
     let api: Api<ClusterRoleBinding> = Api::all(client.clone());
     for (name, role, group) in BINDINGS {
-        let crb: ClusterRoleBinding = serde_json::from_value(json!({
-            "metadata": {"name": name},
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role},
-            "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": group}],
-        }))?;
+        let crb = ClusterRoleBinding {
+            metadata: ObjectMeta {
+                name: Some(name.to_string()),
+                ..Default::default()
+            },
+            role_ref: RoleRef {
+                api_group: "rbac.authorization.k8s.io".into(),
+                kind: "ClusterRole".into(),
+                name: role.into(),
+            },
+            subjects: Some(vec![Subject {
+                api_group: Some("rbac.authorization.k8s.io".into()),
+                kind: "Group".into(),
+                name: group.into(),
+                namespace: None,
+            }]),
+        };
         match api.create(&PostParams::default(), &crb).await {
             Ok(_) => {}
             Err(kube::Error::Api(s)) if s.code == 409 => {}
-            Err(kube::Error::Api(s)) if s.code == 403 => anyhow::bail!(
-                "no permission to create the node bootstrap ClusterRoleBinding {name}; use a cluster admin's kubeconfig"
-            ),
-            Err(e) => return Err(e).with_context(|| format!("creating ClusterRoleBinding {name}")),
+            Err(kube::Error::Api(s)) if s.code == 403 => {
+                return Err(Error::BindingForbidden(name.to_string()));
+            }
+            Err(e) => return Err(Error::api(Op::CreateBinding(name.to_string()))(e)),
         }
     }
     Ok(())
 }
 
-fn random_chars(n: usize) -> anyhow::Result<String> {
+/// A bootstrap token, `<id>.<secret>` as kubeadm makes them (`[a-z0-9]{6}.[a-z0-9]{16}`).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Token {
+    pub id: String,
+    pub secret: String,
+}
+
+impl std::fmt::Display for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}", self.id, self.secret)
+    }
+}
+
+impl std::fmt::Debug for Token {
+    /// The secret half stays out of logs and debug dumps.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Token({}.<redacted>)", self.id)
+    }
+}
+
+impl Token {
+    /// A fresh random token.
+    pub fn generate() -> Result<Token, Error> {
+        Ok(Token {
+            id: random_chars(6)?,
+            secret: random_chars(16)?,
+        })
+    }
+}
+
+fn random_chars(n: usize) -> Result<String, Error> {
     const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
     let mut bytes = vec![0u8; n];
     std::fs::File::open("/dev/urandom")
         .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes))
-        .context("reading /dev/urandom for a bootstrap token")?;
+        .map_err(Error::Random)?;
     Ok(bytes
         .iter()
         .map(|b| ALPHABET[usize::from(*b) % ALPHABET.len()] as char)
         .collect())
 }
 
-/// Creates a bootstrap token Secret for `pool` in kube-system and returns `id.secret`.
-pub async fn create_token(client: &kube::Client, pool: &str) -> anyhow::Result<String> {
-    let (id, secret) = (random_chars(6)?, random_chars(16)?);
-    let expires = SystemTime::now() + TOKEN_TTL;
+/// The kube-system Secret that makes `token` a bootstrap token of `pool` until `expires`, as the
+/// API server's bootstrap authenticator reads it: its agents authenticate as
+/// `system:bootstrap:<id>` in `system:bootstrappers` (and `system:bootstrappers:wasinode:<pool>`).
+pub fn token_secret(pool: &str, token: &Token, expires: SystemTime) -> Result<Secret, Error> {
     let expires = k8s_openapi::jiff::Timestamp::try_from(expires)
-        .context("token expiry")?
+        .map_err(|e| Error::Encode {
+            what: "the token's expiry",
+            source: e.into(),
+        })?
         .strftime("%Y-%m-%dT%H:%M:%SZ")
         .to_string();
-    let s: Secret = serde_json::from_value(json!({
-        "metadata": {
-            "name": format!("bootstrap-token-{id}"),
-            "namespace": "kube-system",
-            "labels": {TOKEN_POOL_LABEL: pool},
+    let data = [
+        ("description", format!("wasinode node pool {pool}")),
+        ("token-id", token.id.clone()),
+        ("token-secret", token.secret.clone()),
+        ("expiration", expires),
+        ("usage-bootstrap-authentication", "true".into()),
+        ("usage-bootstrap-signing", "true".into()),
+        (
+            "auth-extra-groups",
+            format!("system:bootstrappers:wasinode:{pool}"),
+        ),
+    ];
+    Ok(Secret {
+        metadata: ObjectMeta {
+            name: Some(format!("bootstrap-token-{}", token.id)),
+            namespace: Some("kube-system".into()),
+            labels: Some(BTreeMap::from([(
+                TOKEN_POOL_LABEL.to_string(),
+                pool.to_string(),
+            )])),
+            ..Default::default()
         },
-        "type": "bootstrap.kubernetes.io/token",
-        "stringData": {
-            "description": format!("wasinode node pool {pool}"),
-            "token-id": id,
-            "token-secret": secret,
-            "expiration": expires,
-            "usage-bootstrap-authentication": "true",
-            "usage-bootstrap-signing": "true",
-            "auth-extra-groups": format!("system:bootstrappers:wasinode:{pool}"),
-        },
-    }))?;
+        type_: Some("bootstrap.kubernetes.io/token".into()),
+        string_data: Some(data.into_iter().map(|(k, v)| (k.to_string(), v)).collect()),
+        ..Default::default()
+    })
+}
+
+/// Creates a bootstrap token Secret for `pool` in kube-system, valid for [`TOKEN_TTL`].
+pub async fn create_token(client: &kube::Client, pool: &str) -> Result<Token, Error> {
+    let token = Token::generate()?;
+    let s = token_secret(pool, &token, SystemTime::now() + TOKEN_TTL)?;
     let api: Api<Secret> = Api::namespaced(client.clone(), "kube-system");
     match api.create(&PostParams::default(), &s).await {
-        Ok(_) => Ok(format!("{id}.{secret}")),
-        Err(kube::Error::Api(s)) if s.code == 403 => anyhow::bail!(
-            "no permission to create a bootstrap token Secret in kube-system; use a cluster admin's kubeconfig"
-        ),
-        Err(e) => Err(e).context("creating the bootstrap token"),
+        Ok(_) => Ok(token),
+        Err(kube::Error::Api(s)) if s.code == 403 => Err(Error::TokenForbidden),
+        Err(e) => Err(Error::api(Op::CreateToken)(e)),
     }
 }
 
 /// Deletes the bootstrap tokens `pool` created.
-pub async fn delete_tokens(client: &kube::Client, pool: &str) -> anyhow::Result<()> {
+pub async fn delete_tokens(client: &kube::Client, pool: &str) -> Result<(), Error> {
     let api: Api<Secret> = Api::namespaced(client.clone(), "kube-system");
     let lp = ListParams::default().labels(&format!("{TOKEN_POOL_LABEL}={pool}"));
-    for s in api.list(&lp).await.context("listing bootstrap tokens")? {
+    for s in api.list(&lp).await.map_err(Error::api(Op::ListTokens))? {
         if let Some(name) = s.metadata.name {
             match api.delete(&name, &DeleteParams::default()).await {
                 Ok(_) => {}
                 Err(kube::Error::Api(s)) if s.code == 404 => {}
-                Err(e) => return Err(e).context("deleting a bootstrap token"),
+                Err(e) => return Err(Error::api(Op::DeleteToken)(e)),
             }
         }
     }
@@ -121,10 +182,14 @@ pub async fn delete_tokens(client: &kube::Client, pool: &str) -> anyhow::Result<
 
 /// Writes a kubeconfig for the cluster of `admin` (its current context) that authenticates with
 /// `token`, mode 0600.
-pub fn write_bootstrap_kubeconfig(admin: &Path, token: &str, out: &Path) -> anyhow::Result<()> {
-    let kc = kube::config::Kubeconfig::read_from(admin)
-        .with_context(|| format!("reading kubeconfig {}", admin.display()))?;
-    let mut cluster_entry = node::bootstrap::cluster_of(&kc)?;
+pub fn write_bootstrap_kubeconfig(admin: &Path, token: &Token, out: &Path) -> Result<(), Error> {
+    let kc =
+        kube::config::Kubeconfig::read_from(admin).map_err(|source| Error::ReadKubeconfig {
+            path: admin.to_path_buf(),
+            source,
+        })?;
+    let mut cluster_entry =
+        node::bootstrap::cluster_of(&kc).map_err(|e| Error::Kubeconfig(e.into()))?;
     // The agents read the bootstrap kubeconfig from elsewhere: embed a CA given as a file.
     if let Some(file) = cluster_entry
         .get("certificate-authority")
@@ -132,8 +197,7 @@ pub fn write_bootstrap_kubeconfig(admin: &Path, token: &str, out: &Path) -> anyh
         .map(str::to_string)
     {
         let file = admin.parent().unwrap_or(Path::new(".")).join(file);
-        let pem = std::fs::read(&file)
-            .with_context(|| format!("reading the cluster CA {}", file.display()))?;
+        let pem = std::fs::read(&file).map_err(Error::io(IoOp::ReadCa, &file))?;
         if let Some(obj) = cluster_entry.as_object_mut() {
             obj.remove("certificate-authority");
         }
@@ -146,16 +210,19 @@ pub fn write_bootstrap_kubeconfig(admin: &Path, token: &str, out: &Path) -> anyh
         "apiVersion": "v1",
         "kind": "Config",
         "clusters": [{"name": "cluster", "cluster": cluster_entry}],
-        "users": [{"name": "bootstrap", "user": {"token": token}}],
+        "users": [{"name": "bootstrap", "user": {"token": token.to_string()}}],
         "contexts": [{"name": "bootstrap", "context": {"cluster": "cluster", "user": "bootstrap"}}],
         "current-context": "bootstrap",
     });
-    let text = serde_yaml::to_string(&doc)?;
+    let text = serde_yaml::to_string(&doc).map_err(|e| Error::Encode {
+        what: "the bootstrap kubeconfig",
+        source: e.into(),
+    })?;
     write_private(out, text.as_bytes())
 }
 
 /// Writes `bytes` to `path` atomically with mode 0600.
-pub fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+pub fn write_private(path: &Path, bytes: &[u8]) -> Result<(), Error> {
     use std::io::Write as _;
     use std::os::unix::fs::OpenOptionsExt as _;
     let tmp = path.with_extension("tmp");
@@ -165,10 +232,11 @@ pub fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
         .truncate(true)
         .mode(0o600)
         .open(&tmp)
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+        .map_err(Error::io(IoOp::Write, &tmp))?;
+    f.write_all(bytes)
+        .and_then(|()| f.sync_all())
+        .map_err(Error::io(IoOp::Write, &tmp))?;
+    std::fs::rename(&tmp, path).map_err(Error::io(IoOp::Write, path))?;
     Ok(())
 }
 
@@ -177,7 +245,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_ca_file_relative_to_the_admin_kubeconfig_is_embedded() -> anyhow::Result<()> {
+    fn a_ca_file_relative_to_the_admin_kubeconfig_is_embedded()
+    -> Result<(), Box<dyn std::error::Error>> {
         let dir = std::env::temp_dir().join(format!("wasinode-join-{}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
         std::fs::write(dir.join("ca.pem"), "PEM BYTES")?;
@@ -187,7 +256,11 @@ mod tests {
             "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: https://10.0.0.1:6443\n    certificate-authority: ca.pem\nusers:\n- name: u\n  user: {token: admin}\ncontexts:\n- name: x\n  context: {cluster: c, user: u}\ncurrent-context: x\n",
         )?;
         let out = dir.join("bootstrap.kubeconfig");
-        write_bootstrap_kubeconfig(&admin, "abcdef.0123456789abcdef", &out)?;
+        let token = Token {
+            id: "abcdef".into(),
+            secret: "0123456789abcdef".into(),
+        };
+        write_bootstrap_kubeconfig(&admin, &token, &out)?;
         let kc = kube::config::Kubeconfig::read_from(&out)?;
         let cluster = kc.clusters[0].cluster.clone().unwrap_or_default();
         let _ = std::fs::remove_dir_all(&dir);

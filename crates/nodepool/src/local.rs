@@ -20,14 +20,23 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use anyhow::Context as _;
 use k8s_openapi::api::core::v1::Node;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tracing::{info, warn};
 
-use super::resource::{self, NodePool, NodeStatus, POOL_LABEL};
+use crate::resource::{self, NodePool, NodeStatus, POOL_LABEL};
+use crate::{Error, IoOp, Op};
+
+/// This host's side of its pools: where their directories are, and the `wasinode` binary that
+/// runs their provisioners (`wasinode nodepool provision P --state-dir ROOT`) and agents
+/// (`wasinode node ...`).
+#[derive(Debug, Clone)]
+pub struct Host {
+    pub state_root: PathBuf,
+    pub exe: PathBuf,
+}
 
 /// What a pool's provisioner needs, written by `nodepool add` to `<pool dir>/pool.json`.
 #[derive(Serialize, Deserialize, Debug, Clone)]
@@ -85,16 +94,21 @@ impl PoolDir {
     pub fn node_dir(&self, node: &str) -> PathBuf {
         self.0.join("nodes").join(node)
     }
-    pub fn load(&self) -> anyhow::Result<LocalPool> {
-        let text = std::fs::read(self.config())
-            .with_context(|| format!("reading {}", self.config().display()))?;
-        serde_json::from_slice(&text)
-            .with_context(|| format!("parsing {}", self.config().display()))
+    pub fn load(&self) -> Result<LocalPool, Error> {
+        let text = std::fs::read(self.config()).map_err(Error::io(IoOp::Read, self.config()))?;
+        serde_json::from_slice(&text).map_err(|source| Error::Parse {
+            path: self.config(),
+            source,
+        })
     }
-    pub fn save(&self, p: &LocalPool) -> anyhow::Result<()> {
-        std::fs::create_dir_all(&self.0)
-            .with_context(|| format!("creating {}", self.0.display()))?;
-        super::join::write_private(&self.config(), &serde_json::to_vec_pretty(p)?)
+    /// Writes `pool.json`, mode 0600 (it names the admin kubeconfig the provisioner acts with).
+    pub fn save(&self, p: &LocalPool) -> Result<(), Error> {
+        std::fs::create_dir_all(&self.0).map_err(Error::io(IoOp::Create, &self.0))?;
+        let bytes = serde_json::to_vec_pretty(p).map_err(|e| Error::Encode {
+            what: "pool.json",
+            source: e.into(),
+        })?;
+        crate::join::write_private(&self.config(), &bytes)
     }
     /// The provisioner's pid, if it is running.
     pub fn provisioner_pid(&self) -> Option<i32> {
@@ -120,7 +134,7 @@ fn signal(pid: i32, sig: libc::c_int) {
 }
 
 /// The `127.100.<k>.1` base that no other pool under `root` uses.
-pub fn free_address_base(root: &Path) -> anyhow::Result<Ipv4Addr> {
+pub fn free_address_base(root: &Path) -> Result<Ipv4Addr, Error> {
     let mut used = Vec::new();
     if let Ok(entries) = std::fs::read_dir(root) {
         for e in entries.flatten() {
@@ -132,26 +146,27 @@ pub fn free_address_base(root: &Path) -> anyhow::Result<Ipv4Addr> {
     (0..=255u8)
         .map(|k| Ipv4Addr::new(127, 100, k, 1))
         .find(|a| !used.contains(a))
-        .context("all 256 local pool address ranges (127.100.0-255.x) are in use")
+        .ok_or(Error::NoFreeAddresses)
 }
 
-/// Starts the pool's provisioner, detached, unless it is already running. Returns its pid.
-pub fn spawn_provisioner(dir: &PoolDir, pool: &str) -> anyhow::Result<i32> {
+/// Starts the pool's provisioner (`exe nodepool provision POOL --state-dir ROOT`), detached,
+/// unless it is already running. Returns its pid.
+pub fn spawn_provisioner(dir: &PoolDir, pool: &str, exe: &Path) -> Result<i32, Error> {
     if let Some(pid) = dir.provisioner_pid() {
         return Ok(pid);
     }
-    let exe = std::env::current_exe().context("locating the wasinode binary")?;
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(dir.log())
-        .with_context(|| format!("opening {}", dir.log().display()))?;
+        .map_err(Error::io(IoOp::Open, dir.log()))?;
+    let log_too = log.try_clone().map_err(Error::io(IoOp::Open, dir.log()))?;
     let root = dir.0.parent().unwrap_or(Path::new("/"));
     let child = std::process::Command::new(exe)
         .args(["nodepool", "provision", pool, "--state-dir"])
         .arg(root)
         .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
+        .stdout(log_too)
         .stderr(log)
         .env(
             "WASINODE_LOG",
@@ -159,9 +174,10 @@ pub fn spawn_provisioner(dir: &PoolDir, pool: &str) -> anyhow::Result<i32> {
         )
         .process_group(0)
         .spawn()
-        .context("starting the pool's provisioner")?;
-    let pid = i32::try_from(child.id()).context("pid")?;
-    std::fs::write(dir.pid_file(), pid.to_string())?;
+        .map_err(Error::StartProvisioner)?;
+    let pid = i32::try_from(child.id()).map_err(|_| Error::Pid(child.id()))?;
+    std::fs::write(dir.pid_file(), pid.to_string())
+        .map_err(Error::io(IoOp::Write, dir.pid_file()))?;
     Ok(pid)
 }
 
@@ -185,34 +201,43 @@ const DRAIN_ROUND: Duration = Duration::from_secs(30);
 struct Provisioner {
     pool: LocalPool,
     dir: PoolDir,
+    exe: PathBuf,
     client: kube::Client,
     agents: BTreeMap<u32, Agent>,
     ever_ready: bool,
     last_status: Option<resource::Status>,
 }
 
-/// `wasinode nodepool provision P`: runs until the pool is deleted or SIGTERM/SIGINT.
-pub async fn provision(root: &Path, name: &str) -> anyhow::Result<()> {
+/// `wasinode nodepool provision P`: the pool's controller on this host, until the pool is
+/// deleted (`Ok` once its agents are stopped, its Nodes deleted and its finalizer lifted) or
+/// `stop` completes (every agent stopped; the pool stays in the cluster). Agents run `exe node`.
+pub async fn provision(
+    root: &Path,
+    name: &str,
+    exe: &Path,
+    stop: impl std::future::Future<Output = ()>,
+) -> Result<(), Error> {
     let dir = PoolDir::new(root, name);
     let pool = dir.load()?;
-    std::fs::write(dir.pid_file(), std::process::id().to_string())?;
-    let client = super::client(&pool.kubeconfig).await?;
+    std::fs::write(dir.pid_file(), std::process::id().to_string())
+        .map_err(Error::io(IoOp::Write, dir.pid_file()))?;
+    let client = crate::client(&pool.kubeconfig).await?;
     let mut p = Provisioner {
         pool,
         dir: dir.clone(),
+        exe: exe.to_path_buf(),
         client,
         agents: BTreeMap::new(),
         ever_ready: false,
         last_status: None,
     };
-    let stop = crate::run::shutdown_signal();
     tokio::pin!(stop);
     info!(pool = name, "provisioner started");
     loop {
         match p.tick().await {
             Ok(true) => break,
             Ok(false) => {}
-            Err(e) => warn!("pool {name}: {e:#}"),
+            Err(e) => warn!("pool {name}: {}", crate::chain(&e)),
         }
         tokio::select! {
             _ = &mut stop => {
@@ -233,10 +258,10 @@ pub async fn provision(root: &Path, name: &str) -> anyhow::Result<()> {
 
 impl Provisioner {
     /// One reconcile; `Ok(true)` when the pool is gone and the provisioner is done.
-    async fn tick(&mut self) -> anyhow::Result<bool> {
+    async fn tick(&mut self) -> Result<bool, Error> {
         let api = resource::api(&self.client);
         let name = self.pool.name.clone();
-        let np = api.get_opt(&name).await.context("reading the NodePool")?;
+        let np = api.get_opt(&name).await.map_err(Error::api(Op::ReadPool))?;
         let Some(np) = np else {
             // Deleted without our finalizer (e.g. forced): still leave nothing behind.
             self.scale_to(0, false).await?;
@@ -245,7 +270,7 @@ impl Provisioner {
         if np.metadata.deletion_timestamp.is_some() {
             self.write_status("Deleting", None).await?;
             self.scale_to(0, true).await?;
-            super::join::delete_tokens(&self.client, &name).await?;
+            crate::join::delete_tokens(&self.client, &name).await?;
             let finalizers: Vec<String> = np
                 .metadata
                 .finalizers
@@ -259,7 +284,7 @@ impl Provisioner {
                 &Patch::Merge(json!({"metadata": {"finalizers": finalizers}})),
             )
             .await
-            .context("removing the NodePool finalizer")?;
+            .map_err(Error::api(Op::RemoveFinalizer))?;
             info!(pool = %name, "pool deleted: agents stopped, Nodes deleted");
             return Ok(true);
         }
@@ -282,49 +307,43 @@ impl Provisioner {
     }
 
     /// Drains (when `drain`), stops and deletes the nodes with index >= `count`, highest first.
-    async fn scale_to(&mut self, count: u32, drain: bool) -> anyhow::Result<()> {
+    async fn scale_to(&mut self, count: u32, drain: bool) -> Result<(), Error> {
         let nodes: Api<Node> = Api::all(self.client.clone());
-        let mut doomed: Vec<u32> = self
-            .agents
-            .keys()
-            .copied()
-            .filter(|i| *i >= count)
-            .collect();
         // Nodes of the pool in the API without a local agent (e.g. after a provisioner crash).
         let lp = ListParams::default().labels(&format!("{POOL_LABEL}={}", self.pool.name));
-        for n in nodes.list(&lp).await.context("listing the pool's Nodes")? {
-            if let Some(i) = n
-                .metadata
-                .name
-                .as_deref()
-                .and_then(|n| resource::node_index(&self.pool.name, n))
-                && i >= count
-                && !doomed.contains(&i)
-            {
-                doomed.push(i);
-            }
-        }
-        doomed.sort_unstable_by(|a, b| b.cmp(a));
-        for i in doomed {
-            let node = resource::node_name(&self.pool.name, i);
-            if drain && self.agents.contains_key(&i) {
+        let listed = nodes.list(&lp).await.map_err(Error::api(Op::ListNodes))?;
+        let plan = scale_down(
+            &self.pool.name,
+            count,
+            self.agents.keys().copied(),
+            listed.iter().filter_map(|n| n.metadata.name.as_deref()),
+            drain,
+        );
+        for Removal {
+            index: i,
+            node,
+            drain,
+        } in plan
+        {
+            if drain {
                 info!(%node, "draining");
                 let opts = node::drain::DrainOptions {
                     timeout: DRAIN_ROUND,
                     ..Default::default()
                 };
                 let progress = |line: &str| info!(%node, "{line}");
-                if let Err(e) = node::drain::drain(&self.client, &node, &opts, &progress).await {
-                    let msg = format!("draining {node}: {e}");
-                    self.write_status("Scaling", Some(&msg)).await?;
-                    anyhow::bail!(msg);
+                if let Err(error) = node::drain::drain(&self.client, &node, &opts, &progress).await
+                {
+                    let e = Error::Drain { node, error };
+                    self.write_status("Scaling", Some(&e.to_string())).await?;
+                    return Err(e);
                 }
             }
             self.stop_agent(i).await;
             match nodes.delete(&node, &DeleteParams::default()).await {
                 Ok(_) => {}
                 Err(kube::Error::Api(s)) if s.code == 404 => {}
-                Err(e) => return Err(e).with_context(|| format!("deleting Node {node}")),
+                Err(e) => return Err(Error::api(Op::DeleteNode(node))(e)),
             }
             let _ = std::fs::remove_dir_all(self.dir.node_dir(&node));
             info!(%node, "node removed");
@@ -333,7 +352,7 @@ impl Provisioner {
     }
 
     /// Starts agent `i` if it is not running, or restarts it after its backoff if it died.
-    fn keep_running(&mut self, i: u32, spec: &resource::Spec) -> anyhow::Result<()> {
+    fn keep_running(&mut self, i: u32, spec: &resource::Spec) -> Result<(), Error> {
         let now = Instant::now();
         let agent = self.agents.entry(i).or_insert(Agent {
             child: None,
@@ -364,7 +383,7 @@ impl Provisioner {
             }
         }
         if agent.child.is_none() && now >= agent.next_start {
-            let child = spawn_agent(&self.pool, &self.dir, i, spec)?;
+            let child = spawn_agent(&self.pool, &self.dir, &self.exe, i, spec)?;
             agent.child = Some(child);
             agent.started = now;
         }
@@ -389,13 +408,13 @@ impl Provisioner {
         }
     }
 
-    async fn refresh_status(&mut self, count: u32) -> anyhow::Result<()> {
+    async fn refresh_status(&mut self, count: u32) -> Result<(), Error> {
         let nodes: Api<Node> = Api::all(self.client.clone());
         let lp = ListParams::default().labels(&format!("{POOL_LABEL}={}", self.pool.name));
-        let list = nodes.list(&lp).await.context("listing the pool's Nodes")?;
+        let list = nodes.list(&lp).await.map_err(Error::api(Op::ListNodes))?;
         let ready: BTreeMap<String, bool> = list
             .into_iter()
-            .filter_map(|n| Some((n.metadata.name.clone()?, super::node_ready(&n))))
+            .filter_map(|n| Some((n.metadata.name.clone()?, crate::node_ready(&n))))
             .collect();
         let entries: Vec<NodeStatus> = (0..count)
             .map(|i| {
@@ -421,7 +440,7 @@ impl Provisioner {
             provisioning_state: state.into(),
             ready_nodes: n_ready,
             nodes: entries,
-            provisioner: super::hostname(),
+            provisioner: crate::hostname(),
             message: String::new(),
         };
         self.patch_status(status).await
@@ -429,17 +448,17 @@ impl Provisioner {
 
     /// Sets the provisioning state, and the message when `message` is given (a drain blocked
     /// by a PodDisruptionBudget stays on record until the drain succeeds).
-    async fn write_status(&mut self, state: &str, message: Option<&str>) -> anyhow::Result<()> {
+    async fn write_status(&mut self, state: &str, message: Option<&str>) -> Result<(), Error> {
         let mut status = self.last_status.clone().unwrap_or_default();
         status.provisioning_state = state.into();
         if let Some(m) = message {
             status.message = m.into();
         }
-        status.provisioner = super::hostname();
+        status.provisioner = crate::hostname();
         self.patch_status(status).await
     }
 
-    async fn patch_status(&mut self, status: resource::Status) -> anyhow::Result<()> {
+    async fn patch_status(&mut self, status: resource::Status) -> Result<(), Error> {
         if self.last_status.as_ref() == Some(&status) {
             return Ok(());
         }
@@ -450,7 +469,7 @@ impl Provisioner {
             &Patch::Merge(json!({"status": status})),
         )
         .await
-        .context("writing the NodePool status")?;
+        .map_err(Error::api(Op::WritePoolStatus))?;
         self.last_status = Some(status);
         Ok(())
     }
@@ -459,18 +478,21 @@ impl Provisioner {
 fn spawn_agent(
     pool: &LocalPool,
     dir: &PoolDir,
+    exe: &Path,
     i: u32,
     spec: &resource::Spec,
-) -> anyhow::Result<tokio::process::Child> {
+) -> Result<tokio::process::Child, Error> {
     let node = resource::node_name(&pool.name, i);
     let data = dir.node_dir(&node);
-    std::fs::create_dir_all(&data).with_context(|| format!("creating {}", data.display()))?;
+    std::fs::create_dir_all(&data).map_err(Error::io(IoOp::Create, &data))?;
+    let log_path = data.join("agent.log");
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
-        .open(data.join("agent.log"))?;
+        .open(&log_path)
+        .map_err(Error::io(IoOp::Open, &log_path))?;
+    let log_too = log.try_clone().map_err(Error::io(IoOp::Open, &log_path))?;
     let addr = pool.address(i).to_string();
-    let exe = std::env::current_exe().context("locating the wasinode binary")?;
     let mut cmd = tokio::process::Command::new(exe);
     cmd.arg("node")
         .arg("--bootstrap-kubeconfig")
@@ -487,7 +509,7 @@ fn spawn_agent(
         .args(labels_arg(&spec.node_labels))
         .args(&pool.agent_args)
         .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
+        .stdout(log_too)
         .stderr(log)
         .kill_on_drop(false);
     // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe; it makes the agent stop (SIGTERM,
@@ -498,9 +520,10 @@ fn spawn_agent(
             Ok(())
         });
     }
-    let child = cmd
-        .spawn()
-        .with_context(|| format!("starting the agent of {node}"))?;
+    let child = cmd.spawn().map_err(|source| Error::StartAgent {
+        node: node.clone(),
+        source,
+    })?;
     info!(%node, %addr, "agent started");
     Ok(child)
 }
@@ -510,4 +533,44 @@ fn labels_arg(labels: &BTreeMap<String, String>) -> Option<String> {
         let kv: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
         format!("--node-labels={}", kv.join(","))
     })
+}
+
+/// One node a scale-down removes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Removal {
+    pub index: u32,
+    pub node: String,
+    /// Whether it is cordoned and drained first: only when the scale-down drains and the node's
+    /// agent runs here (a Node left without an agent has no pod that could still stop).
+    pub drain: bool,
+}
+
+/// Which nodes go when pool `pool` keeps `count`: every index >= `count` that has an agent here
+/// (`agents`) or a Node in the cluster (`nodes`: the names of the pool's Nodes), highest index
+/// first, so a pool shrinks from its end and its lowest names stay.
+pub fn scale_down<'a>(
+    pool: &str,
+    count: u32,
+    agents: impl IntoIterator<Item = u32>,
+    nodes: impl IntoIterator<Item = &'a str>,
+    drain: bool,
+) -> Vec<Removal> {
+    let agents: std::collections::BTreeSet<u32> = agents.into_iter().collect();
+    let mut doomed: std::collections::BTreeSet<u32> =
+        agents.iter().copied().filter(|i| *i >= count).collect();
+    doomed.extend(
+        nodes
+            .into_iter()
+            .filter_map(|n| resource::node_index(pool, n))
+            .filter(|i| *i >= count),
+    );
+    doomed
+        .into_iter()
+        .rev()
+        .map(|index| Removal {
+            index,
+            node: resource::node_name(pool, index),
+            drain: drain && agents.contains(&index),
+        })
+        .collect()
 }

@@ -3,12 +3,13 @@
 
 use std::collections::BTreeMap;
 
-use anyhow::Context as _;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, PostParams};
 use kube::core::{ApiResource, GroupVersionKind, Object};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
+
+use crate::{Error, Op};
 
 pub const GROUP: &str = "wasinode.dev";
 pub const VERSION: &str = "v1alpha1";
@@ -143,7 +144,7 @@ pub fn crd() -> Value {
 }
 
 /// Installs the CRD when it is missing and waits until the API serves it.
-pub async fn ensure_crd(client: &kube::Client) -> anyhow::Result<()> {
+pub async fn ensure_crd(client: &kube::Client) -> Result<(), Error> {
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
     let established = |c: &CustomResourceDefinition| {
         c.status
@@ -159,20 +160,21 @@ pub async fn ensure_crd(client: &kube::Client) -> anyhow::Result<()> {
         Ok(Some(_)) => {}
         Ok(None) => {
             let crd: CustomResourceDefinition =
-                serde_json::from_value(crd()).context("the NodePool CRD")?;
+                serde_json::from_value(crd()).map_err(|e| Error::Encode {
+                    what: "the NodePool CRD",
+                    source: e.into(),
+                })?;
             match crds.create(&PostParams::default(), &crd).await {
                 Ok(_) => {}
                 Err(kube::Error::Api(s)) if s.code == 409 => {}
-                Err(kube::Error::Api(s)) if s.code == 403 => anyhow::bail!(
-                    "no permission to install the NodePool CRD ({CRD_NAME}); ask a cluster admin to run `wasinode nodepool crd | kubectl apply -f -`"
-                ),
-                Err(e) => return Err(e).context("installing the NodePool CRD"),
+                Err(kube::Error::Api(s)) if s.code == 403 => {
+                    return Err(Error::CrdInstallForbidden);
+                }
+                Err(e) => return Err(Error::api(Op::InstallCrd)(e)),
             }
         }
-        Err(kube::Error::Api(s)) if s.code == 403 => anyhow::bail!(
-            "no permission to read CustomResourceDefinitions; use a kubeconfig of a cluster admin, or ask one to run `wasinode nodepool crd | kubectl apply -f -`"
-        ),
-        Err(e) => return Err(e).context("reading the NodePool CRD"),
+        Err(kube::Error::Api(s)) if s.code == 403 => return Err(Error::CrdReadForbidden),
+        Err(e) => return Err(Error::api(Op::ReadCrd)(e)),
     }
     for _ in 0..100 {
         if let Ok(Some(c)) = crds.get_opt(CRD_NAME).await
@@ -182,22 +184,46 @@ pub async fn ensure_crd(client: &kube::Client) -> anyhow::Result<()> {
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
-    anyhow::bail!(
-        "the NodePool CRD ({CRD_NAME}) was created but the API server does not serve it yet; retry in a moment"
-    )
+    Err(Error::CrdNotServed)
+}
+
+/// A pool's settings as the command line gives them, refused before anything reaches the
+/// cluster.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SpecError {
+    #[error(
+        "invalid node pool name {0:?}: use 1-40 lowercase letters, digits and '-', starting and ending with a letter or digit (a DNS label; nodes are named {0}-000000, ...)"
+    )]
+    InvalidName(String),
+    #[error("invalid taint {0:?}: expected key=value:Effect")]
+    TaintWithoutEffect(String),
+    #[error("invalid taint {0:?}: the effect must be NoSchedule, PreferNoSchedule or NoExecute")]
+    UnknownTaintEffect(String),
+    #[error("invalid taint {0:?}: the key is empty")]
+    TaintWithoutKey(String),
+    #[error("invalid label {0:?}: expected key=value")]
+    LabelWithoutValue(String),
+    #[error("invalid label {0:?}: the key is empty")]
+    LabelWithoutKey(String),
+    #[error("the {POOL_LABEL} label is the pool's name; it cannot be set with --labels")]
+    ReservedLabel,
+    #[error(
+        "--workload-runtime OCIContainer: wasinode pools run WebAssembly only; container node pools belong to the cluster's own tooling (e.g. `az aks nodepool add` without --workload-runtime)"
+    )]
+    ContainerRuntime,
+    #[error("unknown --workload-runtime {0:?}: the only runtime is {WASM_WASI}")]
+    UnknownRuntime(String),
 }
 
 /// Whether `name` is a DNS-1123 label short enough that `<name>-000000` is one too.
-pub fn validate_name(name: &str) -> Result<(), String> {
+pub fn validate_name(name: &str) -> Result<(), SpecError> {
     let ok_chars = name
         .chars()
         .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
     let ok_ends = name.starts_with(|c: char| c.is_ascii_alphanumeric())
         && name.ends_with(|c: char| c.is_ascii_alphanumeric());
     if name.is_empty() || name.len() > 40 || !ok_chars || !ok_ends {
-        return Err(format!(
-            "invalid node pool name {name:?}: use 1-40 lowercase letters, digits and '-', starting and ending with a letter or digit (a DNS label; nodes are named {name}-000000, ...)"
-        ));
+        return Err(SpecError::InvalidName(name.to_string()));
     }
     Ok(())
 }
@@ -214,18 +240,16 @@ pub fn node_index(pool: &str, node: &str) -> Option<u32> {
 }
 
 /// `key=value:Effect` (or `key:Effect`) checked as the kubelet's `--register-with-taints` does.
-pub fn validate_taint(t: &str) -> Result<(), String> {
+pub fn validate_taint(t: &str) -> Result<(), SpecError> {
     let (kv, effect) = t
         .rsplit_once(':')
-        .ok_or_else(|| format!("invalid taint {t:?}: expected key=value:Effect"))?;
+        .ok_or_else(|| SpecError::TaintWithoutEffect(t.to_string()))?;
     if !["NoSchedule", "PreferNoSchedule", "NoExecute"].contains(&effect) {
-        return Err(format!(
-            "invalid taint {t:?}: the effect must be NoSchedule, PreferNoSchedule or NoExecute"
-        ));
+        return Err(SpecError::UnknownTaintEffect(t.to_string()));
     }
     let key = kv.split_once('=').map_or(kv, |(k, _)| k);
     if key.is_empty() {
-        return Err(format!("invalid taint {t:?}: the key is empty"));
+        return Err(SpecError::TaintWithoutKey(t.to_string()));
     }
     Ok(())
 }
@@ -238,6 +262,63 @@ pub fn default_taints() -> Vec<String> {
         .collect()
 }
 
+/// `key=value` items (empty ones skipped) as node labels; the pool label is the pool's own.
+pub fn parse_labels(items: &[String]) -> Result<BTreeMap<String, String>, SpecError> {
+    let mut labels = BTreeMap::new();
+    for item in items.iter().filter(|i| !i.is_empty()) {
+        let (k, v) = item
+            .split_once('=')
+            .ok_or_else(|| SpecError::LabelWithoutValue(item.clone()))?;
+        if k.is_empty() {
+            return Err(SpecError::LabelWithoutKey(item.clone()));
+        }
+        if k == POOL_LABEL {
+            return Err(SpecError::ReservedLabel);
+        }
+        labels.insert(k.to_string(), v.to_string());
+    }
+    Ok(labels)
+}
+
+/// The runtime's canonical spelling (`WasmWasi`, in any case); container pools are refused with
+/// a pointer to the cluster's own tooling.
+pub fn check_runtime(runtime: &str) -> Result<String, SpecError> {
+    if runtime.eq_ignore_ascii_case(WASM_WASI) {
+        return Ok(WASM_WASI.to_string());
+    }
+    if runtime.eq_ignore_ascii_case("OCIContainer") {
+        return Err(SpecError::ContainerRuntime);
+    }
+    Err(SpecError::UnknownRuntime(runtime.to_string()))
+}
+
+impl Spec {
+    /// A pool's spec from the values `nodepool add` takes, checked in the order the user gave
+    /// them: runtime, labels, taints (`None`: [`default_taints`]; empty items skipped).
+    pub fn new(
+        count: u32,
+        workload_runtime: &str,
+        labels: &[String],
+        taints: Option<&[String]>,
+    ) -> Result<Spec, SpecError> {
+        let workload_runtime = check_runtime(workload_runtime)?;
+        let node_labels = parse_labels(labels)?;
+        let node_taints: Vec<String> = match taints {
+            None => default_taints(),
+            Some(t) => t.iter().filter(|t| !t.is_empty()).cloned().collect(),
+        };
+        for t in &node_taints {
+            validate_taint(t)?;
+        }
+        Ok(Spec {
+            count,
+            workload_runtime,
+            node_labels,
+            node_taints,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -247,7 +328,10 @@ mod tests {
         assert!(validate_name("mywasipool").is_ok());
         assert!(validate_name("a-1").is_ok());
         for bad in ["", "My", "-a", "a-", "a_b", "a.b", &"x".repeat(41)] {
-            let e = validate_name(bad).err().unwrap_or_default();
+            let e = validate_name(bad)
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
             assert!(e.contains("invalid node pool name"), "{bad}: {e}");
         }
         assert_eq!(node_name("p", 7), "p-000007");
@@ -265,6 +349,26 @@ mod tests {
         assert!(validate_taint("k=v").is_err());
         assert!(validate_taint("k=v:Sometimes").is_err());
         assert!(validate_taint("=v:NoSchedule").is_err());
+    }
+
+    #[test]
+    fn container_pools_are_refused_with_a_pointer() {
+        assert_eq!(check_runtime("wasmwasi").ok().as_deref(), Some(WASM_WASI));
+        let e = check_runtime("OCIContainer")
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(e.contains("cluster's own tooling"), "{e}");
+        assert!(check_runtime("Docker").is_err());
+    }
+
+    #[test]
+    fn labels_parse_and_the_pool_label_is_reserved() {
+        let l = parse_labels(&["a=b".into(), "c=".into()]).unwrap_or_default();
+        assert_eq!(l.get("a").map(String::as_str), Some("b"));
+        assert_eq!(l.get("c").map(String::as_str), Some(""));
+        assert!(parse_labels(&["novalue".into()]).is_err());
+        assert!(parse_labels(&["agentpool=x".into()]).is_err());
     }
 
     #[test]
