@@ -5,15 +5,22 @@
 //!   references only), so neither a text file's content nor a `.wasm` elsewhere on the host is
 //!   read, shown or served; with `--allow-local-images DIR` only files beneath DIR run, and a
 //!   link or `..` out of DIR is refused;
+//! - hold the node's descriptors with slow clients: thousands of idle and half-sent
+//!   connections to a WAGI pod and to the kubelet API (never finishing a TLS handshake) leave
+//!   `/hello` and `kubectl logs` answering, and the agent's open descriptors bounded by the
+//!   connection caps;
 //!
 //! Run: `cargo build --release && cargo test --release -p wasinode-e2e --test node_security`
 
+use std::io::Write;
+use std::net::TcpStream;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use e2e::agent::{Agent, AgentOptions, hello_pod};
 use e2e::cluster::Cluster;
 use e2e::guests::guest;
+use e2e::registry::Registry;
 use e2e::wasinode::{free_port, get, listening};
 use serde_json::Value;
 
@@ -142,5 +149,90 @@ fn pods_cannot_name_host_files_as_images() -> Result<()> {
         .with_context(out)?;
     let body = get(&good_addr, "/hello")?.body;
     ensure!(body.contains("hello world"), "allowed-wasm said {body:?}");
+    cluster.down()
+}
+
+/// Open descriptors of process `pid`.
+fn open_fds(pid: u32) -> Result<usize> {
+    Ok(std::fs::read_dir(format!("/proc/{pid}/fd"))?.count())
+}
+
+#[test]
+fn slow_and_idle_clients_cannot_exhaust_the_node() -> Result<()> {
+    const CAP: usize = 200;
+    let registry = Registry::start();
+    let hello = registry.push_guest("hello")?;
+    let log = registry.push_guest("log")?;
+    let cluster = Cluster::up()?;
+    // A long header timeout: what bounds the descriptors here is the cap, not the clock.
+    let agent = Agent::start_ready(
+        &cluster,
+        AgentOptions::new("wasi-slowloris").args(&[
+            "--max-connections-per-pod",
+            &CAP.to_string(),
+            "--header-timeout",
+            "5m",
+        ]),
+        TIMEOUT,
+    )?;
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut pod = hello_pod("target", &addr, &hello);
+    pod["metadata"]["annotations"]["alpha.wagi.krustlet.dev/modules"] =
+        r#"{"hello": {"route": "/hello"}, "log": {"route": "/log"}}"#.into();
+    pod["spec"]["containers"] = serde_json::json!([
+        {"name": "hello", "image": hello},
+        {"name": "log", "image": log},
+    ]);
+    cluster.apply(&pod)?;
+    cluster
+        .wait_for("target answers", TIMEOUT, || {
+            Ok(get(&addr, "/hello").is_ok_and(|r| r.status == 200))
+        })
+        .with_context(|| agent.output())?;
+    ensure!(get(&addr, "/log")?.status == 200, "/log failed");
+    let pid = agent.pid().context("agent pid")?;
+    let baseline = open_fds(pid)?;
+
+    // The attack: idle sockets and half-sent heads to the pod, silent sockets to the kubelet API.
+    let kubelet = format!("127.0.0.1:{}", agent.port);
+    let mut held = Vec::new();
+    for i in 0..3000 {
+        let target = if i % 3 == 2 { &kubelet } else { &addr };
+        let Ok(mut s) = TcpStream::connect(target) else {
+            continue;
+        };
+        if i % 3 == 1 {
+            let _ = s.write_all(b"GET /hello HTTP/1.1\r\nHost: victim\r\nX-Slow: ");
+        }
+        held.push(s);
+    }
+    ensure!(
+        held.len() > 2500,
+        "only {} attack connections opened",
+        held.len()
+    );
+
+    // Users are still served, and the agent holds no more than its caps.
+    for _ in 0..5 {
+        let r = get(&addr, "/hello")?;
+        ensure!(
+            r.status == 200 && r.body.contains("hello world"),
+            "/hello under attack: {} {:?}",
+            r.status,
+            r.body
+        );
+    }
+    let logs = cluster.kubectl(&["logs", "target", "-c", "log", "-n", "default"])?;
+    ensure!(
+        !logs.trim().is_empty(),
+        "kubectl logs under attack returned nothing"
+    );
+    let fds = open_fds(pid)?;
+    ensure!(
+        fds <= baseline + 2 * CAP + 64,
+        "the agent holds {fds} descriptors (baseline {baseline}, caps 2 x {CAP}) with {} attack connections open",
+        held.len()
+    );
+    drop(held);
     cluster.down()
 }

@@ -29,18 +29,68 @@ pub struct EngineArgs {
     /// request's own deadline cuts it sooner; this bounds those of WASI commands).
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub outbound_timeout: Duration,
+    /// WAGI requests one pod may have running at once; more are answered 503 at once, so a pod
+    /// whose requests hang cannot take every instance slot [default: a tenth of
+    /// --max-instances, at least 1].
+    #[arg(long, value_name = "N")]
+    pub max_instances_per_pod: Option<u32>,
     /// A plain-HTTP registry to allow besides loopback ones (HOST[:PORT]; repeatable).
     #[arg(long, value_name = "HOST[:PORT]")]
     pub insecure_registry: Vec<String>,
     /// Time in-flight requests and running pods get to stop after SIGINT/SIGTERM.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
+    /// Connections one pod's listener holds at most; at the cap a new connection evicts the
+    /// oldest idle one (the kubelet API has its own cap of the same size).
+    #[arg(long, default_value_t = 1024, value_name = "N")]
+    pub max_connections_per_pod: usize,
+    /// Longest wait for a request's head, and longest idle keep-alive (HTTP/1); a request
+    /// whose body takes longer than --request-timeout plus this is answered 408.
+    #[arg(long, default_value = "20s", value_parser = parse_duration)]
+    pub header_timeout: Duration,
+    /// A connection with no request in flight this long is closed (HTTP/1 and HTTP/2).
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub idle_timeout: Duration,
     /// First wait before restarting a WASI container (doubles up to 5 minutes), as the kubelet does.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub restart_backoff: Duration,
+    /// A container log file is rotated before it grows past this size (as the kubelet's
+    /// --container-log-max-size): `<container>.log` becomes `<container>.log.<timestamp>`.
+    #[arg(long, default_value = "10Mi", value_parser = parse_size, value_name = "SIZE")]
+    pub container_log_max_size: usize,
+    /// Log files kept per container run, the current one included (as the kubelet's
+    /// --container-log-max-files); older rotated files are deleted.
+    #[arg(long, default_value_t = 5, value_name = "N",
+          value_parser = clap::value_parser!(u32).range(2..))]
+    pub container_log_max_files: u32,
+    /// Testing only: the container log writer writes at most this many bytes per second, as on
+    /// a slow disk (lines beyond what it keeps up with are dropped and counted).
+    #[arg(long, hide = true, value_parser = parse_size, value_name = "SIZE")]
+    pub container_log_write_rate: Option<usize>,
 }
 
 impl EngineArgs {
+    /// The bounds of every HTTP listener's connections (WAGI listeners and the kubelet API).
+    pub fn conn_limits(&self) -> workload::listen::ConnLimits {
+        workload::listen::ConnLimits {
+            max_connections: self.max_connections_per_pod.max(1),
+            header_timeout: self.header_timeout,
+            idle_timeout: self.idle_timeout,
+            ..Default::default()
+        }
+    }
+
+    /// How container logs are kept.
+    pub fn log_config(&self, echo: bool) -> workload::logs::LogConfig {
+        workload::logs::LogConfig {
+            echo,
+            max_size: self.container_log_max_size as u64,
+            max_files: self.container_log_max_files as usize,
+            write_rate: self.container_log_write_rate.map(|r| r as u64),
+            ..Default::default()
+        }
+    }
+
     pub fn data_dir(&self) -> PathBuf {
         self.data_dir.clone().unwrap_or_else(oci::default_data_dir)
     }
@@ -105,7 +155,7 @@ pub fn start(
             first_delay: Duration::from_millis(500),
         },
     );
-    let logs = LogStore::start(data_dir.join("logs"), echo_logs);
+    let logs = LogStore::start_with(data_dir.join("logs"), opts.log_config(echo_logs));
     let (reporter, reports) = Reporter::channel();
     let sup = Supervisor::new(
         rt,
@@ -114,10 +164,15 @@ pub fn start(
         reporter,
         SupervisorConfig {
             request_timeout: opts.request_timeout,
+            max_instances_per_pod: opts
+                .max_instances_per_pod
+                .unwrap_or(opts.max_instances / 10)
+                .max(1),
             restart_backoff: workload::command::RestartBackoff {
                 initial: opts.restart_backoff,
                 max: Duration::from_secs(300),
             },
+            conn_limits: opts.conn_limits(),
             ..Default::default()
         },
     );

@@ -153,6 +153,7 @@ pub async fn node(args: NodeArgs) -> anyhow::Result<i32> {
     };
     let cfg = node::Config {
         local_images,
+        conn_limits: args.engine.conn_limits(),
         node_name: args.node_name.clone(),
         node_ip: args.node_ip,
         pool: args.pool.clone(),

@@ -10,6 +10,7 @@
 //! Must not touch: how pods run (plan, fetch, compile, listeners, logs belong to the workload
 //! crate, driven only through its `Supervisor`), wasmtime, registries, terminal output (the CLI).
 
+pub mod authcache;
 pub mod bootstrap;
 pub mod drain;
 pub mod host;
@@ -48,6 +49,8 @@ pub struct Config {
     pub max_pods: u32,
     /// Which local files pods may name as images (`--allow-local-images`; none by default).
     pub local_images: workload::LocalImages,
+    /// Bounds of the kubelet API's connections (as every WAGI listener's).
+    pub conn_limits: workload::listen::ConnLimits,
     /// Time running pods get to stop when the agent shuts down.
     pub shutdown_grace: Duration,
     /// DER certificates of the CA that signs callers' client certificates (the cluster CA).
@@ -182,7 +185,9 @@ pub async fn run(
             node_name: cfg.node_name.clone(),
             logs_root: sup.logs().root().to_path_buf(),
             statuses: statuses.clone(),
+            auth: authcache::AuthCache::default(),
         }),
+        cfg.conn_limits,
     ));
     let ctx = Arc::new(pods::Context {
         client,

@@ -102,6 +102,8 @@ pub struct State {
     pub node_name: String,
     pub logs_root: PathBuf,
     pub statuses: Statuses,
+    /// TokenReview and SubjectAccessReview answers, kept as the kubelet keeps them.
+    pub auth: crate::authcache::AuthCache,
 }
 
 fn text(status: StatusCode, body: impl Into<String>) -> Response<Body> {
@@ -115,6 +117,28 @@ fn text(status: StatusCode, body: impl Into<String>) -> Response<Body> {
 }
 
 async fn token_review(state: &State, token: &str) -> Result<Option<Caller>, String> {
+    let key = crate::authcache::token_key(token);
+    if let Some(who) = state.auth.tokens.get(&key) {
+        return Ok(who);
+    }
+    let _turn = state
+        .auth
+        .in_flight
+        .acquire()
+        .await
+        .map_err(|e| e.to_string())?;
+    if let Some(who) = state.auth.tokens.get(&key) {
+        return Ok(who);
+    }
+    let who = token_review_uncached(state, token).await?;
+    state
+        .auth
+        .tokens
+        .insert(key, who.clone(), crate::authcache::TOKEN_TTL);
+    Ok(who)
+}
+
+async fn token_review_uncached(state: &State, token: &str) -> Result<Option<Caller>, String> {
     let api: Api<TokenReview> = Api::all(state.client.clone());
     let tr: TokenReview = serde_json::from_value(json!({
         "apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
@@ -160,7 +184,43 @@ pub fn attributes(method: &Method, path: &str) -> (&'static str, &'static str) {
     (verb, sub)
 }
 
-async fn authorize(state: &State, who: &Caller, verb: &str, sub: &str) -> Result<bool, String> {
+async fn authorize(
+    state: &State,
+    who: &Caller,
+    verb: &'static str,
+    sub: &'static str,
+) -> Result<bool, String> {
+    use crate::authcache::{ALLOWED_TTL, Attributes, DENIED_TTL};
+    let key = Attributes {
+        user: who.user.clone(),
+        groups: who.groups.clone(),
+        verb,
+        subresource: sub,
+    };
+    if let Some(allowed) = state.auth.decisions.get(&key) {
+        return Ok(allowed);
+    }
+    let _turn = state
+        .auth
+        .in_flight
+        .acquire()
+        .await
+        .map_err(|e| e.to_string())?;
+    if let Some(allowed) = state.auth.decisions.get(&key) {
+        return Ok(allowed);
+    }
+    let allowed = authorize_uncached(state, who, verb, sub).await?;
+    let ttl = if allowed { ALLOWED_TTL } else { DENIED_TTL };
+    state.auth.decisions.insert(key, allowed, ttl);
+    Ok(allowed)
+}
+
+async fn authorize_uncached(
+    state: &State,
+    who: &Caller,
+    verb: &str,
+    sub: &str,
+) -> Result<bool, String> {
     let api: Api<SubjectAccessReview> = Api::all(state.client.clone());
     let sar: SubjectAccessReview = serde_json::from_value(json!({
         "apiVersion": "authorization.k8s.io/v1", "kind": "SubjectAccessReview",
@@ -352,12 +412,16 @@ async fn container_logs(
     r
 }
 
-/// Serves the kubelet API on `listener` until the task is aborted.
+/// Serves the kubelet API on `listener` until the task is aborted. Connections are bounded by
+/// `limits` ([`workload::listen`]): at most `max_connections` (the oldest idle one makes room
+/// for a new one), a TLS handshake within `handshake_timeout`, a request head within
+/// `header_timeout`, and no connection idle longer than `idle_timeout`.
 pub async fn serve(
     listener: TcpListener,
     cert: Arc<CertSlot>,
     client_ca: Vec<Vec<u8>>,
     state: Arc<State>,
+    limits: workload::listen::ConnLimits,
 ) -> anyhow::Result<()> {
     let mut roots = rustls::RootCertStore::empty();
     for der in client_ca {
@@ -372,24 +436,38 @@ pub async fn serve(
         .with_cert_resolver(cert);
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let conns = workload::listen::Conns::new(limits);
     loop {
         let (tcp, peer_addr): (_, SocketAddr) = match listener.accept().await {
             Ok(c) => c,
             Err(e) => {
-                tracing::warn!("kubelet API accept: {e}");
+                tracing::debug!("kubelet API accept: {e}");
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
         };
+        let Some(conn) = conns.admit() else {
+            drop(tcp);
+            continue;
+        };
         let acceptor = acceptor.clone();
         let state = state.clone();
         tokio::spawn(async move {
-            let tls = match acceptor.accept(tcp).await {
-                Ok(t) => t,
-                Err(e) => {
-                    tracing::debug!(%peer_addr, "kubelet API TLS handshake: {e}");
-                    return;
-                }
+            let conn = Arc::new(conn);
+            let handshake = tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp));
+            let tls = tokio::select! {
+                r = handshake => match r {
+                    Ok(Ok(t)) => t,
+                    Ok(Err(e)) => {
+                        tracing::debug!(%peer_addr, "kubelet API TLS handshake: {e}");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::debug!(%peer_addr, "kubelet API TLS handshake timed out");
+                        return;
+                    }
+                },
+                _ = conn.closed() => return,
             };
             let peer = tls
                 .get_ref()
@@ -397,18 +475,59 @@ pub async fn serve(
                 .peer_certificates()
                 .and_then(|c| c.first())
                 .and_then(|c| cert_identity(c.as_ref()));
+            let in_conn = conn.clone();
             let svc = hyper::service::service_fn(move |req| {
                 let state = state.clone();
                 let peer = peer.clone();
-                async move { Ok::<_, Infallible>(handle(state, peer, req).await) }
+                let busy = in_conn.request();
+                async move {
+                    let resp = handle(state, peer, req).await;
+                    // A streamed body (`kubectl logs -f`) keeps the connection busy while it runs.
+                    Ok::<_, Infallible>(resp.map(|b| {
+                        BodyExt::boxed(Busy {
+                            body: b,
+                            _busy: busy,
+                        })
+                    }))
+                }
             });
-            if let Err(e) = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(tls), svc)
-                .await
-            {
-                tracing::debug!(%peer_addr, "kubelet API connection: {e}");
+            let served = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(limits.header_timeout)
+                .serve_connection(TokioIo::new(tls), svc);
+            tokio::select! {
+                r = served => if let Err(e) = r {
+                    tracing::debug!(%peer_addr, "kubelet API connection: {e}");
+                },
+                _ = conn.closed() => {}
             }
         });
+    }
+}
+
+/// A response body that keeps its connection marked busy until it has been sent.
+struct Busy {
+    body: Body,
+    _busy: workload::listen::InFlight,
+}
+
+impl hyper::body::Body for Busy {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        std::pin::Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
     }
 }
 

@@ -9,6 +9,7 @@
 
 pub mod command;
 pub mod image;
+pub mod listen;
 pub mod logs;
 pub mod manifest;
 pub mod plan;

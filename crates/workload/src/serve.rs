@@ -11,7 +11,7 @@ use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use runtime::{AllowList, Invocation, Preopen, Program, RunError, Runtime, Stream};
@@ -19,6 +19,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use wagi::routes::RouteTable;
 
+use crate::listen::Conns;
 use crate::logs::ContainerLog;
 
 /// Largest request body passed to a module.
@@ -42,6 +43,9 @@ pub struct WagiApp {
     pub runtime: Runtime,
     pub timeout: Duration,
     pub server_software: String,
+    /// Instances this pod may have in flight at once, so that a pod whose requests hang holds
+    /// only its share of the runtime's slots; past it a request is answered 503 at once.
+    pub slots: tokio::sync::Semaphore,
 }
 
 type Body = Full<Bytes>;
@@ -73,6 +77,13 @@ impl WagiApp {
             Err(_) => return text(StatusCode::PAYLOAD_TOO_LARGE, "request body too large"),
         };
         let h = m.value;
+        // Held until the instance is gone (the end of this function).
+        let Ok(_slot) = self.slots.try_acquire() else {
+            return text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "service unavailable: too many requests in flight for this pod",
+            );
+        };
         let meta = wagi::cgi::RequestMeta {
             method: &parts.method,
             uri: &parts.uri,
@@ -106,8 +117,12 @@ impl WagiApp {
             args,
             env,
             stdin: body,
-            stdout: Stream::Capture { limit: 32 << 20 },
-            stderr: Stream::Capture { limit: 1 << 20 },
+            stdout: Stream::Capture {
+                limit: runtime::STDOUT_CAPTURE_LIMIT,
+            },
+            stderr: Stream::Capture {
+                limit: runtime::STDERR_CAPTURE_LIMIT,
+            },
             preopens: h.mounts.clone(),
             allowed_hosts: h.allowed_hosts.clone(),
             timeout: Some(self.timeout),
@@ -180,9 +195,13 @@ impl WagiApp {
 
 /// Serves `app` on `listener` until `stop` is cancelled; then stops accepting and gives in-flight
 /// requests up to `grace` to finish. Returns when every connection is closed (or grace ran out).
+/// `conns` bounds the connections held and cuts slow and idle ones ([`crate::listen`]); a
+/// request (body included) that takes longer than the module's deadline plus the header
+/// timeout is answered 408.
 pub async fn serve(
     listener: TcpListener,
     app: Arc<WagiApp>,
+    conns: Conns,
     stop: CancellationToken,
     grace: Duration,
 ) {
@@ -193,34 +212,63 @@ pub async fn serve(
             return;
         }
     };
+    let limits = *conns.limits();
     let graceful = GracefulShutdown::new();
-    let builder = auto::Builder::new(TokioExecutor::new());
-    let mut conns = tokio::task::JoinSet::new();
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout);
+    builder.http2().timer(TokioTimer::new());
+    let request_limit = app.timeout + limits.header_timeout;
+    let mut tasks = tokio::task::JoinSet::new();
     loop {
         let (stream, remote) = tokio::select! {
             _ = stop.cancelled() => break,
-            Some(_) = conns.join_next() => continue,
+            Some(_) = tasks.join_next() => continue,
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
                 Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
+                    tracing::debug!(error = %e, "accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
             },
         };
+        // At the cap the oldest idle connection makes room; if all are busy, this one is closed.
+        let Some(conn) = conns.admit() else {
+            drop(stream);
+            continue;
+        };
         let _ = stream.set_nodelay(true);
+        let conn = Arc::new(conn);
         let app = app.clone();
+        let in_conn = conn.clone();
         let svc = hyper::service::service_fn(move |req| {
             let app = app.clone();
-            async move { Ok::<_, Infallible>(app.handle(req, remote, local).await) }
+            let busy = in_conn.request();
+            async move {
+                let resp = match tokio::time::timeout(request_limit, app.handle(req, remote, local))
+                    .await
+                {
+                    Ok(r) => r,
+                    Err(_) => text(StatusCode::REQUEST_TIMEOUT, "request timeout"),
+                };
+                drop(busy);
+                Ok::<_, Infallible>(resp)
+            }
         });
-        let conn = builder
+        let served = builder
             .serve_connection_with_upgrades(TokioIo::new(stream), svc)
             .into_owned();
-        let conn = graceful.watch(conn);
-        conns.spawn(async move {
-            let _ = conn.await;
+        let served = graceful.watch(served);
+        tasks.spawn(async move {
+            tokio::select! {
+                _ = served => {}
+                // Evicted for a newer connection, or idle: no request is in flight, so closing
+                // the socket loses nothing.
+                _ = conn.closed() => {}
+            }
         });
     }
     drop(listener);
@@ -231,6 +279,6 @@ pub async fn serve(
         tracing::warn!(pod = %app.pod, ?grace, "in-flight requests did not finish within the grace period; cutting them");
     }
     // Nothing of a stopped pod keeps running: connections still open now are closed.
-    conns.abort_all();
-    while conns.join_next().await.is_some() {}
+    tasks.abort_all();
+    while tasks.join_next().await.is_some() {}
 }

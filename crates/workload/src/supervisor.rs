@@ -17,6 +17,7 @@ use wagi::routes::{RouteTable, join, parse_routes_output};
 
 use crate::command::{CommandSpec, RestartBackoff, run_container};
 use crate::image::Images;
+use crate::listen::{ConnLimits, Conns};
 use crate::logs::LogStore;
 use crate::plan::{ContainerPlan, Plan, PlanContext, PlanKind, PodKey, plan};
 use crate::report::{ContainerState, EventType, Phase, Reporter};
@@ -29,6 +30,10 @@ pub struct SupervisorConfig {
     /// Sent as SERVER_SOFTWARE.
     pub server_software: String,
     pub restart_backoff: RestartBackoff,
+    /// WAGI requests one pod may have running at once (instances in flight).
+    pub max_instances_per_pod: u32,
+    /// Bounds of each WAGI listener's connections.
+    pub conn_limits: ConnLimits,
 }
 
 impl Default for SupervisorConfig {
@@ -37,6 +42,8 @@ impl Default for SupervisorConfig {
             request_timeout: Duration::from_secs(30),
             server_software: format!("wasinode/{}", env!("CARGO_PKG_VERSION")),
             restart_backoff: RestartBackoff::default(),
+            max_instances_per_pod: 100,
+            conn_limits: ConnLimits::default(),
         }
     }
 }
@@ -387,6 +394,7 @@ impl Supervisor {
             runtime: self.runtime.clone(),
             timeout: self.config.request_timeout,
             server_software: self.config.server_software.clone(),
+            slots: tokio::sync::Semaphore::new(self.config.max_instances_per_pod.max(1) as usize),
         });
         let stop = CancellationToken::new();
         let now = SystemTime::now();
@@ -413,6 +421,7 @@ impl Supervisor {
         let task = tokio::spawn(serve(
             listener,
             app,
+            Conns::new(self.config.conn_limits),
             stop.clone(),
             Duration::from_secs(24 * 3600),
         ));
