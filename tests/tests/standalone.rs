@@ -805,3 +805,78 @@ fn outbound_timeout_bounds_a_request_to_a_silent_upstream() -> Result<()> {
     assert_eq!(w.wait_exit(T)?.code(), Some(0));
     Ok(())
 }
+
+#[test]
+fn a_pod_with_hanging_requests_gets_503s_and_other_pods_still_200() -> Result<()> {
+    let hog = addr();
+    let calm = addr();
+    let y = [
+        wagi_pod(
+            "hog",
+            &hog,
+            r#"{"loop": {"route": "/loop"}}"#,
+            &[("loop", &wat("loop"))],
+            "",
+        ),
+        wagi_pod(
+            "calm",
+            &calm,
+            r#"{"hello": {"route": "/hello"}}"#,
+            &[("hello", &guest("hello")?)],
+            "",
+        ),
+    ]
+    .join("---\n");
+    // Four slots in all, two per pod: a pod that hangs holds half, never all.
+    let (mut w, _d) = run_one(
+        &y,
+        &[
+            "--quiet",
+            "--max-instances",
+            "4",
+            "--max-instances-per-pod",
+            "2",
+            "--request-timeout",
+            "60s",
+            "--shutdown-grace",
+            "1s",
+        ],
+    )?;
+    w.wait_listening(&hog, T)?;
+    w.wait_listening(&calm, T)?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    for _ in 0..6 {
+        let (hog, tx) = (hog.clone(), tx.clone());
+        std::thread::spawn(move || {
+            let _ = tx.send(get(&hog, "/loop").map(|r| r.status).unwrap_or(0));
+        });
+    }
+    // Two of the six hang in the module; the four past the pod's bound are refused at once.
+    let mut refused = 0;
+    while refused < 4 {
+        let status = rx.recv_timeout(T)?;
+        assert_eq!(
+            status, 503,
+            "only the pod's own bound answers before the deadline"
+        );
+        refused += 1;
+    }
+    for i in 0..20 {
+        let r = get(&calm, "/hello")?;
+        assert_eq!(
+            (r.status, r.body.as_str()),
+            (200, "hello world\n"),
+            "request {i}"
+        );
+    }
+    assert!(
+        rx.try_recv().is_err(),
+        "the hog's two requests were still hanging while the other pod answered"
+    );
+    let r = get(&hog, "/loop")?;
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert!(r.body.contains("too many requests in flight"), "{}", r.body);
+    w.signal("INT")?;
+    w.wait_exit(T)?;
+    Ok(())
+}

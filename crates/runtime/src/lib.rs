@@ -18,5 +18,5 @@ mod run;
 
 pub use engine::{Program, Runtime, RuntimeConfig, RuntimeError};
 pub use outbound::{AllowList, AllowListError};
-pub use output::{LineSink, Stream};
+pub use output::{LineSink, STDERR_CAPTURE_LIMIT, STDOUT_CAPTURE_LIMIT, Stream};
 pub use run::{Invocation, Outcome, Preopen, RunError};

@@ -9,6 +9,11 @@ use std::task::{Context, Poll};
 use tokio::io::AsyncWrite;
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 
+/// Most of a guest's stdout kept when it is captured (a WAGI response, head and body).
+pub const STDOUT_CAPTURE_LIMIT: usize = 32 << 20;
+/// Most of a guest's stderr kept when it is captured (per-request log lines).
+pub const STDERR_CAPTURE_LIMIT: usize = 1 << 20;
+
 /// Receives complete lines (without the trailing newline) as the guest writes them.
 pub trait LineSink: Send + Sync + 'static {
     fn line(&self, line: &[u8]);

@@ -14,7 +14,9 @@ use wasmtime_wasi::{FsPerms, I32Exit, WasiCtxBuilder};
 use crate::engine::{Program, Runtime};
 use crate::limits::InstanceLimiter;
 use crate::outbound::{AllowList, OutboundState};
-use crate::output::{DiscardStream, LineStream, Stream};
+use crate::output::{
+    DiscardStream, LineStream, STDERR_CAPTURE_LIMIT, STDOUT_CAPTURE_LIMIT, Stream,
+};
 
 /// The state of one store.
 pub struct Host {
@@ -54,8 +56,12 @@ impl Invocation {
             args: Vec::new(),
             env: Vec::new(),
             stdin: Bytes::new(),
-            stdout: Stream::Capture { limit: 32 << 20 },
-            stderr: Stream::Capture { limit: 1 << 20 },
+            stdout: Stream::Capture {
+                limit: STDOUT_CAPTURE_LIMIT,
+            },
+            stderr: Stream::Capture {
+                limit: STDERR_CAPTURE_LIMIT,
+            },
             preopens: Vec::new(),
             allowed_hosts: Arc::new(AllowList::deny_all()),
             timeout: None,
@@ -105,8 +111,26 @@ fn pipe_for(
     }
 }
 
-fn captured(pipe: &Option<MemoryOutputPipe>) -> Bytes {
-    pipe.as_ref().map(|p| p.contents()).unwrap_or_default()
+/// What a capture pipe holds, without a copy. Call it only once the store is dropped: the store
+/// holds the other handles of the pipe.
+fn captured(pipe: Option<MemoryOutputPipe>) -> Bytes {
+    let Some(pipe) = pipe else {
+        return Bytes::new();
+    };
+    match pipe.try_into_inner() {
+        Some(bytes) => bytes.freeze(),
+        None => {
+            tracing::error!("captured output still shared after its store was dropped; lost");
+            Bytes::new()
+        }
+    }
+}
+
+/// Whether `e` is the pooling allocator out of slots (instances, memories, tables or stacks):
+/// a matter of load, not of the module.
+fn pool_full(e: &wasmtime::Error) -> bool {
+    e.chain()
+        .any(|c| c.is::<wasmtime::PoolConcurrencyLimitError>())
 }
 
 impl Runtime {
@@ -165,17 +189,25 @@ impl Runtime {
         let instance = match program.pre.instantiate_async(&mut store).await {
             Ok(i) => i,
             Err(e) => {
-                let msg = format!("{e:#}");
-                if store.data().limiter.refused {
+                let refused = store.data().limiter.refused;
+                drop(store);
+                if refused {
                     return Err(RunError::MemoryLimit {
                         limit: self.inner.config.max_memory,
-                        stderr: Bytes::new(),
+                        stderr: captured(stderr_pipe),
                     });
                 }
-                if msg.contains("concurrent") || msg.contains("maximum") {
+                if pool_full(&e) {
                     return Err(RunError::Busy);
                 }
-                return Err(RunError::Setup(msg));
+                // A start function that trapped.
+                if let Some(trap) = e.downcast_ref::<wasmtime::Trap>() {
+                    return Err(RunError::Trap {
+                        message: trap.to_string(),
+                        stderr: captured(stderr_pipe),
+                    });
+                }
+                return Err(RunError::Setup(format!("{e:#}")));
             }
         };
         let func = instance
@@ -184,11 +216,13 @@ impl Runtime {
         let result = func.call_async(&mut store, ()).await;
         let refused = store.data().limiter.refused;
         drop(store);
-        let stderr = captured(&stderr_pipe);
+        let stderr = captured(stderr_pipe);
         let exit_code = match result {
             Ok(()) => 0,
             Err(e) => match e.downcast_ref::<I32Exit>() {
                 Some(I32Exit(code)) => *code,
+                // No fiber stack left for the call.
+                None if pool_full(&e) => return Err(RunError::Busy),
                 None if refused => {
                     return Err(RunError::MemoryLimit {
                         limit: self.inner.config.max_memory,
@@ -206,7 +240,7 @@ impl Runtime {
         };
         Ok(Outcome {
             exit_code,
-            stdout: captured(&stdout_pipe),
+            stdout: captured(stdout_pipe),
             stderr,
         })
     }

@@ -110,7 +110,8 @@ async fn the_memory_limit_is_per_instance_not_per_memory() {
     assert!(r.run(&p, Invocation::new("_start")).await.is_ok());
 }
 
-#[tokio::test]
+// Two workers, so the spinning guest really runs beside the others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_spinning_guest_is_cut_at_its_deadline_and_others_still_run() {
     let r = rt(None, 64 << 20);
     let spin = r
@@ -129,4 +130,57 @@ async fn a_spinning_guest_is_cut_at_its_deadline_and_others_still_run() {
     assert_eq!(&out.stdout[..], b"hi\n");
     let res = spinning.await.unwrap_or_else(|e| panic!("{e}"));
     assert!(matches!(res, Err(RunError::Timeout(_))), "{res:?}");
+}
+
+/// Traps in its start function, which is named so that its backtrace says "maximum concurrent".
+const START_TRAPS: &str = r#"(module
+  (memory (export "memory") 1)
+  (func $maximum_concurrent_limit unreachable)
+  (start $maximum_concurrent_limit)
+  (func (export "_start")))"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn busy_means_the_pool_is_full_not_an_error_that_says_maximum() {
+    let r = Runtime::new(RuntimeConfig {
+        max_memory: 64 << 20,
+        max_instances: 1,
+        ..Default::default()
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+    let traps = r
+        .load("d:start-traps", START_TRAPS.as_bytes())
+        .unwrap_or_else(|e| panic!("{e}"));
+    let res = r.run(&traps, Invocation::new("_start")).await;
+    assert!(
+        matches!(&res, Err(RunError::Trap { .. })),
+        "a trap, whatever its text: {res:?}"
+    );
+
+    let spin = r
+        .load("d:spin", SPIN.as_bytes())
+        .unwrap_or_else(|e| panic!("{e}"));
+    let hello = r
+        .load("d:hello", HELLO.as_bytes())
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut inv = Invocation::new("_start");
+    inv.timeout = Some(Duration::from_secs(60));
+    let r2 = r.clone();
+    let spinning = tokio::spawn(async move { r2.run(&spin, inv).await });
+    // While the spinning guest holds the only slot, others are Busy.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        match r.run(&hello, Invocation::new("_start")).await {
+            Err(RunError::Busy) => break,
+            other => assert!(
+                std::time::Instant::now() < deadline,
+                "never busy while the only slot is taken: {other:?}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Cutting it gives the slot back.
+    spinning.abort();
+    let _ = spinning.await;
+    let out = r.run(&hello, Invocation::new("_start")).await;
+    assert!(out.is_ok(), "{out:?}");
 }
