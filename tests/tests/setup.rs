@@ -52,8 +52,8 @@ fn setup_stops_no_process_it_did_not_start() -> Result<()> {
         .status()
         .context("running tools/setup")?;
 
-    // Stop them ourselves, by PID, with SIGKILL: a process that tools/setup signalled (a kill by name sends
-    // SIGTERM, delivered before setup even exits) reports that signal instead.
+    // Stop them ourselves, by PID, with SIGKILL: a process that tools/setup signalled (a kill by
+    // name sends SIGTERM, delivered before setup even exits) reports that signal instead.
     let mut killed = Vec::new();
     for (name, mut child) in host {
         let early = child.try_wait()?;
