@@ -245,6 +245,74 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_token_secret_is_what_the_bootstrap_authenticator_reads() {
+        let token = Token {
+            id: "abc123".into(),
+            secret: "0123456789abcdef".into(),
+        };
+        let expires = SystemTime::UNIX_EPOCH + Duration::from_secs(1_893_456_000);
+        let s = token_secret("mywasipool", &token, expires)
+            .unwrap_or_else(|e| panic!("{}", crate::chain(&e)));
+        assert_eq!(s.metadata.name.as_deref(), Some("bootstrap-token-abc123"));
+        assert_eq!(s.metadata.namespace.as_deref(), Some("kube-system"));
+        assert_eq!(s.type_.as_deref(), Some("bootstrap.kubernetes.io/token"));
+        // `nodepool delete` finds the pool's tokens by this label.
+        let labels = s.metadata.labels.clone().unwrap_or_default();
+        assert_eq!(
+            labels.get(TOKEN_POOL_LABEL).map(String::as_str),
+            Some("mywasipool")
+        );
+        let data = s.string_data.clone().unwrap_or_default();
+        let get = |k: &str| data.get(k).map(String::as_str);
+        assert_eq!(get("token-id"), Some("abc123"));
+        assert_eq!(get("token-secret"), Some("0123456789abcdef"));
+        assert_eq!(get("expiration"), Some("2030-01-01T00:00:00Z"));
+        assert_eq!(get("usage-bootstrap-authentication"), Some("true"));
+        // The API server accepts extra groups only under system:bootstrappers:.
+        assert_eq!(
+            get("auth-extra-groups"),
+            Some("system:bootstrappers:wasinode:mywasipool")
+        );
+    }
+
+    #[test]
+    fn generated_tokens_look_like_kubeadms_and_stay_out_of_debug_output() {
+        let a = Token::generate().unwrap_or_else(|e| panic!("{}", crate::chain(&e)));
+        let b = Token::generate().unwrap_or_else(|e| panic!("{}", crate::chain(&e)));
+        let text = a.to_string();
+        let (id, secret) = text.split_once('.').unwrap_or_default();
+        let alnum = |s: &str| {
+            s.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+        };
+        assert!(id.len() == 6 && alnum(id), "{text}");
+        assert!(secret.len() == 16 && alnum(secret), "{text}");
+        assert_ne!(a, b);
+        let debug = format!("{a:?}");
+        assert!(debug.contains(id) && !debug.contains(secret), "{debug}");
+    }
+
+    #[test]
+    fn the_bootstrap_kubeconfig_is_private_and_replaced_whole()
+    -> Result<(), Box<dyn std::error::Error>> {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir()?;
+        let out = dir.path().join("bootstrap.kubeconfig");
+        std::fs::write(&out, "old token, world-readable")?;
+        write_private(&out, b"new")?;
+        assert_eq!(std::fs::read(&out)?, b"new");
+        // A file written earlier with a wider mode is replaced, not rewritten in place.
+        let mode = std::fs::metadata(&out)?.permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let left: Vec<_> = std::fs::read_dir(dir.path())?
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert_eq!(left, [std::ffi::OsString::from("bootstrap.kubeconfig")]);
+        Ok(())
+    }
+
+    #[test]
     fn a_ca_file_relative_to_the_admin_kubeconfig_is_embedded()
     -> Result<(), Box<dyn std::error::Error>> {
         let dir = std::env::temp_dir().join(format!("wasinode-join-{}", std::process::id()));

@@ -574,3 +574,146 @@ pub fn scale_down<'a>(
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn removed(plan: &[Removal]) -> Vec<(&str, bool)> {
+        plan.iter().map(|r| (r.node.as_str(), r.drain)).collect()
+    }
+
+    #[test]
+    fn scaling_down_removes_the_highest_nodes_first_and_drains_only_running_agents() {
+        // Agents 0-2 run here; the cluster also has a Node 4 whose agent died with an earlier
+        // provisioner, and Nodes of other pools whose names start alike.
+        let nodes = [
+            "p-000000",
+            "p-000001",
+            "p-000002",
+            "p-000004",
+            "px-000003",
+            "p-3",
+            "p-0000001",
+        ];
+        let plan = scale_down("p", 1, [0, 1, 2], nodes, true);
+        assert_eq!(
+            removed(&plan),
+            [("p-000004", false), ("p-000002", true), ("p-000001", true)]
+        );
+        assert_eq!(plan[1].index, 2);
+        // Growing or keeping the count removes only the stray Node above it.
+        assert_eq!(
+            removed(&scale_down("p", 3, [0, 1, 2], nodes, true)),
+            [("p-000004", false)]
+        );
+        assert!(scale_down("p", 5, [0, 1, 2], nodes, true).is_empty());
+        // A pool deleted without its finalizer: everything goes, nothing is drained.
+        assert_eq!(
+            removed(&scale_down("p", 0, [0, 1, 2], nodes, false)),
+            [
+                ("p-000004", false),
+                ("p-000002", false),
+                ("p-000001", false),
+                ("p-000000", false)
+            ]
+        );
+        // A node with both an agent and a Node is removed once.
+        assert_eq!(scale_down("p", 0, [0], ["p-000000"], true).len(), 1);
+    }
+
+    fn pool(name: &str, base: Ipv4Addr) -> LocalPool {
+        LocalPool {
+            name: name.into(),
+            kubeconfig: "/admin.kubeconfig".into(),
+            address_base: base,
+            kubelet_port: 10250,
+            agent_args: vec!["--insecure-registry".into(), "r:5000".into()],
+        }
+    }
+
+    #[test]
+    fn a_pool_directory_keeps_its_config_private_and_knows_a_dead_provisioner()
+    -> Result<(), Box<dyn std::error::Error>> {
+        use std::os::unix::fs::PermissionsExt as _;
+        let root = tempfile::tempdir()?;
+        let dir = PoolDir::new(root.path(), "p");
+        let p = root.path().join("p");
+        assert_eq!(dir.config(), p.join("pool.json"));
+        assert_eq!(dir.bootstrap_kubeconfig(), p.join("bootstrap.kubeconfig"));
+        assert_eq!(dir.log(), p.join("provisioner.log"));
+        assert_eq!(dir.node_dir("p-000001"), p.join("nodes/p-000001"));
+        // Nothing there yet: loading says which file is missing.
+        let e = dir
+            .load()
+            .err()
+            .map(|e| crate::chain(&e))
+            .unwrap_or_default();
+        assert!(
+            e.starts_with(&format!("reading {}", dir.config().display())),
+            "{e}"
+        );
+
+        let saved = pool("p", Ipv4Addr::new(127, 100, 3, 1));
+        dir.save(&saved)?;
+        let mode = std::fs::metadata(dir.config())?.permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "pool.json names the admin kubeconfig");
+        let loaded = dir.load()?;
+        assert_eq!(loaded.kubeconfig, saved.kubeconfig);
+        assert_eq!(loaded.agent_args, saved.agent_args);
+        assert_eq!(loaded.address(2), Ipv4Addr::new(127, 100, 3, 3));
+
+        // No pid file, garbage, or the pid of a process that has exited: no provisioner runs.
+        assert_eq!(dir.provisioner_pid(), None);
+        std::fs::write(dir.pid_file(), "not a pid")?;
+        assert_eq!(dir.provisioner_pid(), None);
+        let mut child = std::process::Command::new("true").spawn()?;
+        let dead = child.id();
+        child.wait()?;
+        std::fs::write(dir.pid_file(), dead.to_string())?;
+        assert_eq!(dir.provisioner_pid(), None);
+        std::fs::write(dir.pid_file(), std::process::id().to_string())?;
+        assert_eq!(
+            dir.provisioner_pid(),
+            i32::try_from(std::process::id()).ok()
+        );
+
+        // A broken pool.json is refused with the file's name.
+        std::fs::write(dir.config(), "{")?;
+        let e = dir.load().err().map(|e| e.to_string()).unwrap_or_default();
+        assert_eq!(e, format!("parsing {}", dir.config().display()));
+        Ok(())
+    }
+
+    #[test]
+    fn a_new_pool_gets_the_first_address_range_no_pool_here_uses()
+    -> Result<(), Box<dyn std::error::Error>> {
+        let root = tempfile::tempdir()?;
+        assert_eq!(
+            free_address_base(root.path())?,
+            Ipv4Addr::new(127, 100, 0, 1)
+        );
+        PoolDir::new(root.path(), "a").save(&pool("a", Ipv4Addr::new(127, 100, 0, 1)))?;
+        PoolDir::new(root.path(), "b").save(&pool("b", Ipv4Addr::new(127, 100, 1, 1)))?;
+        std::fs::create_dir_all(root.path().join("broken"))?;
+        std::fs::write(root.path().join("broken/pool.json"), "{")?;
+        assert_eq!(
+            free_address_base(root.path())?,
+            Ipv4Addr::new(127, 100, 2, 1)
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn agents_get_the_pools_labels_as_one_flag() {
+        assert_eq!(labels_arg(&BTreeMap::new()), None);
+        let labels = BTreeMap::from([
+            ("team".to_string(), "a".to_string()),
+            ("tier".to_string(), "".to_string()),
+        ]);
+        assert_eq!(
+            labels_arg(&labels).as_deref(),
+            Some("--node-labels=team=a,tier=")
+        );
+    }
+}

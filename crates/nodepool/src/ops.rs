@@ -448,6 +448,110 @@ pub async fn delete(
 mod tests {
     use super::*;
 
+    fn node(name: &str, ready: bool) -> (String, Node) {
+        let n: Node = serde_json::from_value(json!({
+            "metadata": {"name": name},
+            "status": {"conditions": [
+                {"type": "Ready", "status": if ready { "True" } else { "False" }},
+            ]},
+        }))
+        .unwrap_or_default();
+        (name.to_string(), n)
+    }
+
+    fn pool(count: u32) -> NodePool {
+        let spec = resource::Spec::new(count, "WasmWasi", &["team=a".into()], None)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let mut np = NodePool::new("p", &resource::api_resource(), spec);
+        np.status = Some(resource::Status {
+            provisioning_state: "Updating".into(),
+            ready_nodes: 2,
+            nodes: vec![resource::NodeStatus {
+                name: "p-000000".into(),
+                address: "127.100.0.1".into(),
+                ready: true,
+                restarts: 0,
+            }],
+            provisioner: "host-a".into(),
+            message: String::new(),
+        });
+        np
+    }
+
+    #[test]
+    fn show_reads_readiness_from_the_nodes_not_from_the_last_status() {
+        // The status says 2 ready; the Nodes say 1 (p-000001 went NotReady, p-000002 is not
+        // registered yet).
+        let nodes = BTreeMap::from([node("p-000000", true), node("p-000001", false)]);
+        let v = view(&pool(3), &nodes);
+        assert_eq!(v["readyNodes"], 1);
+        assert_eq!(v["count"], 3);
+        assert_eq!(v["workloadRuntime"], "WasmWasi");
+        assert_eq!(v["provisioner"], "host-a");
+        assert_eq!(v["nodeLabels"], json!({"team": "a"}));
+        assert_eq!(
+            v["nodes"],
+            json!([
+                {"name": "p-000000", "address": "127.100.0.1", "ready": true},
+                {"name": "p-000001", "address": "", "ready": false},
+                {"name": "p-000002", "address": "", "ready": false},
+            ])
+        );
+        assert!(
+            v.get("message").is_none(),
+            "no message when all is well: {v}"
+        );
+        // A pool being deleted says so whatever its provisioner last wrote, with its message.
+        let mut np = pool(1);
+        np.metadata.deletion_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
+            ));
+        if let Some(s) = np.status.as_mut() {
+            s.message = "draining p-000000: blocked".into();
+        }
+        let v = view(&np, &nodes);
+        assert_eq!(v["provisioningState"], "Deleting");
+        assert_eq!(v["message"], "draining p-000000: blocked");
+        let t = table(&[v]);
+        let row = t.lines().nth(1).unwrap_or_default();
+        let cells: Vec<&str> = row.split_whitespace().collect();
+        assert_eq!(
+            cells,
+            [
+                "p",
+                "1",
+                "1/1",
+                "WasmWasi",
+                "Deleting",
+                "kubernetes.io/arch=wasm32-wagi:NoSchedule,kubernetes.io/arch=wasm32-wagi:NoExecute",
+                "team=a"
+            ],
+            "{t}"
+        );
+    }
+
+    #[test]
+    fn api_errors_read_as_one_line_saying_what_failed() {
+        let status = |code: u16, message: &str| {
+            kube::Error::Api(Box::new(kube::core::Status {
+                code,
+                message: message.into(),
+                ..Default::default()
+            }))
+        };
+        let e = Error::api(Op::ScalePool)(status(403, "nodepools.wasinode.dev \"p\" is forbidden"));
+        assert_eq!(
+            crate::chain(&e),
+            "scaling the node pool: forbidden (nodepools.wasinode.dev \"p\" is forbidden); use a cluster admin's kubeconfig"
+        );
+        let e = Error::api(Op::CreatePool)(status(422, "spec.count: Invalid value"));
+        assert_eq!(
+            crate::chain(&e),
+            "creating the node pool: spec.count: Invalid value"
+        );
+    }
+
     #[test]
     fn the_table_shows_taints() {
         let t = table(&[json!({

@@ -371,6 +371,187 @@ mod tests {
         assert!(parse_labels(&["agentpool=x".into()]).is_err());
     }
 
+    /// A pool as the provisioner writes it: every field set.
+    fn full_pool() -> NodePool {
+        let mut np = NodePool::new(
+            "mywasipool",
+            &api_resource(),
+            Spec {
+                count: 3,
+                workload_runtime: WASM_WASI.into(),
+                node_labels: BTreeMap::from([("team".into(), "a".into())]),
+                node_taints: default_taints(),
+            },
+        );
+        np.status = Some(Status {
+            provisioning_state: "Succeeded".into(),
+            ready_nodes: 2,
+            nodes: vec![NodeStatus {
+                name: node_name("mywasipool", 0),
+                address: "127.100.0.1".into(),
+                ready: true,
+                restarts: 1,
+            }],
+            provisioner: "host".into(),
+            message: "draining mywasipool-000002: blocked".into(),
+        });
+        np
+    }
+
+    /// The value at a printer column's `.a.b` path, as kubectl prints a cell.
+    fn cell(v: &Value, path: &str) -> String {
+        let mut at = v;
+        for key in path.trim_start_matches('.').split('.') {
+            at = &at[key];
+        }
+        match at {
+            Value::Null => "<none>".into(),
+            Value::String(s) => s.clone(),
+            Value::Array(items) => items
+                .iter()
+                .map(|i| i.as_str().unwrap_or_default())
+                .collect::<Vec<_>>()
+                .join(","),
+            other => other.to_string(),
+        }
+    }
+
+    #[test]
+    fn kubectl_get_nodepools_shows_count_ready_runtime_state_and_taints() {
+        let crd: CustomResourceDefinition =
+            serde_json::from_value(crd()).unwrap_or_else(|e| panic!("the CRD: {e}"));
+        assert_eq!(crd.spec.scope, "Cluster");
+        assert_eq!(crd.spec.names.short_names, Some(vec!["np".to_string()]));
+        let version = &crd.spec.versions[0];
+        let columns = version
+            .additional_printer_columns
+            .clone()
+            .unwrap_or_default();
+        let names: Vec<&str> = columns.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(
+            names,
+            ["Count", "Ready", "Runtime", "State", "Taints", "Age"]
+        );
+        let pool = serde_json::to_value(full_pool()).unwrap_or_default();
+        let row: Vec<String> = columns[..5]
+            .iter()
+            .map(|c| cell(&pool, &c.json_path))
+            .collect();
+        assert_eq!(
+            row,
+            [
+                "3",
+                "2",
+                "WasmWasi",
+                "Succeeded",
+                "kubernetes.io/arch=wasm32-wagi:NoSchedule,kubernetes.io/arch=wasm32-wagi:NoExecute"
+            ]
+        );
+        assert_eq!(columns[5].json_path, ".metadata.creationTimestamp");
+        // `kubectl scale nodepool P --replicas N` sets the count and reads the ready nodes.
+        let scale = version
+            .subresources
+            .as_ref()
+            .and_then(|s| s.scale.clone())
+            .unwrap_or_else(|| panic!("no scale subresource"));
+        assert_eq!(cell(&pool, &scale.spec_replicas_path), "3");
+        assert_eq!(
+            scale.status_replicas_path.as_str(),
+            columns[1].json_path.as_str()
+        );
+    }
+
+    /// Fails with the first field of `value` that `schema` does not declare.
+    fn declared(schema: &Value, value: &Value, at: &str) -> Result<(), String> {
+        match value {
+            Value::Object(fields) => {
+                for (k, v) in fields {
+                    let sub = match (&schema["properties"][k], &schema["additionalProperties"]) {
+                        (Value::Null, Value::Null) => return Err(format!("{at}.{k}")),
+                        (Value::Null, extra) => extra,
+                        (declared, _) => declared,
+                    };
+                    declared(sub, v, &format!("{at}.{k}"))?;
+                }
+                Ok(())
+            }
+            Value::Array(items) => items
+                .iter()
+                .try_for_each(|i| declared(&schema["items"], i, &format!("{at}[]"))),
+            _ => Ok(()),
+        }
+    }
+
+    #[test]
+    fn the_api_server_keeps_every_field_the_pool_is_written_with() {
+        // A structural schema prunes undeclared fields: a field missing here would vanish from
+        // `kubectl get nodepool -o yaml` and from what `nodepool show` reads back.
+        let crd = crd();
+        let schema = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"];
+        let pool = serde_json::to_value(full_pool()).unwrap_or_default();
+        for part in ["spec", "status"] {
+            assert_eq!(
+                declared(&schema["properties"][part], &pool[part], part),
+                Ok(()),
+                "{pool:#}"
+            );
+        }
+        // What `nodepool add` creates passes the schema's own checks.
+        let spec = &schema["properties"]["spec"];
+        for required in spec["required"].as_array().into_iter().flatten() {
+            let field = required.as_str().unwrap_or_default();
+            assert!(!pool["spec"][field].is_null(), "{field} is required");
+        }
+        assert_eq!(
+            spec["properties"]["workloadRuntime"]["enum"],
+            json!([WASM_WASI])
+        );
+        assert!(spec["properties"]["count"]["maximum"].as_u64() >= Some(250));
+    }
+
+    #[test]
+    fn the_longest_name_still_gives_node_names_kubernetes_accepts() {
+        let longest = "a".repeat(40);
+        assert_eq!(validate_name(&longest), Ok(()));
+        // Node names are DNS labels too (at most 63 characters) for every index a pool can have.
+        let node = node_name(&longest, 999_999);
+        assert!(node.len() <= 63, "{node}");
+        assert_eq!(node_index(&longest, &node), Some(999_999));
+        let e = validate_name(&"a".repeat(41)).map_err(|e| e.to_string());
+        assert!(
+            e.as_ref().is_err_and(|e| e.contains("1-40 lowercase")),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn add_settings_are_checked_before_anything_is_created() {
+        // No --taints: the seed's two; `--taints ""`: none.
+        let s = Spec::new(2, "wasmwasi", &[], None);
+        assert_eq!(
+            s.as_ref()
+                .map(|s| (s.count, s.workload_runtime.as_str(), s.node_taints.len())),
+            Ok((2, WASM_WASI, 2))
+        );
+        let none = Spec::new(1, WASM_WASI, &[], Some(&["".to_string()]));
+        assert_eq!(none.map(|s| s.node_taints), Ok(vec![]));
+        // The first bad value is the one reported.
+        assert_eq!(
+            Spec::new(1, "OCIContainer", &["agentpool=x".into()], None),
+            Err(SpecError::ContainerRuntime)
+        );
+        assert_eq!(
+            Spec::new(1, WASM_WASI, &["agentpool=x".into()], Some(&["k=v".into()])),
+            Err(SpecError::ReservedLabel)
+        );
+        let e = Spec::new(1, WASM_WASI, &[], Some(&["k=v:Sometimes".into()]))
+            .map_err(|e| e.to_string());
+        assert_eq!(
+            e,
+            Err("invalid taint \"k=v:Sometimes\": the effect must be NoSchedule, PreferNoSchedule or NoExecute".to_string())
+        );
+    }
+
     #[test]
     fn the_crd_parses_as_a_crd() {
         let crd: Result<CustomResourceDefinition, _> = serde_json::from_value(crd());
