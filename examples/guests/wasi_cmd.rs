@@ -8,9 +8,11 @@
 //!   3. if env `READ_FILE` is set: stdout the contents of that file as is (a path in a
 //!      preopened dir, e.g. `/data/x.txt`); if it cannot be read, stderr
 //!      `cannot read <path>: <error>` and exit code 2;
-//!   4. stderr `stderr line`;
-//!   5. if env `SLEEP_MS` is set: sleeps that many milliseconds;
-//!   6. exits with the code in env `EXIT_CODE` (default 0; a value that is not an integer
+//!   4. if env `WRITE_FILE` is set (paths separated by `,`): tries to write `overwritten` to
+//!      each, and prints stdout `write <path>: ok` or `write <path>: denied (<error>)`;
+//!   5. stderr `stderr line`;
+//!   6. if env `SLEEP_MS` is set: sleeps that many milliseconds;
+//!   7. exits with the code in env `EXIT_CODE` (default 0; a value that is not an integer
 //!      gives stderr `bad EXIT_CODE` and exit code 2).
 //! Tests use it for args, env, preopened dirs, stdout/stderr capture, timeouts and exit codes.
 
@@ -43,6 +45,14 @@ fn main() {
                 out.flush().unwrap();
                 eprintln!("cannot read {}: {e}", path.to_string_lossy());
                 std::process::exit(2);
+            }
+        }
+    }
+    if let Ok(paths) = std::env::var("WRITE_FILE") {
+        for path in paths.split(',').filter(|p| !p.is_empty()) {
+            match std::fs::write(path, "overwritten") {
+                Ok(()) => writeln!(out, "write {path}: ok").unwrap(),
+                Err(e) => writeln!(out, "write {path}: denied ({e})").unwrap(),
             }
         }
     }

@@ -9,6 +9,9 @@
 //!   connections to a WAGI pod and to the kubelet API (never finishing a TLS handshake) leave
 //!   `/hello` and `kubectl logs` answering, and the agent's open descriptors bounded by the
 //!   connection caps;
+//! - turn a configMap or secret volume against the host: they are read-only to the guest even
+//!   when the mount says `readOnly: false` (writes and new files are refused, the content stays
+//!   the API's), secrets are written 0600 on tmpfs, and deleting the pod removes them;
 //!
 //! Run: `cargo build --release && cargo test --release -p wasinode-e2e --test node_security`
 
@@ -234,5 +237,88 @@ fn slow_and_idle_clients_cannot_exhaust_the_node() -> Result<()> {
         held.len()
     );
     drop(held);
+    cluster.down()
+}
+
+#[test]
+fn config_and_secret_volumes_are_read_only_to_the_guest() -> Result<()> {
+    let registry = Registry::start();
+    let image = registry.push_guest("wasi_cmd")?;
+    let cluster = Cluster::up()?;
+    let agent = Agent::start_ready(&cluster, AgentOptions::new("wasi-volumes"), TIMEOUT)?;
+    cluster.apply(&serde_json::json!({"apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": "cfg", "namespace": "default"},
+        "data": {"file.txt": "from the API"}}))?;
+    cluster.apply(&serde_json::json!({"apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "sec", "namespace": "default"},
+        "stringData": {"token.txt": "s3cret"}}))?;
+    cluster.apply(&serde_json::json!({"apiVersion": "v1", "kind": "Pod",
+    "metadata": {"name": "writer", "namespace": "default"},
+    "spec": {
+        "nodeName": "wasi-volumes",
+        "restartPolicy": "Never",
+        "tolerations": serde_json::from_str::<Value>(e2e::agent::TOLERATIONS)?,
+        "volumes": [
+            {"name": "cfg", "configMap": {"name": "cfg"}},
+            {"name": "sec", "secret": {"secretName": "sec"}},
+        ],
+        "containers": [{"name": "job", "image": image,
+            "volumeMounts": [
+                {"name": "cfg", "mountPath": "/cfg", "readOnly": false},
+                {"name": "sec", "mountPath": "/secret", "readOnly": false},
+            ],
+            "env": [
+                {"name": "WRITE_FILE", "value": "/cfg/file.txt,/cfg/planted.txt,/secret/token.txt"},
+                {"name": "READ_FILE", "value": "/cfg/file.txt"},
+            ]}]}}))?;
+    cluster
+        .wait_for("writer Succeeded", TIMEOUT, || {
+            Ok(cluster.pod("writer")?["status"]["phase"] == "Succeeded")
+        })
+        .with_context(|| agent.output())?;
+    let logs = cluster.kubectl(&["logs", "writer", "-n", "default"])?;
+    for path in ["/cfg/file.txt", "/cfg/planted.txt", "/secret/token.txt"] {
+        ensure!(
+            logs.contains(&format!("write {path}: denied")),
+            "the guest could write {path}:\n{logs}"
+        );
+    }
+    ensure!(
+        logs.contains("from the API") && !logs.contains("overwritten"),
+        "the configMap's content changed:\n{logs}"
+    );
+    // Secrets: 0600, on tmpfs when the host has one, gone with the pod.
+    let uid = cluster.pod("writer")?["metadata"]["uid"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let on_shm: Vec<std::path::PathBuf> = std::fs::read_dir("/dev/shm")
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.path().join(&uid).join("sec/token.txt"))
+                .filter(|p| p.exists())
+                .collect()
+        })
+        .unwrap_or_default();
+    let secret_file = match on_shm.first() {
+        Some(p) => p.clone(),
+        None => agent
+            .data_dir
+            .join("secrets")
+            .join(&uid)
+            .join("sec/token.txt"),
+    };
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&secret_file)
+        .with_context(|| format!("no secret file at {}", secret_file.display()))?
+        .permissions()
+        .mode();
+    ensure!(mode & 0o777 == 0o600, "secret file mode {:o}", mode & 0o777);
+    cluster.delete_pod("writer", TIMEOUT)?;
+    cluster
+        .wait_for("the secret volume removed", TIMEOUT, || {
+            Ok(!secret_file.exists())
+        })
+        .with_context(|| agent.output())?;
     cluster.down()
 }

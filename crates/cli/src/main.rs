@@ -33,7 +33,7 @@ enum Command {
     /// Serve Pod manifests on this machine, no cluster needed, until SIGINT/SIGTERM.
     Run(run::RunArgs),
     /// Join a Kubernetes cluster as a node that runs the pods bound to it, until SIGINT/SIGTERM.
-    Node(node::NodeArgs),
+    Node(Box<node::NodeArgs>),
     /// Pools of WASI nodes on a cluster: add, show, list, scale, delete (`workloadRuntime: WasmWasi`).
     Nodepool(nodepool::NodePoolArgs),
     /// Publish a .wasm (or .wat) module to an OCI registry; prints the manifest digest.
@@ -64,7 +64,7 @@ fn main() -> std::process::ExitCode {
     let result = rt.block_on(async move {
         match cli.command {
             Command::Run(a) => run::run(a).await,
-            Command::Node(a) => node::node(a).await,
+            Command::Node(a) => node::node(*a).await,
             Command::Nodepool(a) => nodepool::nodepool(a).await,
             Command::Push(a) => pushpull::push(a).await.map(|_| 0),
             Command::Pull(a) => pushpull::pull(a).await.map(|_| 0),

@@ -54,6 +54,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<i32> {
             bind_ip: None,
             base_dir: Some(mp.base_dir.clone()),
             local_images: workload::LocalImages::Any,
+            secret_dir: None,
         };
         let sup = sup.clone();
         async move { sup.start(&mp.pod, &ctx, None).await }

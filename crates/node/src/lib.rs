@@ -20,6 +20,7 @@ pub mod register;
 pub mod resolve;
 pub mod server;
 pub mod status;
+pub mod volume;
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -199,6 +200,7 @@ pub async fn run(
             bind_ip: cfg.pod_address,
             base_dir: None,
             local_images: cfg.local_images.clone(),
+            secret_dir: Some(volume::secret_root(&data_dir, data_dir.join("secrets"))),
         },
         handled: Mutex::default(),
         max_pods: cfg.max_pods as usize,

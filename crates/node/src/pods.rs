@@ -143,7 +143,20 @@ async fn reconcile(pod: Arc<Pod>, ctx: Arc<Context>) -> Result<Action, Error> {
         .node_ip
         .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into());
     let mut objects = ApiObjects::new(ctx.client.clone());
-    let resolved = match resolve(&pod, &mut objects, node_ip, &ctx.plan.volume_dir).await {
+    let secret_dir = ctx
+        .plan
+        .secret_dir
+        .clone()
+        .unwrap_or_else(|| ctx.plan.volume_dir.clone());
+    let resolved = match resolve(
+        &pod,
+        &mut objects,
+        node_ip,
+        &ctx.plan.volume_dir,
+        &secret_dir,
+    )
+    .await
+    {
         Ok(r) => r,
         Err(e) => {
             // As the kubelet: the pod waits with CreateContainerConfigError and is retried.
@@ -378,11 +391,20 @@ async fn delete(pod: &Pod, key: &PodKey, ctx: &Context) -> Result<(), Error> {
         handled.pulls.remove(&key.uid);
     }
     ctx.sup.logs().remove_pod(key).await;
-    if !key.uid.is_empty() {
-        let _ = tokio::fs::remove_dir_all(ctx.plan.volume_dir.join(&key.uid)).await;
-    }
+    remove_volumes(ctx, key).await;
     tracing::info!(pod = %key, "pod deleted");
     Ok(())
+}
+
+/// Removes a pod's emptyDir, configMap and secret volumes.
+async fn remove_volumes(ctx: &Context, key: &PodKey) {
+    if key.uid.is_empty() {
+        return;
+    }
+    let _ = tokio::fs::remove_dir_all(ctx.plan.volume_dir.join(&key.uid)).await;
+    if let Some(secrets) = &ctx.plan.secret_dir {
+        let _ = tokio::fs::remove_dir_all(secrets.join(&key.uid)).await;
+    }
 }
 
 fn error_policy(pod: Arc<Pod>, e: &Error, _ctx: Arc<Context>) -> Action {

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Node;
@@ -25,12 +25,43 @@ pub const KUBELET_VERSION: &str = "v1.33.0-wasinode";
 pub const MAX_PODS: u32 = 110;
 pub const LEASE_NAMESPACE: &str = "kube-node-lease";
 pub const LEASE_DURATION_SECONDS: i32 = 40;
+/// How often the Lease is renewed (the kubelet's: a quarter of its duration).
 pub const LEASE_RENEW: Duration = Duration::from_secs(10);
+/// The longest one Lease call may take before it is given up and retried. Short, so that a call
+/// that hangs (a stalled connection) costs seconds, and several retries fit in the Lease's 30 s
+/// left after the renewal interval; a Lease PATCH on a healthy API server takes milliseconds.
+pub const LEASE_CALL_TIMEOUT: Duration = Duration::from_secs(5);
+/// The first wait before a failed renewal is retried; it doubles up to [`LEASE_RENEW`].
+pub const LEASE_RETRY_MIN: Duration = Duration::from_millis(200);
+/// The longest a Node call (registration, GET, status PATCH) may take (the kubelet bounds its
+/// heartbeat client by `nodeStatusUpdateFrequency`, 10 s).
+pub const STATUS_CALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// The status is rewritten at least this often even when nothing changed (the kubelet's
 /// `nodeStatusReportFrequency`; the Lease is the heartbeat).
 pub const STATUS_REPORT: Duration = Duration::from_secs(5 * 60);
 /// How often the pressure conditions are measured (the kubelet's `nodeStatusUpdateFrequency`).
 pub const STATUS_CHECK: Duration = Duration::from_secs(10);
+
+/// Why a call of the heartbeat failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    #[error("no answer from the API server within {0:?}")]
+    TimedOut(Duration),
+    #[error(transparent)]
+    Api(#[from] kube::Error),
+}
+
+/// `call`, given up after `limit`. Dropping a request that is waiting for its response closes
+/// its connection, so the retry goes on another one.
+async fn bounded<T>(
+    limit: Duration,
+    call: impl std::future::Future<Output = kube::Result<T>>,
+) -> Result<T, CallError> {
+    match tokio::time::timeout(limit, call).await {
+        Ok(answer) => Ok(answer?),
+        Err(_) => Err(CallError::TimedOut(limit)),
+    }
+}
 
 pub fn runtime_version() -> String {
     format!("wasinode://{} (wasmtime 48)", env!("CARGO_PKG_VERSION"))
@@ -391,21 +422,24 @@ pub fn node_status(
 }
 
 /// Creates the Node, or updates the labels and taints of an existing one of the same name.
-/// Returns the Node's uid. The status is written by [`patch_status`].
-pub async fn register(client: &kube::Client, cfg: &Config) -> kube::Result<String> {
+/// Returns the Node's uid. The status is written by [`patch_status`]. Each API call is bounded
+/// by [`STATUS_CALL_TIMEOUT`].
+pub async fn register(client: &kube::Client, cfg: &Config) -> Result<String, CallError> {
     let nodes: Api<Node> = Api::all(client.clone());
     let want = node_object(cfg);
-    let node = match nodes.get_opt(&cfg.node_name).await? {
+    let node = match bounded(STATUS_CALL_TIMEOUT, nodes.get_opt(&cfg.node_name)).await? {
         Some(existing) => {
             // Merge patch: our labels win, other labels (set by admins) stay.
             let labels = json!({"metadata": {"labels": want["metadata"]["labels"]}});
-            let node = nodes
-                .patch(
+            let node = bounded(
+                STATUS_CALL_TIMEOUT,
+                nodes.patch(
                     &cfg.node_name,
                     &PatchParams::default(),
                     &Patch::Merge(&labels),
-                )
-                .await?;
+                ),
+            )
+            .await?;
             let have: Vec<Value> = existing
                 .spec
                 .as_ref()
@@ -424,16 +458,19 @@ pub async fn register(client: &kube::Client, cfg: &Config) -> kube::Result<Strin
                 None => node,
                 Some(taints) => {
                     let patch = json!({"spec": {"taints": taints}});
-                    match nodes
-                        .patch(
+                    let patched = bounded(
+                        STATUS_CALL_TIMEOUT,
+                        nodes.patch(
                             &cfg.node_name,
                             &PatchParams::default(),
                             &Patch::Merge(&patch),
-                        )
-                        .await
-                    {
+                        ),
+                    )
+                    .await;
+                    match patched {
                         Ok(n) => n,
-                        Err(e) => {
+                        Err(e @ CallError::TimedOut(_)) => return Err(e),
+                        Err(CallError::Api(e)) => {
                             // NodeRestriction forbids a node to change its own taints once
                             // the Node exists: only an admin can.
                             let why = match &e {
@@ -459,9 +496,16 @@ pub async fn register(client: &kube::Client, cfg: &Config) -> kube::Result<Strin
         }
         None => {
             let obj: Node = serde_json::from_value(want).map_err(kube::Error::SerdeError)?;
-            match nodes.create(&PostParams::default(), &obj).await {
+            match bounded(
+                STATUS_CALL_TIMEOUT,
+                nodes.create(&PostParams::default(), &obj),
+            )
+            .await
+            {
                 Ok(n) => n,
-                Err(kube::Error::Api(e)) if e.code == 409 => nodes.get(&cfg.node_name).await?,
+                Err(CallError::Api(kube::Error::Api(e))) if e.code == 409 => {
+                    bounded(STATUS_CALL_TIMEOUT, nodes.get(&cfg.node_name)).await?
+                }
                 Err(e) => return Err(e),
             }
         }
@@ -469,16 +513,23 @@ pub async fn register(client: &kube::Client, cfg: &Config) -> kube::Result<Strin
     Ok(node.metadata.uid.unwrap_or_default())
 }
 
-/// Writes the Node's status (a merge patch of `status`: conditions, capacity, nodeInfo...).
-pub async fn patch_status(client: &kube::Client, cfg: &Config, status: &Value) -> kube::Result<()> {
+/// Writes the Node's status (a merge patch of `status`: conditions, capacity, nodeInfo...),
+/// bounded by [`STATUS_CALL_TIMEOUT`].
+pub async fn patch_status(
+    client: &kube::Client,
+    cfg: &Config,
+    status: &Value,
+) -> Result<(), CallError> {
     let nodes: Api<Node> = Api::all(client.clone());
-    nodes
-        .patch_status(
+    bounded(
+        STATUS_CALL_TIMEOUT,
+        nodes.patch_status(
             &cfg.node_name,
             &PatchParams::default(),
             &Patch::Merge(status),
-        )
-        .await?;
+        ),
+    )
+    .await?;
     Ok(())
 }
 
@@ -509,24 +560,34 @@ fn micro_time(t: SystemTime) -> Value {
     .unwrap_or(Value::Null)
 }
 
-/// Creates the Lease or renews it.
-pub async fn renew_lease(client: &kube::Client, cfg: &Config, node_uid: &str) -> kube::Result<()> {
+/// Creates the Lease or renews it, each API call bounded by [`LEASE_CALL_TIMEOUT`].
+pub async fn renew_lease(
+    client: &kube::Client,
+    cfg: &Config,
+    node_uid: &str,
+) -> Result<(), CallError> {
     let leases: Api<Lease> = Api::namespaced(client.clone(), LEASE_NAMESPACE);
     let now = SystemTime::now();
     let want = lease_object(cfg, node_uid, now);
     let patch = json!({"metadata": {"ownerReferences": want["metadata"]["ownerReferences"]}, "spec": want["spec"]});
-    match leases
-        .patch(
+    let patched = bounded(
+        LEASE_CALL_TIMEOUT,
+        leases.patch(
             &cfg.node_name,
             &PatchParams::default(),
             &Patch::Merge(&patch),
-        )
-        .await
-    {
+        ),
+    )
+    .await;
+    match patched {
         Ok(_) => Ok(()),
-        Err(kube::Error::Api(e)) if e.code == 404 => {
+        Err(CallError::Api(kube::Error::Api(e))) if e.code == 404 => {
             let obj: Lease = serde_json::from_value(want).map_err(kube::Error::SerdeError)?;
-            leases.create(&PostParams::default(), &obj).await?;
+            bounded(
+                LEASE_CALL_TIMEOUT,
+                leases.create(&PostParams::default(), &obj),
+            )
+            .await?;
             Ok(())
         }
         Err(e) => Err(e),
@@ -534,8 +595,12 @@ pub async fn renew_lease(client: &kube::Client, cfg: &Config, node_uid: &str) ->
 }
 
 /// Keeps the node alive: registers (retrying with backoff until the API server answers), then
-/// renews the Lease every 10 s, measures the pressure conditions as often, and rewrites the
-/// status when a condition changes and at least every 5 minutes. Never returns.
+/// runs two tasks that cannot hold each other up: one renews the Lease every 10 s (retrying
+/// a failed or timed-out renewal at once, with backoff), the other measures the pressure
+/// conditions as often and rewrites the status when a condition changed, when the API's Node
+/// shows other conditions, and at least every 5 minutes. Every API call is bounded by a short
+/// timeout, so a call that hangs (a stalled connection) costs one attempt, not the Lease.
+/// Never returns; dropping it (aborting its task) stops both tasks.
 pub async fn heartbeat(client: kube::Client, cfg: Config, host: HostInfo, data_dir: PathBuf) {
     let mut delay = Duration::from_millis(500);
     let uid = loop {
@@ -552,24 +617,137 @@ pub async fn heartbeat(client: kube::Client, cfg: Config, host: HostInfo, data_d
         }
     };
     tracing::info!(node = %cfg.node_name, "node registered");
-    let mut conditions = Conditions::default();
-    let mut last_status: Option<std::time::Instant> = None;
-    let mut unwritten = false;
-    let mut last_lease = None::<std::time::Instant>;
+    // Dropping the set aborts both tasks.
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(keep_lease(client.clone(), cfg.clone(), uid));
+    tasks.spawn(keep_status(client, cfg, host, data_dir));
+    while let Some(done) = tasks.join_next().await {
+        if let Err(e) = done {
+            tracing::error!("a node heartbeat task ended: {e}");
+        }
+    }
+}
+
+/// Renews the Lease every [`LEASE_RENEW`] after the last renewal; a failed renewal is retried
+/// after [`LEASE_RETRY_MIN`], doubling up to [`LEASE_RENEW`] (as the kubelet's lease controller
+/// retries). Never returns.
+async fn keep_lease(client: kube::Client, cfg: Config, uid: String) {
+    let mut clients = LeaseClient {
+        shared: client,
+        kubeconfig: cfg.client_renewal.as_ref().map(|r| r.kubeconfig.clone()),
+        own: None,
+    };
+    let mut backoff = LEASE_RETRY_MIN;
     loop {
-        if last_lease.is_none_or(|t| t.elapsed() >= LEASE_RENEW) {
-            match renew_lease(&client, &cfg, &uid).await {
-                Ok(()) => last_lease = Some(std::time::Instant::now()),
-                Err(e) => tracing::warn!("renewing lease: {e}"),
+        let client = clients.get().await;
+        match renew_lease(&client, &cfg, &uid).await {
+            Ok(()) => {
+                backoff = LEASE_RETRY_MIN;
+                tokio::time::sleep(LEASE_RENEW).await;
+            }
+            Err(e) => {
+                tracing::warn!("renewing lease: {e}; retrying in {backoff:?}");
+                clients.forget();
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(LEASE_RENEW);
             }
         }
-        let pressure = Pressure::measure(&data_dir);
+    }
+}
+
+/// The client the Lease is renewed with: one of its own, built from the node's kubeconfig, so
+/// that its connection is used by nothing else (a watch or another task's call that hangs
+/// cannot be the pooled connection the next renewal picks), and built again after a failed
+/// renewal, so that the retry goes on a new connection (as the kubelet closes its connections
+/// when heartbeats fail) and with the kubeconfig's current certificate (renewal rewrites it).
+/// The agent's shared client when there is no kubeconfig to build from.
+struct LeaseClient {
+    shared: kube::Client,
+    kubeconfig: Option<PathBuf>,
+    own: Option<kube::Client>,
+}
+
+impl LeaseClient {
+    async fn get(&mut self) -> kube::Client {
+        if self.own.is_none()
+            && let Some(path) = &self.kubeconfig
+        {
+            match own_client(path.clone()).await {
+                Ok(c) => self.own = Some(c),
+                Err(e) => tracing::warn!(
+                    "a client of its own for the Lease from {}: {e}; using the shared one",
+                    path.display()
+                ),
+            }
+        }
+        self.own.clone().unwrap_or_else(|| self.shared.clone())
+    }
+
+    /// Drops the own client, closing its connections; the next [`LeaseClient::get`] builds
+    /// another.
+    fn forget(&mut self) {
+        self.own = None;
+    }
+}
+
+/// Why the Lease's own client could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum LeaseClientError {
+    #[error(transparent)]
+    Kubeconfig(#[from] kube::config::KubeconfigError),
+    #[error(transparent)]
+    Client(#[from] kube::Error),
+    #[error("building the client stopped: {0}")]
+    Join(#[from] tokio::task::JoinError),
+}
+
+/// A new client (with a connection pool of its own) acting with the identity of `kubeconfig`.
+/// Built on a blocking thread: it reads the kubeconfig and the files it names.
+async fn own_client(kubeconfig: PathBuf) -> Result<kube::Client, LeaseClientError> {
+    let runtime = tokio::runtime::Handle::current();
+    tokio::task::spawn_blocking(move || {
+        runtime.block_on(async {
+            let kc = kube::config::Kubeconfig::read_from(&kubeconfig)?;
+            let config = kube::Config::from_custom_kubeconfig(
+                kc,
+                &kube::config::KubeConfigOptions::default(),
+            )
+            .await?;
+            Ok(kube::Client::try_from(config)?)
+        })
+    })
+    .await?
+}
+
+/// Every [`STATUS_CHECK`]: measures the pressure conditions (on a blocking thread: it reads
+/// `/proc` and the data dir's filesystem) and writes the Node's status when they changed, when
+/// the API's Node shows other conditions (after an outage the node lifecycle controller has
+/// set Ready=Unknown, and that must be corrected at once, as the kubelet does), when the last
+/// write failed, and at least every [`STATUS_REPORT`]. Never returns.
+async fn keep_status(client: kube::Client, cfg: Config, host: HostInfo, data_dir: PathBuf) {
+    let nodes: Api<Node> = Api::all(client.clone());
+    let mut conditions = Conditions::default();
+    let mut last_status: Option<Instant> = None;
+    let mut unwritten = false;
+    let mut tick = tokio::time::interval(STATUS_CHECK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let dir = data_dir.clone();
+        let pressure = match tokio::task::spawn_blocking(move || Pressure::measure(&dir)).await {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!("measuring node pressure: {e}");
+                continue;
+            }
+        };
         let (conds, changed) = conditions.observe(&pressure, SystemTime::now());
-        // As the kubelet, compare with what the API shows: after an outage the node lifecycle
-        // controller has set Ready=Unknown, and that must be corrected at once.
-        let stale = match Api::<Node>::all(client.clone()).get(&cfg.node_name).await {
+        let stale = match bounded(STATUS_CALL_TIMEOUT, nodes.get(&cfg.node_name)).await {
             Ok(node) => differs(&node, &conds),
-            Err(_) => false,
+            Err(e) => {
+                tracing::debug!("reading node {}: {e}", cfg.node_name);
+                false
+            }
         };
         if changed || stale || unwritten || last_status.is_none_or(|t| t.elapsed() >= STATUS_REPORT)
         {
@@ -579,7 +757,7 @@ pub async fn heartbeat(client: kube::Client, cfg: Config, host: HostInfo, data_d
             let status = node_status(&cfg, &host, &pressure, conds);
             match patch_status(&client, &cfg, &status).await {
                 Ok(()) => {
-                    last_status = Some(std::time::Instant::now());
+                    last_status = Some(Instant::now());
                     unwritten = false;
                 }
                 Err(e) => {
@@ -589,7 +767,6 @@ pub async fn heartbeat(client: kube::Client, cfg: Config, host: HostInfo, data_d
                 }
             }
         }
-        tokio::time::sleep(STATUS_CHECK.min(LEASE_RENEW)).await;
     }
 }
 
@@ -607,6 +784,8 @@ mod tests {
             address: "0.0.0.0".parse().unwrap(),
             pod_address: None,
             max_pods: MAX_PODS,
+            local_images: workload::LocalImages::Refused,
+            conn_limits: Default::default(),
             shutdown_grace: Duration::from_secs(1),
             client_ca: vec![],
             labels: vec![("tier".into(), "edge".into())],

@@ -6,10 +6,12 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
-use std::path::{Component, Path, PathBuf};
+use std::path::Path;
 
 use k8s_openapi::api::core::v1::{ConfigMap, EnvVar, Pod, Secret};
 use kube::api::Api;
+
+use crate::volume::{VolumeFile, write_atomic};
 
 /// Why a pod's references could not be resolved (kubelet reason `CreateContainerConfigError`).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -186,19 +188,14 @@ fn text(bytes: &[u8], what: &str) -> Result<String, ConfigError> {
     String::from_utf8(bytes.to_vec()).map_err(|_| ConfigError(format!("{what} is not UTF-8 text")))
 }
 
-/// A relative path that stays inside its volume.
-fn safe_relative(p: &str) -> bool {
-    let path = Path::new(p);
-    !p.is_empty() && path.components().all(|c| matches!(c, Component::Normal(_)))
-}
-
-/// Resolves `pod` (see the module doc). ConfigMap and secret volumes are written under
-/// `volume_dir/<uid>/`.
+/// Resolves `pod` (see the module doc). ConfigMap volumes are written under
+/// `volume_dir/<uid>/`, secret volumes under `secret_dir/<uid>/` ([`crate::volume`]).
 pub async fn resolve(
     pod: &Pod,
     objects: &mut impl Objects,
     node_ip: IpAddr,
     volume_dir: &Path,
+    secret_dir: &Path,
 ) -> Result<Resolved, ConfigError> {
     let mut out = pod.clone();
     let ns = pod.metadata.namespace.clone().unwrap_or_default();
@@ -309,7 +306,7 @@ pub async fn resolve(
     }
 
     for vol in spec.volumes.iter().flatten() {
-        let (what, items, data) = if let Some(cm) = &vol.config_map {
+        let (what, items, data, default_mode, root) = if let Some(cm) = &vol.config_map {
             let d = objects.config_map(&ns, &cm.name).await?;
             if d.is_none() && cm.optional != Some(true) {
                 return Err(ConfigError(format!(
@@ -321,6 +318,8 @@ pub async fn resolve(
                 format!("configmap {:?}", cm.name),
                 cm.items.clone(),
                 d.unwrap_or_default(),
+                cm.default_mode.map_or(0o644, |m| m as u32),
+                volume_dir,
             )
         } else if let Some(s) = &vol.secret {
             let name = s.secret_name.clone().unwrap_or_default();
@@ -335,16 +334,30 @@ pub async fn resolve(
                 format!("secret {name:?}"),
                 s.items.clone(),
                 d.map(|(_, d)| d).unwrap_or_default(),
+                // Owner bits only: the API defaults defaultMode to 0644, but guests read their
+                // secrets through the agent, so no other host user needs them.
+                s.default_mode.map_or(0o600, |m| m as u32 & 0o700),
+                secret_dir,
             )
         } else {
             continue;
         };
-        let files: Vec<(String, Vec<u8>)> = match items {
+        let files: Vec<VolumeFile> = match items {
             Some(items) => {
                 let mut files = Vec::new();
                 for it in items {
                     match data.get(&it.key) {
-                        Some(v) => files.push((it.path.clone(), v.clone())),
+                        Some(v) => files.push(VolumeFile {
+                            path: it.path.clone(),
+                            bytes: v.clone(),
+                            mode: it.mode.map_or(default_mode, |m| {
+                                if vol.secret.is_some() {
+                                    m as u32 & 0o700
+                                } else {
+                                    m as u32
+                                }
+                            }),
+                        }),
                         None => {
                             return Err(ConfigError(format!(
                                 "volume {:?}: no key {:?} in {what}",
@@ -355,10 +368,20 @@ pub async fn resolve(
                 }
                 files
             }
-            None => data.into_iter().collect(),
+            None => data
+                .into_iter()
+                .map(|(path, bytes)| VolumeFile {
+                    path,
+                    bytes,
+                    mode: default_mode,
+                })
+                .collect(),
         };
-        let dir = volume_dir.join(&uid).join(&vol.name);
-        write_volume(&dir, &files)
+        let dir = root.join(&uid).join(&vol.name);
+        let name = vol.name.clone();
+        tokio::task::spawn_blocking(move || write_atomic(&dir, &files))
+            .await
+            .map_err(|e| ConfigError(format!("volume {name:?}: writer task failed: {e}")))?
             .map_err(|e| ConfigError(format!("volume {:?}: {e}", vol.name)))?;
     }
 
@@ -395,26 +418,6 @@ pub async fn resolve(
         creds,
         warnings,
     })
-}
-
-fn write_volume(dir: &Path, files: &[(String, Vec<u8>)]) -> std::io::Result<()> {
-    std::fs::create_dir_all(dir)?;
-    for (rel, bytes) in files {
-        if !safe_relative(rel) {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                format!("path {rel:?} must be relative and stay in the volume"),
-            ));
-        }
-        let path: PathBuf = dir.join(rel);
-        if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent)?;
-        }
-        let tmp = path.with_extension("wasinode-tmp");
-        std::fs::write(&tmp, bytes)?;
-        std::fs::rename(&tmp, &path)?;
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -509,7 +512,7 @@ mod tests {
             ]}],
             "imagePullSecrets": [{"name": "pull"}, {"name": "missing"}],
         }));
-        let r = resolve(&p, &mut fake(), "10.1.2.3".parse().unwrap(), &tmp)
+        let r = resolve(&p, &mut fake(), "10.1.2.3".parse().unwrap(), &tmp, &tmp)
             .await
             .unwrap();
         let env = env_of(&r.pod);
@@ -536,13 +539,13 @@ mod tests {
         let p = pod(json!({"containers": [{"name": "c", "image": "x", "env": [
             {"name": "G", "valueFrom": {"configMapKeyRef": {"name": "cfg", "key": "NOPE"}}},
         ]}]}));
-        let e = resolve(&p, &mut fake(), "10.0.0.1".parse().unwrap(), &tmp)
+        let e = resolve(&p, &mut fake(), "10.0.0.1".parse().unwrap(), &tmp, &tmp)
             .await
             .unwrap_err();
         assert_eq!(e.0, "couldn't find key NOPE in ConfigMap ns/cfg");
         let p = pod(json!({"containers": [{"name": "c", "image": "x"}],
             "volumes": [{"name": "v", "secret": {"secretName": "absent"}}]}));
-        let e = resolve(&p, &mut fake(), "10.0.0.1".parse().unwrap(), &tmp)
+        let e = resolve(&p, &mut fake(), "10.0.0.1".parse().unwrap(), &tmp, &tmp)
             .await
             .unwrap_err();
         assert!(e.0.contains("secret \"absent\" not found"), "{e}");
@@ -557,7 +560,7 @@ mod tests {
             {"name": "sec", "secret": {"secretName": "sec"}},
             {"name": "evil", "configMap": {"name": "cfg", "items": [{"key": "file.txt", "path": "../x"}]}},
         ]}));
-        let e = resolve(&p, &mut fake(), "10.0.0.1".parse().unwrap(), &tmp)
+        let e = resolve(&p, &mut fake(), "10.0.0.1".parse().unwrap(), &tmp, &tmp)
             .await
             .unwrap_err();
         assert!(e.0.contains("stay in the volume"), "{e}");

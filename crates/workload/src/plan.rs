@@ -103,6 +103,9 @@ pub struct PlanContext {
     pub base_dir: Option<PathBuf>,
     /// Which local image forms (`file://`, paths) a pod may name.
     pub local_images: LocalImages,
+    /// Where secret volumes live (`<dir>/<uid>/<volume>`; a tmpfs where the host has one);
+    /// `None`: under `volume_dir` like configMap volumes.
+    pub secret_dir: Option<PathBuf>,
 }
 
 /// Which local files a pod's `image:` may name. An image names a file the agent reads and
@@ -381,9 +384,15 @@ fn container_plan(
                     &key.uid
                 })
                 .join(&vol.name)
-        } else if vol.config_map.is_some() || vol.secret.is_some() {
+        } else if vol.config_map.is_some() {
             // The node agent materialises these into `volume_dir/<uid>/<name>` before planning.
             ctx.volume_dir.join(&key.uid).join(&vol.name)
+        } else if vol.secret.is_some() {
+            ctx.secret_dir
+                .as_ref()
+                .unwrap_or(&ctx.volume_dir)
+                .join(&key.uid)
+                .join(&vol.name)
         } else {
             return Err((
                 vf,
@@ -396,10 +405,13 @@ fn container_plan(
         if !Path::new(&m.mount_path).is_absolute() {
             return Err((vf, format!("mountPath {:?} must be absolute", m.mount_path)));
         }
+        // As the kubelet mounts them: configMap and secret volumes are read-only whatever the
+        // mount says (the agent writes them; a guest must not plant anything there).
+        let api_volume = vol.config_map.is_some() || vol.secret.is_some();
         mounts.push(Preopen {
             host,
             guest: m.mount_path.clone(),
-            read_only: m.read_only.unwrap_or(false),
+            read_only: api_volume || m.read_only.unwrap_or(false),
         });
     }
     Ok(ContainerPlan {
