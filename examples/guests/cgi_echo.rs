@@ -2,7 +2,8 @@
 //!
 //! Answers `Content-Type: text/plain` with, in this order:
 //!   - every environment variable as `NAME=value`, one a line, sorted by name;
-//!   - one line per argument: `argv[0]=<script name>`, `argv[1]=<first query param>`, ...;
+//!   - one line per argument: `argv[0]=...`, `argv[1]=...`, ... (as the host passes them: for
+//!     WAGI, the request path and then the raw query's `&`-separated pieces);
 //!   - `stdin=` followed by the whole request body as text (lossy UTF-8), to the end of the
 //!     response (it may itself contain newlines; nothing follows it).
 //! Values are written as is (a value containing a newline would span lines).

@@ -150,7 +150,7 @@ fn cgi_environment_argv_body_and_container_env() -> Result<()> {
     );
     assert!(
         r.body
-            .contains("argv[0]=/echo\nargv[1]=b=2\nargv[2]=a=hello world\n"),
+            .contains("argv[0]=/echo/sub%20dir/x\nargv[1]=b=2\nargv[2]=a=hello%20world\n"),
         "{}",
         r.body
     );
@@ -586,14 +586,12 @@ fn help_explains_itself() -> Result<()> {
     Ok(())
 }
 
+/// The header blocks an upstream received, one per request, in order.
+type Seen = std::sync::Arc<std::sync::Mutex<Vec<Vec<(String, String)>>>>;
+
 /// A loopback HTTP server that answers every request with `body` and keeps the header block of
 /// each request it received (`name: value` lines, names lowercased), in order.
-fn recording_upstream(
-    body: Vec<u8>,
-) -> Result<(
-    String,
-    std::sync::Arc<std::sync::Mutex<Vec<Vec<(String, String)>>>>,
-)> {
+fn recording_upstream(body: Vec<u8>) -> Result<(String, Seen)> {
     let l = TcpListener::bind("127.0.0.1:0")?;
     let a = l.local_addr()?.to_string();
     let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -878,5 +876,73 @@ fn a_pod_with_hanging_requests_gets_503s_and_other_pods_still_200() -> Result<()
     assert!(r.body.contains("too many requests in flight"), "{}", r.body);
     w.signal("INT")?;
     w.wait_exit(T)?;
+    Ok(())
+}
+
+#[test]
+fn one_fd_write_of_several_buffers_reaches_the_client_whole() -> Result<()> {
+    let a = addr();
+    let y = wagi_pod(
+        "writev",
+        &a,
+        r#"{"w": {"route": "/w"}}"#,
+        &[("w", &guest("writev")?)],
+        "",
+    );
+    let (mut w, _d) = run_one(&y, &["--quiet"])?;
+    w.wait_listening(&a, T)?;
+    // Headers, the blank line and the body came in one fd_write of four buffers.
+    let r = get(&a, "/w")?;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.header("x-buffers"), Some("4"));
+    assert_eq!(r.body, "every buffer arrived\n");
+    w.signal("INT")?;
+    assert_eq!(w.wait_exit(T)?.code(), Some(0));
+    let log = find_log(&w.data_dir, "w")?;
+    assert!(
+        log.lines()
+            .any(|l| l.ends_with(" stderr F writev: part one, part two")),
+        "{log}"
+    );
+    Ok(())
+}
+
+#[test]
+fn argv_is_the_request_path_then_the_raw_query_as_in_wagi() -> Result<()> {
+    let a = addr();
+    let modules = r#"{"root": {"route": "/..."}, "app": {"route": "/app/..."}, "tpl": {"route": "/tpl/...", "argv": "${SCRIPT_NAME} --flag ${ARGS}"}}"#;
+    let echo = guest("cgi_echo")?;
+    let y = wagi_pod(
+        "argv",
+        &a,
+        modules,
+        &[("root", &echo), ("app", &echo), ("tpl", &echo)],
+        "",
+    );
+    let (mut w, _d) = run_one(&y, &["--quiet"])?;
+    w.wait_listening(&a, T)?;
+    let args = |path: &str| -> Result<Vec<String>> {
+        let r = get(&a, path)?;
+        anyhow::ensure!(r.status == 200, "{path}: {} {}", r.status, r.body);
+        Ok(r.body
+            .lines()
+            .filter(|l| l.starts_with("argv["))
+            .filter_map(|l| l.split_once('=').map(|(_, v)| v.to_string()))
+            .collect())
+    };
+    // Under a `/...` route argv[0] is the whole request path (its SCRIPT_NAME is empty).
+    assert_eq!(
+        args("/some/deep%20path?a=1&b=%20x")?,
+        vec!["/some/deep%20path", "a=1", "b=%20x"]
+    );
+    assert_eq!(args("/app/x?a=1&b=%20x")?, vec!["/app/x", "a=1", "b=%20x"]);
+    assert_eq!(args("/app")?, vec!["/app"]);
+    // A template: ${SCRIPT_NAME} is the request path, ${ARGS} the raw query with '&' as spaces.
+    assert_eq!(
+        args("/tpl/y?a=1&b=%20x")?,
+        vec!["/tpl/y", "--flag", "a=1", "b=%20x"]
+    );
+    w.signal("INT")?;
+    assert_eq!(w.wait_exit(T)?.code(), Some(0));
     Ok(())
 }

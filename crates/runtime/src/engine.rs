@@ -131,6 +131,8 @@ impl Runtime {
         let mut linker: Linker<Host> = Linker::new(&engine);
         wasmtime_wasi::p1::add_to_linker_async(&mut linker, |h: &mut Host| &mut h.wasi)
             .map_err(err)?;
+        // Every buffer of an fd_write, as WAGI wrote them (see writev.rs).
+        crate::writev::add_to_linker(&mut linker).map_err(err)?;
         crate::outbound::add_to_linker(&mut linker).map_err(err)?;
 
         // No proxy from the environment: a proxy would resolve names itself, past the resolver

@@ -15,6 +15,7 @@ mod limits;
 mod outbound;
 mod output;
 mod run;
+mod writev;
 
 pub use engine::{Program, Runtime, RuntimeConfig, RuntimeError};
 pub use outbound::{AllowList, AllowListError};

@@ -184,3 +184,51 @@ async fn busy_means_the_pool_is_full_not_an_error_that_says_maximum() {
     let out = r.run(&hello, Invocation::new("_start")).await;
     assert!(out.is_ok(), "{out:?}");
 }
+
+/// One fd_write of four iovecs (one of them empty) to stdout, one of two to stderr, one of two to
+/// a descriptor that is not open; never looks at a count before the end. Exits with stdout's
+/// count when stderr's is 9 and the bad descriptor's errno EBADF (8), else with 99.
+const WRITEV: &str = r#"(module
+  (import "wasi_snapshot_preview1" "fd_write" (func $w (param i32 i32 i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "proc_exit" (func $exit (param i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 100) "Content-Type: text/plain\n")
+  (data (i32.const 200) "\n")
+  (data (i32.const 300) "body\n")
+  (data (i32.const 400) "one, ")
+  (data (i32.const 500) "two\n")
+  (func $iov (param $at i32) (param $buf i32) (param $len i32)
+    (i32.store (local.get $at) (local.get $buf))
+    (i32.store (i32.add (local.get $at) (i32.const 4)) (local.get $len)))
+  (func (export "_start") (local $errno i32)
+    (call $iov (i32.const 0) (i32.const 100) (i32.const 25))
+    (call $iov (i32.const 8) (i32.const 150) (i32.const 0))
+    (call $iov (i32.const 16) (i32.const 200) (i32.const 1))
+    (call $iov (i32.const 24) (i32.const 300) (i32.const 5))
+    (drop (call $w (i32.const 1) (i32.const 0) (i32.const 4) (i32.const 1000)))
+    (call $iov (i32.const 32) (i32.const 400) (i32.const 5))
+    (call $iov (i32.const 40) (i32.const 500) (i32.const 4))
+    (drop (call $w (i32.const 2) (i32.const 32) (i32.const 2) (i32.const 1004)))
+    (local.set $errno (call $w (i32.const 9) (i32.const 32) (i32.const 2) (i32.const 1008)))
+    (call $exit
+      (if (result i32)
+        (i32.and (i32.eq (i32.load (i32.const 1004)) (i32.const 9))
+                 (i32.eq (local.get $errno) (i32.const 8)))
+        (then (i32.load (i32.const 1000)))
+        (else (i32.const 99))))))"#;
+
+#[tokio::test]
+async fn one_fd_write_of_several_buffers_writes_them_all() {
+    let r = rt(None, 64 << 20);
+    let p = r
+        .load("d:writev", WRITEV.as_bytes())
+        .unwrap_or_else(|e| panic!("{e}"));
+    let out = r
+        .run(&p, Invocation::new("_start"))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(&out.stdout[..], b"Content-Type: text/plain\n\nbody\n");
+    assert_eq!(&out.stderr[..], b"one, two\n");
+    // 31 bytes to stdout, 9 to stderr, and EBADF for fd 9, as wasmtime-wasi says it.
+    assert_eq!(out.exit_code, 31);
+}

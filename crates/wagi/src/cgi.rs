@@ -81,22 +81,29 @@ pub fn environment(
     env
 }
 
-/// argv for the module: the script name, then each query parameter
-/// (`"k=v"` pieces split on `'&'`, `'+'` as space, percent-decoded), in
-/// order. Empty pieces (`"a&&b"`, a trailing `'&'`) are skipped. A piece
-/// whose decoding is not valid UTF-8 or contains NUL is passed undecoded.
-pub fn argv(script_name: &str, query: Option<&str>) -> Vec<String> {
-    let mut args = vec![script_name.to_string()];
+/// argv for the module, as WAGI 0.8.1 builds it (`build_argv` in its `src/handlers.rs`; Spin's
+/// WAGI executor does the same): argv[0] is the request's URI path as received (the whole path,
+/// not the route's SCRIPT_NAME), then each `'&'`-separated piece of the raw query string, in
+/// order and undecoded (`b=%20x` stays `b=%20x`; empty pieces are kept, as WAGI keeps them).
+pub fn argv(uri_path: &str, query: Option<&str>) -> Vec<String> {
+    let mut args = vec![uri_path.to_string()];
     if let Some(q) = query {
-        args.extend(q.split('&').filter(|piece| !piece.is_empty()).map(|piece| {
-            let spaced = piece.replace('+', " ");
-            match percent_encoding::percent_decode_str(&spaced).decode_utf8() {
-                Ok(d) if !d.contains('\0') => d.into_owned(),
-                _ => piece.to_string(),
-            }
-        }));
+        args.extend(q.split('&').map(String::from));
     }
     args
+}
+
+/// argv from a module's `argv` template, as WAGI 0.8.1 builds it: `${SCRIPT_NAME}` becomes the
+/// request's URI path, `${ARGS}` the raw query string with every `'&'` turned into a space, and
+/// the result is split on whitespace.
+pub fn argv_from_template(template: &str, uri_path: &str, query: Option<&str>) -> Vec<String> {
+    let args = query.unwrap_or("").replace('&', " ");
+    template
+        .replace("${SCRIPT_NAME}", uri_path)
+        .replace("${ARGS}", &args)
+        .split_whitespace()
+        .map(String::from)
+        .collect()
 }
 
 /// PATH_INFO: percent-decoded; the raw text if decoding gives invalid UTF-8
@@ -671,23 +678,41 @@ mod tests {
     }
 
     #[test]
-    fn argv_decoding() {
+    fn argv_is_the_uri_path_then_the_raw_query_pieces() {
         assert_eq!(argv("/hello", None), vec!["/hello"]);
-        assert_eq!(argv("/hello", Some("")), vec!["/hello"]);
+        assert_eq!(argv("/hello", Some("")), vec!["/hello", ""]);
         assert_eq!(
-            argv("/hello", Some("name=John+Doe&greeting=hi%20there&x%3Dy=1")),
-            vec!["/hello", "name=John Doe", "greeting=hi there", "x=y=1"]
+            argv(
+                "/app/sub%20dir/x",
+                Some("name=John+Doe&greeting=hi%20there&x%3Dy=1")
+            ),
+            vec![
+                "/app/sub%20dir/x",
+                "name=John+Doe",
+                "greeting=hi%20there",
+                "x%3Dy=1"
+            ]
         );
         assert_eq!(
-            argv("/h", Some("a&&b&flag&plus=%2B&")),
-            vec!["/h", "a", "b", "flag", "plus=+"]
+            argv("/h", Some("a&&b&flag&")),
+            vec!["/h", "a", "", "b", "flag", ""]
         );
-        assert_eq!(argv("/h", Some("e=caf%C3%A9")), vec!["/h", "e=café"]);
-        // Not UTF-8 or NUL once decoded: passed through undecoded.
+        assert_eq!(argv("/h", Some("a=1&b=%20x")), vec!["/h", "a=1", "b=%20x"]);
+    }
+
+    #[test]
+    fn argv_templates() {
         assert_eq!(
-            argv("/h", Some("l=%E9&n=a%00b")),
-            vec!["/h", "l=%E9", "n=a%00b"]
+            argv_from_template("${SCRIPT_NAME} ${ARGS}", "/a/b", Some("x=1&y=%20")),
+            vec!["/a/b", "x=1", "y=%20"]
         );
-        assert_eq!(argv("", Some("k=v")), vec!["", "k=v"]);
+        assert_eq!(
+            argv_from_template("prog --in ${ARGS} --path=${SCRIPT_NAME}", "/p", None),
+            vec!["prog", "--in", "--path=/p"]
+        );
+        assert_eq!(
+            argv_from_template("${SCRIPT_NAME}", "/p", Some("a&&b")),
+            vec!["/p"]
+        );
     }
 }

@@ -165,3 +165,28 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    /// argv is the URI path and then the raw query: joined back with '&', it is the query.
+    #[test]
+    fn argv_keeps_the_raw_query(path in "/[!-~]{0,20}", query in proptest::option::of("[ -~]{0,40}")) {
+        let args = wagi::cgi::argv(&path, query.as_deref());
+        prop_assert_eq!(&args[0], &path);
+        match &query {
+            None => prop_assert_eq!(args.len(), 1),
+            Some(q) => prop_assert_eq!(&args[1..].join("&"), q),
+        }
+    }
+
+    /// With a template, no argument is empty or holds whitespace, and `${ARGS}` gives the
+    /// query's pieces that are not empty.
+    #[test]
+    fn argv_template_pieces(path in "/[a-zA-Z0-9%/._~-]{0,20}", query in "[a-zA-Z0-9%=&+._~-]{0,40}") {
+        let args = wagi::cgi::argv_from_template("${SCRIPT_NAME} ${ARGS}", &path, Some(&query));
+        prop_assert!(args.iter().all(|a| !a.is_empty() && !a.contains(char::is_whitespace)));
+        let want: Vec<&str> = std::iter::once(path.as_str())
+            .chain(query.split('&').filter(|p| !p.is_empty()))
+            .collect();
+        prop_assert_eq!(args, want);
+    }
+}

@@ -99,18 +99,10 @@ impl WagiApp {
         let mut env = Vec::with_capacity(h.env.len() + cgi_env.len());
         env.extend(h.env.iter().cloned());
         env.extend(cgi_env);
-        let script = m.pattern.script_name();
+        // As WAGI 0.8.1: the request's path and its raw query, not the CGI variables.
         let args = match &h.argv {
-            None => wagi::cgi::argv(script, parts.uri.query()),
-            Some(t) => {
-                let qargs = wagi::cgi::argv(script, parts.uri.query());
-                let rest = qargs.get(1..).unwrap_or_default().join(" ");
-                t.replace("${SCRIPT_NAME}", script)
-                    .replace("${ARGS}", &rest)
-                    .split_whitespace()
-                    .map(String::from)
-                    .collect()
-            }
+            None => wagi::cgi::argv(path, parts.uri.query()),
+            Some(t) => wagi::cgi::argv_from_template(t, path, parts.uri.query()),
         };
         let inv = Invocation {
             entrypoint: h.entrypoint.clone(),
