@@ -12,6 +12,8 @@
 //! - turn a configMap or secret volume against the host: they are read-only to the guest even
 //!   when the mount says `readOnly: false` (writes and new files are refused, the content stays
 //!   the API's), secrets are written 0600 on tmpfs, and deleting the pod removes them;
+//! - leave things behind by force-deleting (grace 0): a serving WAGI pod and a finished WASI
+//!   pod lose their listener, log folder and volumes as on a graceful delete;
 //!
 //! Run: `cargo build --release && cargo test --release -p wasinode-e2e --test node_security`
 
@@ -320,5 +322,68 @@ fn config_and_secret_volumes_are_read_only_to_the_guest() -> Result<()> {
             Ok(!secret_file.exists())
         })
         .with_context(|| agent.output())?;
+    cluster.down()
+}
+
+#[test]
+fn force_deleted_pods_leave_nothing_behind() -> Result<()> {
+    let registry = Registry::start();
+    let log = registry.push_guest("log")?;
+    let cmd = registry.push_guest("wasi_cmd")?;
+    let cluster = Cluster::up()?;
+    let agent = Agent::start_ready(&cluster, AgentOptions::new("wasi-force"), TIMEOUT)?;
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut web = pod_on("wasi-force", "forced-web", &addr, &log);
+    web["metadata"]["annotations"]["alpha.wagi.krustlet.dev/modules"] =
+        r#"{"hello": {"route": "/log"}}"#.into();
+    web["spec"]["volumes"] = serde_json::json!([{"name": "scratch", "emptyDir": {}}]);
+    web["spec"]["containers"][0]["volumeMounts"] =
+        serde_json::json!([{"name": "scratch", "mountPath": "/scratch"}]);
+    cluster.apply(&web)?;
+    cluster.apply(&serde_json::json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "forced-job", "namespace": "default"},
+        "spec": {"nodeName": "wasi-force", "restartPolicy": "Never",
+            "tolerations": serde_json::from_str::<Value>(e2e::agent::TOLERATIONS)?,
+            "volumes": [{"name": "scratch", "emptyDir": {}}],
+            "containers": [{"name": "job", "image": cmd,
+                "volumeMounts": [{"name": "scratch", "mountPath": "/scratch"}]}]}}))?;
+    cluster
+        .wait_for("forced-web answers", TIMEOUT, || {
+            Ok(get(&addr, "/log").is_ok_and(|r| r.status == 200))
+        })
+        .with_context(|| agent.output())?;
+    cluster
+        .wait_for("forced-job Succeeded", TIMEOUT, || {
+            Ok(cluster.pod("forced-job")?["status"]["phase"] == "Succeeded")
+        })
+        .with_context(|| agent.output())?;
+    let mut leftovers = vec![];
+    for name in ["forced-web", "forced-job"] {
+        let uid = cluster.pod(name)?["metadata"]["uid"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let logs = agent.data_dir.join(format!("logs/default_{name}_{uid}"));
+        let volumes = agent.data_dir.join(format!("volumes/{uid}"));
+        cluster
+            .wait_for(&format!("{name}'s log and volume folders"), TIMEOUT, || {
+                Ok(logs.exists() && volumes.exists())
+            })
+            .with_context(|| agent.output())?;
+        leftovers.push((name, logs, volumes));
+    }
+    for (name, _, _) in &leftovers {
+        cluster.kubectl(&[
+            "delete", "pod", name, "-n", "default", "--grace-period=0", "--force",
+        ])?;
+    }
+    for (name, logs, volumes) in &leftovers {
+        cluster
+            .wait_for(&format!("{name} cleaned up"), TIMEOUT, || {
+                Ok(!logs.exists() && !volumes.exists())
+            })
+            .with_context(|| agent.output())?;
+    }
+    ensure!(!listening(&addr), "forced-web still listens on {addr}");
     cluster.down()
 }

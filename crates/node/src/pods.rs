@@ -384,6 +384,16 @@ async fn delete(pod: &Pod, key: &PodKey, ctx: &Context) -> Result<(), Error> {
         Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => {}
         Err(e) => return Err(e.into()),
     }
+    forget_pod(ctx, key).await;
+    tracing::info!(pod = %key, "pod deleted");
+    Ok(())
+}
+
+/// Everything of a pod whose object is gone: whatever still runs (cut at once), its status
+/// record, pull back-off, logs and volumes. The one cleanup of graceful deletion, force
+/// deletion (grace 0) and pods deleted while the agent was away.
+async fn forget_pod(ctx: &Context, key: &PodKey) {
+    ctx.sup.stop(key, Duration::ZERO).await;
     ctx.statuses.forget(key);
     {
         let mut handled = ctx.handled();
@@ -392,8 +402,6 @@ async fn delete(pod: &Pod, key: &PodKey, ctx: &Context) -> Result<(), Error> {
     }
     ctx.sup.logs().remove_pod(key).await;
     remove_volumes(ctx, key).await;
-    tracing::info!(pod = %key, "pod deleted");
-    Ok(())
 }
 
 /// Removes a pod's emptyDir, configMap and secret volumes.
@@ -412,26 +420,79 @@ fn error_policy(pod: Arc<Pod>, e: &Error, _ctx: Arc<Context>) -> Action {
     Action::requeue(Duration::from_secs(2))
 }
 
-/// Stops pods that run here but whose object is gone (force-deleted while the agent was busy).
+/// Forgets pods this agent holds whose object is gone (force-deleted, or deleted while the
+/// agent was busy or away): once the pod store has synced, then every 5 s. The first sweep also
+/// removes log and volume folders of pods no longer in the API (deleted while the agent was
+/// down).
 async fn sweep_orphans(store: Store<Pod>, ctx: Arc<Context>) {
+    if store.wait_until_ready().await.is_err() {
+        return;
+    }
+    let mut first = true;
     loop {
-        tokio::time::sleep(Duration::from_secs(5)).await;
-        if store.is_empty() && ctx.sup.running().is_empty() {
-            continue;
-        }
         let live: HashSet<String> = store
             .state()
             .iter()
             .filter_map(|p| p.metadata.uid.clone())
             .collect();
-        for key in ctx.sup.running() {
+        let mut held: HashSet<PodKey> = ctx.sup.running().into_iter().collect();
+        held.extend(ctx.statuses.keys());
+        for key in held {
             if !live.contains(&key.uid) {
-                tracing::info!(pod = %key, "pod object is gone; stopping it");
-                ctx.sup.stop(&key, Duration::from_secs(0)).await;
-                ctx.statuses.forget(&key);
-                ctx.handled().remove(&key.uid);
+                tracing::info!(pod = %key, "pod object is gone; forgetting it");
+                forget_pod(&ctx, &key).await;
             }
         }
+        if std::mem::take(&mut first) {
+            remove_stale_dirs(&ctx, &live).await;
+        }
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    }
+}
+
+/// Removes log folders (`<ns>_<name>_<uid>`) and volume folders (`<uid>`) of pods that are
+/// neither in the API nor held by this agent.
+async fn remove_stale_dirs(ctx: &Context, live: &HashSet<String>) {
+    let mut keep = live.clone();
+    keep.extend(ctx.statuses.keys().into_iter().map(|k| k.uid));
+    keep.extend(ctx.sup.running().into_iter().map(|k| k.uid));
+    let logs = ctx.sup.logs().root().to_path_buf();
+    let mut roots = vec![ctx.plan.volume_dir.clone()];
+    roots.extend(ctx.plan.secret_dir.clone());
+    let removed = tokio::task::spawn_blocking(move || {
+        let mut removed = 0usize;
+        let uid_of_log = |name: &str| name.rsplit('_').next().map(String::from);
+        for (root, is_log) in
+            std::iter::once((logs, true)).chain(roots.into_iter().map(|r| (r, false)))
+        {
+            let Ok(entries) = std::fs::read_dir(&root) else {
+                continue;
+            };
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let uid = if is_log {
+                    uid_of_log(&name)
+                } else {
+                    Some(name.clone())
+                };
+                if let Some(uid) = uid
+                    && !keep.contains(&uid)
+                    && e.file_type().is_ok_and(|t| t.is_dir())
+                    && std::fs::remove_dir_all(e.path()).is_ok()
+                {
+                    removed += 1;
+                }
+            }
+        }
+        removed
+    })
+    .await
+    .unwrap_or(0);
+    if removed > 0 {
+        tracing::info!(
+            removed,
+            "removed the logs and volumes of pods deleted while the agent was away"
+        );
     }
 }
 
@@ -445,16 +506,37 @@ pub async fn run(
     let wc = watcher::Config::default().fields(&format!("spec.nodeName={node_name}"));
     let controller = Controller::new(pods, wc).graceful_shutdown_on(shutdown);
     let sweeper = tokio::spawn(sweep_orphans(controller.store(), ctx.clone()));
+    let gone = ctx.clone();
+    let store = controller.store();
     controller
         .run(reconcile, error_policy, ctx)
-        .for_each(|r| async move {
-            match r {
-                // The pod watch failed (API server away, ...): retried with back-off.
-                Err(kube::runtime::controller::Error::QueueError(e)) => {
-                    tracing::warn!("watching the pods of this node: {e}; retrying")
+        .for_each(|r| {
+            let ctx = gone.clone();
+            let store = store.clone();
+            async move {
+                match r {
+                    // The pod watch failed (API server away, ...): retried with back-off.
+                    Err(kube::runtime::controller::Error::QueueError(e)) => {
+                        tracing::warn!("watching the pods of this node: {e}; retrying")
+                    }
+                    // A pod deleted without grace (`--force --grace-period=0`) is gone from the
+                    // store before a reconcile sees it: clean up at once.
+                    Err(kube::runtime::controller::Error::ObjectNotFound(r)) => {
+                        let ns = r.namespace.clone().unwrap_or_default();
+                        // Not a pod of the same name created since (its uid is in the store).
+                        if let Some(key) = ctx.statuses.find(&ns, &r.name)
+                            && !store
+                                .state()
+                                .iter()
+                                .any(|p| p.metadata.uid.as_deref() == Some(key.uid.as_str()))
+                        {
+                            tracing::info!(pod = %key, "pod object is gone; forgetting it");
+                            forget_pod(&ctx, &key).await;
+                        }
+                    }
+                    Err(e) => tracing::debug!("pod controller: {e}"),
+                    Ok(_) => {}
                 }
-                Err(e) => tracing::debug!("pod controller: {e}"),
-                Ok(_) => {}
             }
         })
         .await;

@@ -370,6 +370,11 @@ impl Statuses {
             .cloned()
     }
 
+    /// Every pod whose status is kept.
+    pub fn keys(&self) -> Vec<PodKey> {
+        self.lock().keys().cloned().collect()
+    }
+
     pub fn forget(&self, key: &PodKey) {
         self.lock().remove(key);
     }

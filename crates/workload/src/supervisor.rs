@@ -80,9 +80,29 @@ pub struct Started {
     pub digests: Vec<(String, String)>,
 }
 
+/// A pod the supervisor holds: reserved from the moment its start begins (so a second start of
+/// the same pod is refused at once), with its task once started.
 struct Running {
     stop: CancellationToken,
-    task: JoinHandle<()>,
+    /// `None` while the pod is starting.
+    task: Option<JoinHandle<()>>,
+}
+
+type Pods = Arc<Mutex<HashMap<PodKey, Running>>>;
+
+/// Frees the reservation of a start that did not get as far as installing its task.
+struct Reservation {
+    pods: Pods,
+    key: PodKey,
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        let mut pods = self.pods.lock().unwrap_or_else(|p| p.into_inner());
+        if pods.get(&self.key).is_some_and(|r| r.task.is_none()) {
+            pods.remove(&self.key);
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -92,7 +112,7 @@ pub struct Supervisor {
     logs: LogStore,
     reports: Reporter,
     config: SupervisorConfig,
-    pods: Arc<Mutex<HashMap<PodKey, Running>>>,
+    pods: Pods,
 }
 
 impl Supervisor {
@@ -127,11 +147,11 @@ impl Supervisor {
         &self.reports
     }
 
-    /// Pods that are running now.
+    /// Pods that are starting or running now (a finished WASI pod is forgotten).
     pub fn running(&self) -> Vec<PodKey> {
         let pods = self.pods.lock().unwrap_or_else(|p| p.into_inner());
         pods.iter()
-            .filter(|(_, r)| !r.task.is_finished())
+            .filter(|(_, r)| r.task.as_ref().is_none_or(|t| !t.is_finished()))
             .map(|(k, _)| k.clone())
             .collect()
     }
@@ -198,18 +218,34 @@ impl Supervisor {
             container: None,
         })?;
         let key = plan.key.clone();
-        if self
-            .pods
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains_key(&key)
-        {
-            return Err(StartError {
-                reason: "AlreadyRunning".into(),
-                message: format!("pod {key} is already running"),
-                container: None,
-            });
-        }
+        let stop = {
+            let mut pods = self.pods.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(r) = pods.get(&key) {
+                let state = if r.task.is_none() {
+                    "starting"
+                } else {
+                    "running"
+                };
+                return Err(StartError {
+                    reason: "AlreadyRunning".into(),
+                    message: format!("pod {key} is already {state}"),
+                    container: None,
+                });
+            }
+            let stop = CancellationToken::new();
+            pods.insert(
+                key.clone(),
+                Running {
+                    stop: stop.clone(),
+                    task: None,
+                },
+            );
+            stop
+        };
+        let _reservation = Reservation {
+            pods: self.pods.clone(),
+            key: key.clone(),
+        };
         for w in &plan.warnings {
             self.reports
                 .event(&key, EventType::Warning, "PodSpecWarning", w.clone());
@@ -242,10 +278,18 @@ impl Supervisor {
             })
             .collect();
         let started = match &plan.kind {
-            PlanKind::Wagi { listen, routes } => {
-                self.start_wagi(&plan, *listen, routes, &programs).await?
+            _ if stop.is_cancelled() => {
+                return Err(StartError {
+                    reason: "Stopped".into(),
+                    message: format!("pod {key} was stopped while it was starting"),
+                    container: None,
+                });
             }
-            PlanKind::Wasi { restart } => self.start_wasi(&plan, *restart, &programs),
+            PlanKind::Wagi { listen, routes } => {
+                self.start_wagi(&plan, *listen, routes, &programs, stop)
+                    .await?
+            }
+            PlanKind::Wasi { restart } => self.start_wasi(&plan, *restart, &programs, stop),
         };
         Ok(Started {
             key,
@@ -335,6 +379,7 @@ impl Supervisor {
         listen: SocketAddr,
         routes: &[crate::plan::RoutePlan],
         programs: &HashMap<String, Arc<Program>>,
+        stop: CancellationToken,
     ) -> Result<Started, StartError> {
         let key = &plan.key;
         let mut table = RouteTable::new();
@@ -396,7 +441,6 @@ impl Supervisor {
             server_software: self.config.server_software.clone(),
             slots: tokio::sync::Semaphore::new(self.config.max_instances_per_pod.max(1) as usize),
         });
-        let stop = CancellationToken::new();
         let now = SystemTime::now();
         for c in &plan.containers {
             let image_id = programs.get(&c.name).map(|p| p.digest().to_string());
@@ -425,10 +469,7 @@ impl Supervisor {
             stop.clone(),
             Duration::from_secs(24 * 3600),
         ));
-        self.pods
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(key.clone(), Running { stop, task });
+        self.install(key, task);
         Ok(Started {
             key: key.clone(),
             listen: Some(bound),
@@ -465,9 +506,9 @@ impl Supervisor {
         plan: &Plan,
         restart: crate::plan::RestartPolicy,
         programs: &HashMap<String, Arc<Program>>,
+        stop: CancellationToken,
     ) -> Started {
         let key = plan.key.clone();
-        let stop = CancellationToken::new();
         let mut handles = Vec::new();
         for c in &plan.containers {
             let Some(program) = programs.get(&c.name) else {
@@ -495,6 +536,7 @@ impl Supervisor {
         self.reports.phase(&key, Phase::Running, None, None);
         let reports = self.reports.clone();
         let pod = key.clone();
+        let pods = self.pods.clone();
         let task = tokio::spawn(async move {
             let mut codes = Vec::new();
             for h in handles {
@@ -503,6 +545,8 @@ impl Supervisor {
             if codes.iter().any(Option::is_none) {
                 return; // stopped, not finished
             }
+            // Finished: nothing of the pod runs, so the supervisor forgets it.
+            pods.lock().unwrap_or_else(|p| p.into_inner()).remove(&pod);
             let failed = codes.iter().flatten().filter(|c| **c != 0).count();
             if failed == 0 {
                 reports.phase(&pod, Phase::Succeeded, Some("Completed"), None);
@@ -515,16 +559,23 @@ impl Supervisor {
                 );
             }
         });
-        self.pods
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(key.clone(), Running { stop, task });
+        self.install(&key, task);
         Started {
             key,
             listen: None,
             routes: vec![],
             warnings: vec![],
             digests: vec![],
+        }
+    }
+
+    /// Gives a reserved pod its task. A pod stopped while it was starting has no reservation
+    /// left: its task (already told to stop) is cut.
+    fn install(&self, key: &PodKey, task: JoinHandle<()>) {
+        let mut pods = self.pods.lock().unwrap_or_else(|p| p.into_inner());
+        match pods.get_mut(key) {
+            Some(r) if r.task.is_none() => r.task = Some(task),
+            _ => task.abort(),
         }
     }
 
@@ -536,7 +587,7 @@ impl Supervisor {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(key);
-        let Some(Running { stop, mut task }) = running else {
+        let Some(Running { stop, task }) = running else {
             return false;
         };
         self.reports.event(
@@ -546,9 +597,10 @@ impl Supervisor {
             "Stopping pod".to_string(),
         );
         stop.cancel();
-        if tokio::time::timeout(grace + Duration::from_secs(1), &mut task)
-            .await
-            .is_err()
+        if let Some(mut task) = task
+            && tokio::time::timeout(grace + Duration::from_secs(1), &mut task)
+                .await
+                .is_err()
         {
             task.abort();
             let _ = task.await;
