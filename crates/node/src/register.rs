@@ -636,6 +636,7 @@ async fn keep_lease(client: kube::Client, cfg: Config, uid: String) {
         shared: client,
         kubeconfig: cfg.client_renewal.as_ref().map(|r| r.kubeconfig.clone()),
         own: None,
+        built_from: None,
     };
     let mut backoff = LEASE_RETRY_MIN;
     loop {
@@ -659,25 +660,38 @@ async fn keep_lease(client: kube::Client, cfg: Config, uid: String) {
 /// that its connection is used by nothing else (a watch or another task's call that hangs
 /// cannot be the pooled connection the next renewal picks), and built again after a failed
 /// renewal, so that the retry goes on a new connection (as the kubelet closes its connections
-/// when heartbeats fail) and with the kubeconfig's current certificate (renewal rewrites it).
-/// The agent's shared client when there is no kubeconfig to build from.
+/// when heartbeats fail), and again when the kubeconfig changed (certificate renewal rewrites
+/// it), so that the Lease is renewed with the current certificate. The agent's shared client
+/// when there is no kubeconfig to build from.
 struct LeaseClient {
     shared: kube::Client,
     kubeconfig: Option<PathBuf>,
     own: Option<kube::Client>,
+    /// The kubeconfig's modification time when `own` was built.
+    built_from: Option<SystemTime>,
 }
 
 impl LeaseClient {
     async fn get(&mut self) -> kube::Client {
-        if self.own.is_none()
-            && let Some(path) = &self.kubeconfig
-        {
-            match own_client(path.clone()).await {
-                Ok(c) => self.own = Some(c),
-                Err(e) => tracing::warn!(
-                    "a client of its own for the Lease from {}: {e}; using the shared one",
-                    path.display()
-                ),
+        if let Some(path) = &self.kubeconfig {
+            let modified = tokio::fs::metadata(path)
+                .await
+                .and_then(|m| m.modified())
+                .ok();
+            if modified != self.built_from {
+                self.own = None;
+            }
+            if self.own.is_none() {
+                match own_client(path.clone()).await {
+                    Ok(c) => {
+                        self.own = Some(c);
+                        self.built_from = modified;
+                    }
+                    Err(e) => tracing::warn!(
+                        "a client of its own for the Lease from {}: {e}; using the shared one",
+                        path.display()
+                    ),
+                }
             }
         }
         self.own.clone().unwrap_or_else(|| self.shared.clone())
