@@ -8,4 +8,5 @@ pub mod guests;
 pub mod nginx;
 pub mod registry;
 pub mod seed;
+pub mod stallproxy;
 pub mod wasinode;
