@@ -14,6 +14,7 @@ pub mod authcache;
 pub mod bootstrap;
 pub mod drain;
 pub mod host;
+pub mod labels;
 pub mod logs;
 pub mod pods;
 pub mod register;
