@@ -170,13 +170,18 @@ pub fn attributes(method: &Method, path: &str) -> (&'static str, &'static str) {
         Method::DELETE => "delete",
         _ => "get",
     };
-    let sub = if path.starts_with("/stats") {
+    // The kubelet's `isSubpath`: the prefix itself or a path beneath it (not `/statsfoo`).
+    let beneath = |prefix: &str| {
+        path.strip_prefix(prefix)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+    };
+    let sub = if beneath("/stats") {
         "stats"
-    } else if path.starts_with("/metrics") {
+    } else if beneath("/metrics") {
         "metrics"
-    } else if path.starts_with("/logs") {
+    } else if beneath("/logs") {
         "log"
-    } else if path.starts_with("/spec") {
+    } else if beneath("/spec") {
         "spec"
     } else {
         "proxy"
