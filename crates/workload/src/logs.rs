@@ -417,7 +417,7 @@ impl Writer {
         loop {
             match self.next() {
                 Job::Control(c) => self.control(c),
-                Job::Write(s) => self.write(&s),
+                Job::Write(s) => self.write(&s, true),
                 Job::Idle => {}
                 Job::Stop => break,
             }
@@ -438,14 +438,14 @@ impl Writer {
                     let Some(s) = lock(&self.shared.queue).ready.pop_front() else {
                         break;
                     };
-                    self.write(&s);
+                    self.write(&s, true);
                 }
                 let _ = done.send(());
             }
             Control::Restart(path, done) => {
                 let sink = lock(&self.shared.sinks).get(&path).cloned();
                 if let Some(s) = sink {
-                    self.write(&s);
+                    self.write(&s, false);
                 }
                 self.files.remove(&path);
                 if let Err(e) = start_previous(&path) {
@@ -469,11 +469,13 @@ impl Writer {
         }
     }
 
-    /// Writes what one container has waiting.
-    fn write(&mut self, sink: &Sink) {
+    /// Writes what one container has waiting; `popped` when taken from the ready queue.
+    fn write(&mut self, sink: &Sink, popped: bool) {
         let (data, dropped) = {
             let mut p = lock(&sink.pending);
-            p.scheduled = false;
+            if popped {
+                p.scheduled = false;
+            }
             if p.closed {
                 return;
             }
