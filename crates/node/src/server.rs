@@ -30,7 +30,7 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
-use crate::logs::{LogOptions, render, render_line, truncate_bytes};
+use crate::logs::{Cursor, LogOptions, send};
 use crate::status::Statuses;
 
 type Body = BoxBody<Bytes, Infallible>;
@@ -294,27 +294,37 @@ async fn handle(state: Arc<State>, peer: Option<Caller>, req: Request<Incoming>)
     }
 }
 
-/// The log file of a container of a pod this node runs (or ran, while its logs are kept).
-fn log_path(
+/// The current log file of a container of a pod this node runs (or ran, while its logs are
+/// kept): `<container>.log`, or with `previous` `<container>.log.previous`.
+async fn log_path(
     state: &State,
     ns: &str,
     pod: &str,
     container: &str,
     previous: bool,
 ) -> Option<PathBuf> {
-    let key = state.statuses.find(ns, pod).or_else(|| {
-        // A pod whose status is no longer kept (e.g. after an agent restart): find its folder.
-        let prefix = format!("{ns}_{pod}_");
-        let dir = std::fs::read_dir(&state.logs_root).ok()?;
-        dir.filter_map(|e| e.ok())
-            .filter_map(|e| e.file_name().to_str().map(String::from))
-            .find(|n| n.starts_with(&prefix))
-            .map(|n| workload::PodKey {
+    let key = match state.statuses.find(ns, pod) {
+        Some(k) => k,
+        None => {
+            // A pod whose status is no longer kept (e.g. after an agent restart): find its folder.
+            let prefix = format!("{ns}_{pod}_");
+            let root = state.logs_root.clone();
+            let uid = tokio::task::spawn_blocking(move || {
+                std::fs::read_dir(root)
+                    .ok()?
+                    .filter_map(|e| e.ok())
+                    .filter_map(|e| e.file_name().into_string().ok())
+                    .find_map(|n| n.strip_prefix(&prefix).map(String::from))
+            })
+            .await
+            .ok()??;
+            workload::PodKey {
                 namespace: ns.into(),
                 name: pod.into(),
-                uid: n[prefix.len()..].to_string(),
-            })
-    })?;
+                uid,
+            }
+        }
+    };
     let dir = state
         .logs_root
         .join(format!("{}_{}_{}", key.namespace, key.name, key.uid));
@@ -336,74 +346,38 @@ async fn container_logs(
         Ok(o) => o,
         Err(e) => return text(StatusCode::BAD_REQUEST, e),
     };
-    let Some(path) = log_path(state, ns, pod, container, opts.previous) else {
+    let Some(path) = log_path(state, ns, pod, container, opts.previous).await else {
         return text(
             StatusCode::NOT_FOUND,
             format!("pod {ns}/{pod} is not on node {}", state.node_name),
         );
     };
-    let content = match tokio::fs::read(&path).await {
-        Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !opts.previous => Vec::new(),
-        Err(e) => {
+    let tail = opts.tail_lines;
+    let opened = tokio::task::spawn_blocking(move || Cursor::open(&path, tail)).await;
+    let cursor = match opened {
+        Ok(Ok(c)) if !(c.is_empty() && opts.previous) => c,
+        Ok(Ok(_)) => {
+            return text(
+                StatusCode::NOT_FOUND,
+                format!("previous terminated container \"{container}\" in pod \"{pod}\" not found"),
+            );
+        }
+        Ok(Err(e)) => {
             return text(
                 StatusCode::NOT_FOUND,
                 format!("no logs for container {container} of pod {ns}/{pod}: {e}"),
             );
         }
+        Err(e) => return text(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     };
-    let whole = String::from_utf8_lossy(&content);
-    let first = render(&whole, &opts);
-    if !opts.follow || opts.limit_bytes.is_some_and(|l| first.len() as u64 >= l) {
-        return text(StatusCode::OK, first);
-    }
-    // Follow: send what is there, then new complete lines as they are written, until the client
-    // goes away, the limit is reached, or the pod is gone.
-    let consumed = whole.rfind('\n').map_or(0, |i| i + 1);
+    // What is there (from tailLines on), then with `follow` new complete lines as they are
+    // written, until the client goes away, the limit is reached, or the pod is gone.
     let (tx, rx) = mpsc::channel::<Bytes>(16);
     let state = state.clone();
     let (ns, pod) = (ns.to_string(), pod.to_string());
-    tokio::spawn(async move {
-        let mut sent = first.len() as u64;
-        if tx.send(Bytes::from(first)).await.is_err() {
-            return;
-        }
-        let mut offset = consumed as u64;
-        let mut pending = Vec::new();
-        loop {
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            if tx.is_closed() {
-                return;
-            }
-            let bytes = tokio::fs::read(&path).await.unwrap_or_default();
-            if (bytes.len() as u64) < offset {
-                offset = 0; // rotated
-            }
-            pending.extend_from_slice(&bytes[offset as usize..]);
-            offset = bytes.len() as u64;
-            let mut out = String::new();
-            while let Some(i) = pending.iter().position(|b| *b == b'\n') {
-                let line: Vec<u8> = pending.drain(..=i).collect();
-                let line = String::from_utf8_lossy(&line[..line.len() - 1]).into_owned();
-                if let Some(l) = render_line(&line, &opts) {
-                    out.push_str(&l);
-                }
-            }
-            if let Some(limit) = opts.limit_bytes {
-                truncate_bytes(&mut out, (limit - sent) as usize);
-            }
-            sent += out.len() as u64;
-            if !out.is_empty() && tx.send(Bytes::from(out)).await.is_err() {
-                return;
-            }
-            if opts.limit_bytes.is_some_and(|l| sent >= l) {
-                return;
-            }
-            if state.statuses.find(&ns, &pod).is_none() && bytes.is_empty() {
-                return;
-            }
-        }
-    });
+    tokio::spawn(send(cursor, opts, tx, move || {
+        state.statuses.find(&ns, &pod).is_none()
+    }));
     let stream = futures::stream::unfold(rx, |mut rx| async move {
         rx.recv()
             .await
