@@ -69,6 +69,9 @@ pub struct Config {
     pub cert_renew_after: Option<Duration>,
 }
 
+/// Longest wait on shutdown for the last pod statuses and Events to be written.
+const SHUTDOWN_FLUSH: Duration = Duration::from_secs(10);
+
 /// A Kubernetes `Time` (RFC 3339, seconds) as JSON.
 pub(crate) fn time(t: SystemTime) -> Value {
     let ts = k8s_openapi::jiff::Timestamp::try_from(t).unwrap_or_default();
@@ -164,8 +167,9 @@ pub async fn run(
         host,
         data_dir.clone(),
     ));
-    let statuses = status::Statuses::new(client.clone(), cfg.node_name.clone(), cfg.node_ip);
-    let sink = tokio::spawn(statuses.clone().sink(reports));
+    let (statuses, inbox) =
+        status::Statuses::new(client.clone(), cfg.node_name.clone(), cfg.node_ip);
+    let sink = tokio::spawn(statuses.clone().sink(reports, inbox));
     let slot = server::cert_slot(server::self_signed(&cfg.node_name, cfg.node_ip)?);
     let rotate = tokio::spawn(server::rotate_serving_cert(
         client.clone(),
@@ -194,7 +198,7 @@ pub async fn run(
     let ctx = Arc::new(pods::Context {
         client,
         sup: sup.clone(),
-        statuses,
+        statuses: statuses.clone(),
         plan: PlanContext {
             volume_dir: Supervisor::volume_dir(&data_dir),
             node_ip: Some(cfg.node_ip),
@@ -214,8 +218,13 @@ pub async fn run(
         r.abort();
     }
     api.abort();
-    // Let the sink write what the stopped pods reported last.
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The sink writes what the stopped pods reported last (and publishes queued Events), within
+    // a deadline: an API server that is away does not hold the agent's exit.
+    if !statuses.flush(SHUTDOWN_FLUSH).await {
+        tracing::warn!(
+            "pod statuses not all written within {SHUTDOWN_FLUSH:?} of shutdown; the API server is slow or away"
+        );
+    }
     sink.abort();
     Ok(())
 }

@@ -123,8 +123,7 @@ async fn reconcile(pod: Arc<Pod>, ctx: Arc<Context>) -> Result<Action, Error> {
         tracing::warn!(pod = %key, "{message}");
         ctx.handled().insert(key.uid.clone());
         ctx.statuses
-            .event(&key, EventType::Warning, "OutOfpods", &message)
-            .await;
+            .event(&key, EventType::Warning, "OutOfpods", &message);
         ctx.sup
             .reporter()
             .phase(&key, Phase::Failed, Some("OutOfpods"), Some(message));
@@ -134,8 +133,8 @@ async fn reconcile(pod: Arc<Pod>, ctx: Arc<Context>) -> Result<Action, Error> {
     // A pod this node already ran (the agent restarted) keeps the Running status it has until
     // the supervisor reports it started again: no flip back to Pending in between.
     let readopted = pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running");
-    if !readopted && let Err(e) = ctx.statuses.write(&key).await {
-        tracing::warn!(pod = %key, "writing initial status: {e}");
+    if !readopted {
+        ctx.statuses.mark(&key).await;
     }
     let pod = without_service_account_token(&pod);
     let node_ip = ctx
@@ -164,24 +163,19 @@ async fn reconcile(pod: Arc<Pod>, ctx: Arc<Context>) -> Result<Action, Error> {
             ctx.statuses
                 .waiting(&key, "CreateContainerConfigError", &e.0);
             ctx.statuses
-                .event(&key, EventType::Warning, "Failed", &format!("Error: {e}"))
-                .await;
-            if let Err(e) = ctx.statuses.write(&key).await {
-                tracing::warn!(pod = %key, "writing status: {e}");
-            }
+                .event(&key, EventType::Warning, "Failed", &format!("Error: {e}"));
+            ctx.statuses.mark(&key).await;
             ctx.handled().remove(&key.uid);
             return Ok(Action::requeue(Duration::from_secs(10)));
         }
     };
     for w in &resolved.warnings {
-        ctx.statuses
-            .event(
-                &key,
-                EventType::Warning,
-                "FailedToRetrieveImagePullSecret",
-                w,
-            )
-            .await;
+        ctx.statuses.event(
+            &key,
+            EventType::Warning,
+            "FailedToRetrieveImagePullSecret",
+            w,
+        );
     }
     if let Some(wait) = pull_back_off(&key, &ctx) {
         ctx.handled().remove(&key.uid);
@@ -369,7 +363,8 @@ async fn delete(pod: &Pod, key: &PodKey, ctx: &Context) -> Result<(), Error> {
     ctx.sup.stop(key, grace).await;
     ctx.statuses.track(key, pod);
     ctx.statuses.terminate(key);
-    ctx.statuses.write(key).await?;
+    // The final status is written (by the sink) before the object goes, as the kubelet does.
+    ctx.statuses.written(key, Duration::from_secs(30)).await?;
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &key.namespace);
     let dp = DeleteParams {
         grace_period_seconds: Some(0),

@@ -1,5 +1,12 @@
 //! The node's status sink: the Supervisor's reports become pod status (PATCH `pods/<p>/status`)
-//! and core/v1 Events, as the kubelet writes them.
+//! and Events, as the kubelet writes them. The sink is the only writer of pod status: the
+//! reconciler changes records and asks the sink to write them ([`Statuses::mark`],
+//! [`Statuses::written`]), so two writes of one pod never race. Events are core/v1 Events as the
+//! kubelet writes them (the Node authorizer lets a node write those, not events.k8s.io ones, so
+//! kube-runtime's `Recorder` is refused): stamped when they happened, a repeat of the same
+//! reason and message within 10 minutes folded into the first one (`count`, `lastTimestamp`) as
+//! the kubelet's event correlator does, published by a task of their own behind a bounded queue
+//! so that a slow API server delays neither status nor pods.
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::IpAddr;
@@ -9,7 +16,8 @@ use std::time::{Duration, SystemTime};
 use k8s_openapi::api::core::v1::{Event, Pod};
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
-use tokio::sync::mpsc::UnboundedReceiver;
+use tokio::sync::mpsc::{self, UnboundedReceiver};
+use tokio::sync::oneshot;
 use workload::{ContainerState, EventType, Phase, PodKey, Report};
 
 use crate::time;
@@ -339,16 +347,59 @@ pub struct Statuses {
     node_name: String,
     node_ip: IpAddr,
     pods: Arc<Mutex<HashMap<PodKey, PodRecord>>>,
+    to_sink: mpsc::Sender<SinkMsg>,
+    events: mpsc::Sender<EventMsg>,
+    dropped_events: Arc<std::sync::atomic::AtomicU64>,
+}
+
+/// What the reconciler asks of the sink.
+enum SinkMsg {
+    /// Write this pod's status; tell `done` once written (or why not).
+    Write(PodKey, Option<oneshot::Sender<kube::Result<()>>>),
+    /// Write every pending status, then wait for the queued Events; then tell `done`.
+    Flush(oneshot::Sender<()>),
+}
+
+enum EventMsg {
+    Publish {
+        pod: PodKey,
+        kind: EventType,
+        reason: String,
+        message: String,
+        at: SystemTime,
+    },
+    Flush(oneshot::Sender<()>),
+}
+
+/// Requests to the sink waiting at most (the reconciler waits when it is full).
+const SINK_QUEUE: usize = 4096;
+/// Events waiting to be published at most; beyond it new ones are dropped and counted.
+const EVENT_QUEUE: usize = 1024;
+/// Longest Event note the API accepts is 1 kB.
+const MAX_NOTE: usize = 1000;
+
+/// The receiving ends of a [`Statuses`]: hand them to [`Statuses::sink`].
+pub struct SinkInbox {
+    requests: mpsc::Receiver<SinkMsg>,
+    events: mpsc::Receiver<EventMsg>,
 }
 
 impl Statuses {
-    pub fn new(client: kube::Client, node_name: String, node_ip: IpAddr) -> Statuses {
-        Statuses {
-            client,
-            node_name,
-            node_ip,
-            pods: Arc::default(),
-        }
+    pub fn new(client: kube::Client, node_name: String, node_ip: IpAddr) -> (Statuses, SinkInbox) {
+        let (to_sink, requests) = mpsc::channel(SINK_QUEUE);
+        let (events_tx, events) = mpsc::channel(EVENT_QUEUE);
+        (
+            Statuses {
+                client,
+                node_name,
+                node_ip,
+                pods: Arc::default(),
+                to_sink,
+                events: events_tx,
+                dropped_events: Arc::default(),
+            },
+            SinkInbox { requests, events },
+        )
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PodKey, PodRecord>> {
@@ -405,8 +456,40 @@ impl Statuses {
         }
     }
 
+    /// Asks the sink to write the pod's status (the reconciler's only way to write it).
+    pub async fn mark(&self, key: &PodKey) {
+        let _ = self.to_sink.send(SinkMsg::Write(key.clone(), None)).await;
+    }
+
+    /// Asks the sink to write the pod's status and waits until it has, at most `timeout`.
+    pub async fn written(&self, key: &PodKey, timeout: Duration) -> kube::Result<()> {
+        let (tx, rx) = oneshot::channel();
+        if self
+            .to_sink
+            .send(SinkMsg::Write(key.clone(), Some(tx)))
+            .await
+            .is_err()
+        {
+            return Ok(());
+        }
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(r)) => r,
+            _ => Ok(()),
+        }
+    }
+
+    /// Waits, at most `timeout`, until the sink has written every pending status and published
+    /// every queued Event (on shutdown).
+    pub async fn flush(&self, timeout: Duration) -> bool {
+        let (tx, rx) = oneshot::channel();
+        if self.to_sink.send(SinkMsg::Flush(tx)).await.is_err() {
+            return true;
+        }
+        tokio::time::timeout(timeout, rx).await.is_ok()
+    }
+
     /// Writes the pod's status to the API server. A pod that is gone is not an error.
-    pub async fn write(&self, key: &PodKey) -> kube::Result<()> {
+    async fn write_now(&self, key: &PodKey) -> kube::Result<()> {
         let body = match self.lock().get_mut(key) {
             Some(r) => r.status(&key.uid, self.node_ip, SystemTime::now()),
             None => return Ok(()),
@@ -433,91 +516,247 @@ impl Statuses {
         Some(pod.clone())
     }
 
-    /// Creates a core/v1 Event about the pod, as the kubelet does.
-    pub async fn event(&self, pod: &PodKey, kind: EventType, reason: &str, message: &str) {
-        let now = SystemTime::now();
-        let nanos = now
+    /// Queues an Event about the pod, as the kubelet records them; never waits. When the queue
+    /// is full (the API server slow or away) the Event is dropped and counted.
+    pub fn event(&self, pod: &PodKey, kind: EventType, reason: &str, message: &str) {
+        let msg = EventMsg::Publish {
+            pod: pod.clone(),
+            kind,
+            reason: reason.to_string(),
+            message: message.to_string(),
+            at: SystemTime::now(),
+        };
+        if self.events.try_send(msg).is_err() {
+            let n = self
+                .dropped_events
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if n.is_power_of_two() {
+                tracing::warn!(%pod, reason, dropped = n + 1, "event queue full; dropping events");
+            }
+        }
+    }
+
+    /// The sink: applies reports, coalesces them, and writes each changed pod's status; failed
+    /// writes are retried every 2 s while the API server is away. Events are published by a
+    /// task of their own. Returns when `reports` is closed and nothing is pending, or when the
+    /// last [`Statuses`] is gone.
+    pub async fn sink(self, mut rx: UnboundedReceiver<Report>, inbox: SinkInbox) {
+        let SinkInbox {
+            mut requests,
+            events,
+        } = inbox;
+        let recorder = EventRecorder {
+            client: self.client.clone(),
+            node_name: self.node_name.clone(),
+            series: HashMap::new(),
+        };
+        let publisher = tokio::spawn(publish_events(recorder, events));
+        let mut pending: BTreeSet<PodKey> = BTreeSet::new();
+        let mut waiting: Vec<(PodKey, oneshot::Sender<kube::Result<()>>)> = Vec::new();
+        let mut flushes: Vec<oneshot::Sender<()>> = Vec::new();
+        let mut reports_open = true;
+        loop {
+            let retry = tokio::time::sleep(Duration::from_secs(2));
+            tokio::select! {
+                r = rx.recv(), if reports_open => match r {
+                    Some(r) => self.take(r, &mut pending),
+                    None => reports_open = false,
+                },
+                m = requests.recv() => match m {
+                    Some(SinkMsg::Write(key, done)) => {
+                        pending.insert(key.clone());
+                        if let Some(done) = done {
+                            waiting.push((key, done));
+                        }
+                    }
+                    Some(SinkMsg::Flush(done)) => flushes.push(done),
+                    None => {
+                        if !reports_open && pending.is_empty() {
+                            break;
+                        }
+                    }
+                },
+                _ = retry, if !pending.is_empty() => {}
+            }
+            // Everything that arrived meanwhile goes into the same round of writes.
+            while let Ok(r) = rx.try_recv() {
+                self.take(r, &mut pending);
+            }
+            for key in std::mem::take(&mut pending) {
+                let result = self.write_now(&key).await;
+                if let Err(e) = &result {
+                    tracing::warn!(pod = %key, "writing pod status: {e}; will retry");
+                    pending.insert(key.clone());
+                }
+                let mut i = 0;
+                while i < waiting.len() {
+                    if waiting[i].0 == key {
+                        let (_, done) = waiting.swap_remove(i);
+                        let _ = done.send(match &result {
+                            Ok(()) => Ok(()),
+                            Err(e) => Err(kube::Error::Service(e.to_string().into())),
+                        });
+                    } else {
+                        i += 1;
+                    }
+                }
+            }
+            for done in flushes.drain(..) {
+                let (tx, rx) = oneshot::channel();
+                if self.events.send(EventMsg::Flush(tx)).await.is_ok() {
+                    let _ = rx.await;
+                }
+                let _ = done.send(());
+            }
+            if !reports_open && pending.is_empty() && requests.is_closed() {
+                break;
+            }
+        }
+        drop(self);
+        let _ = publisher.await;
+    }
+
+    fn take(&self, r: Report, pending: &mut BTreeSet<PodKey>) {
+        if let Report::Event {
+            pod,
+            kind,
+            reason,
+            message,
+        } = &r
+        {
+            self.event(pod, *kind, reason, message);
+        } else if let Some(k) = self.apply(&r) {
+            pending.insert(k);
+        }
+    }
+}
+
+/// Events already written, by (pod uid, type, reason, message): a repeat within
+/// [`SERIES_WINDOW`] updates the first one's count.
+struct EventRecorder {
+    client: kube::Client,
+    node_name: String,
+    series: HashMap<(String, &'static str, String, String), Series>,
+}
+
+struct Series {
+    name: String,
+    count: u32,
+    last: SystemTime,
+}
+
+/// How long a repeated Event is folded into the first (the kubelet correlator's window).
+const SERIES_WINDOW: Duration = Duration::from_secs(600);
+/// Series remembered at most.
+const MAX_SERIES: usize = 4096;
+
+impl EventRecorder {
+    async fn publish(
+        &mut self,
+        pod: &PodKey,
+        kind: EventType,
+        reason: &str,
+        message: &str,
+        at: SystemTime,
+    ) -> kube::Result<()> {
+        let type_ = match kind {
+            EventType::Normal => "Normal",
+            EventType::Warning => "Warning",
+        };
+        let message = truncate(message, MAX_NOTE);
+        let events: Api<Event> = Api::namespaced(self.client.clone(), &pod.namespace);
+        let key = (pod.uid.clone(), type_, reason.to_string(), message.clone());
+        if let Some(s) = self.series.get_mut(&key)
+            && at.duration_since(s.last).unwrap_or_default() < SERIES_WINDOW
+        {
+            s.count += 1;
+            s.last = at;
+            let patch = json!({"count": s.count, "lastTimestamp": time(at)});
+            match events
+                .patch(&s.name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+            {
+                Ok(_) => return Ok(()),
+                Err(kube::Error::Api(e)) if e.code == 404 => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let nanos = at
             .duration_since(SystemTime::UNIX_EPOCH)
             .unwrap_or_default()
             .as_nanos();
+        let name = format!("{}.{nanos:x}", pod.name);
         let ev = json!({
             "apiVersion": "v1",
             "kind": "Event",
-            "metadata": {"name": format!("{}.{nanos:x}", pod.name), "namespace": pod.namespace},
+            "metadata": {"name": name, "namespace": pod.namespace},
             "involvedObject": {
                 "apiVersion": "v1", "kind": "Pod",
                 "namespace": pod.namespace, "name": pod.name, "uid": pod.uid,
             },
             "reason": reason,
             "message": message,
-            "type": match kind { EventType::Normal => "Normal", EventType::Warning => "Warning" },
+            "type": type_,
             "source": {"component": "wasinode", "host": self.node_name},
             "reportingComponent": "wasinode",
             "reportingInstance": self.node_name,
-            "firstTimestamp": time(now),
-            "lastTimestamp": time(now),
+            "firstTimestamp": time(at),
+            "lastTimestamp": time(at),
             "count": 1,
         });
-        let ev: Event = match serde_json::from_value(ev) {
-            Ok(e) => e,
-            Err(e) => {
-                tracing::warn!("building event: {e}");
-                return;
+        let ev: Event = serde_json::from_value(ev).map_err(kube::Error::SerdeError)?;
+        events.create(&PostParams::default(), &ev).await?;
+        if self.series.len() >= MAX_SERIES {
+            let now = SystemTime::now();
+            self.series
+                .retain(|_, s| now.duration_since(s.last).unwrap_or_default() < SERIES_WINDOW);
+            if self.series.len() >= MAX_SERIES {
+                self.series.clear();
             }
-        };
-        let events: Api<Event> = Api::namespaced(self.client.clone(), &pod.namespace);
-        if let Err(e) = events.create(&PostParams::default(), &ev).await {
-            tracing::warn!(%pod, reason, "cannot create event: {e}");
         }
+        self.series.insert(
+            key,
+            Series {
+                name,
+                count: 1,
+                last: at,
+            },
+        );
+        Ok(())
     }
+}
 
-    /// The sink: applies reports, coalesces them, and writes each changed pod's status; failed
-    /// writes are retried every 2 s while the API server is away.
-    pub async fn sink(self, mut rx: UnboundedReceiver<Report>) {
-        let mut pending: BTreeSet<PodKey> = BTreeSet::new();
-        loop {
-            let first = if pending.is_empty() {
-                rx.recv().await
-            } else {
-                tokio::time::timeout(Duration::from_secs(2), rx.recv())
-                    .await
-                    .ok()
-                    .flatten()
-            };
-            let mut batch: Vec<Report> = first.into_iter().collect();
-            while let Ok(r) = rx.try_recv() {
-                batch.push(r);
-            }
-            if batch.is_empty() && rx.is_closed() {
-                if pending.is_empty() {
-                    return;
-                }
-                tokio::time::sleep(Duration::from_secs(2)).await;
-            }
-            for r in &batch {
-                if let Report::Event {
-                    pod,
-                    kind,
-                    reason,
-                    message,
-                } = r
-                {
-                    let me = self.clone();
-                    let (pod, kind, reason, message) =
-                        (pod.clone(), *kind, reason.clone(), message.clone());
-                    tokio::spawn(async move { me.event(&pod, kind, &reason, &message).await });
-                } else if let Some(k) = self.apply(r) {
-                    pending.insert(k);
+/// Publishes queued Events in order; returns when every sender is gone.
+async fn publish_events(mut recorder: EventRecorder, mut rx: mpsc::Receiver<EventMsg>) {
+    while let Some(msg) = rx.recv().await {
+        match msg {
+            EventMsg::Publish {
+                pod,
+                kind,
+                reason,
+                message,
+                at,
+            } => {
+                if let Err(e) = recorder.publish(&pod, kind, &reason, &message, at).await {
+                    tracing::warn!(%pod, reason, "cannot create event: {e}");
                 }
             }
-            for key in std::mem::take(&mut pending) {
-                if let Err(e) = self.write(&key).await {
-                    tracing::warn!(pod = %key, "writing pod status: {e}; will retry");
-                    pending.insert(key);
-                }
+            EventMsg::Flush(done) => {
+                let _ = done.send(());
             }
         }
     }
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &s[..end])
 }
 
 #[cfg(test)]
