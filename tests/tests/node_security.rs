@@ -12,6 +12,9 @@
 //! - turn a configMap or secret volume against the host: they are read-only to the guest even
 //!   when the mount says `readOnly: false` (writes and new files are refused, the content stays
 //!   the API's), secrets are written 0600 on tmpfs, and deleting the pod removes them;
+//! - turn requests to the kubelet API into a flood on the API server: 200 requests with one
+//!   bearer token cost one TokenReview and one SubjectAccessReview (the kubelet's caches),
+//!   counted by the API server's own metrics;
 //! - leave things behind by force-deleting (grace 0): a serving WAGI pod and a finished WASI
 //!   pod lose their listener, log folder and volumes as on a graceful delete;
 //!
@@ -374,7 +377,13 @@ fn force_deleted_pods_leave_nothing_behind() -> Result<()> {
     }
     for (name, _, _) in &leftovers {
         cluster.kubectl(&[
-            "delete", "pod", name, "-n", "default", "--grace-period=0", "--force",
+            "delete",
+            "pod",
+            name,
+            "-n",
+            "default",
+            "--grace-period=0",
+            "--force",
         ])?;
     }
     for (name, logs, volumes) in &leftovers {
@@ -385,5 +394,64 @@ fn force_deleted_pods_leave_nothing_behind() -> Result<()> {
             .with_context(|| agent.output())?;
     }
     ensure!(!listening(&addr), "forced-web still listens on {addr}");
+    cluster.down()
+}
+
+/// The API server's count of `create` requests for `resource` (its /metrics).
+fn api_creates(cluster: &Cluster, resource: &str) -> Result<u64> {
+    let metrics = cluster.kubectl(&["get", "--raw", "/metrics"])?;
+    let needle = format!("resource=\"{resource}\"");
+    Ok(metrics
+        .lines()
+        .filter(|l| {
+            l.starts_with("apiserver_request_total{")
+                && l.contains(&needle)
+                && l.contains("verb=\"POST\"")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64)
+}
+
+#[test]
+fn repeated_kubelet_api_requests_are_reviewed_once() -> Result<()> {
+    let cluster = Cluster::up()?;
+    let agent = Agent::start_ready(&cluster, AgentOptions::new("wasi-reviews"), TIMEOUT)?;
+    let token = cluster.kubectl(&["create", "token", "default", "-n", "default"])?;
+    let url = format!(
+        "https://127.0.0.1:{}/containerLogs/default/nobody/c",
+        agent.port
+    );
+    let curl = |bearer: &str| -> Result<String> {
+        let out = std::process::Command::new("curl")
+            .args(["-sk", "-o", "/dev/null", "-w", "%{http_code}", "-H"])
+            .arg(format!("Authorization: Bearer {bearer}"))
+            .arg(&url)
+            .output()?;
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    };
+    let (reviews, accesses) = (
+        api_creates(&cluster, "tokenreviews")?,
+        api_creates(&cluster, "subjectaccessreviews")?,
+    );
+    for _ in 0..100 {
+        // A service account without nodes/proxy: authenticated, then denied.
+        let code = curl(token.trim())?;
+        ensure!(
+            code == "403",
+            "valid token without nodes/proxy: HTTP {code}"
+        );
+        let code = curl("not-a-token")?;
+        ensure!(code == "401", "invalid token: HTTP {code}");
+    }
+    let reviews = api_creates(&cluster, "tokenreviews")? - reviews;
+    let accesses = api_creates(&cluster, "subjectaccessreviews")? - accesses;
+    ensure!(
+        reviews >= 1 && accesses >= 1,
+        "the API server's metrics show no review at all ({reviews}, {accesses})"
+    );
+    ensure!(
+        reviews <= 4 && accesses <= 2,
+        "200 requests with two tokens cost {reviews} TokenReviews and {accesses} SubjectAccessReviews"
+    );
     cluster.down()
 }
