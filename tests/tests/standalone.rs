@@ -946,3 +946,55 @@ fn argv_is_the_request_path_then_the_raw_query_as_in_wagi() -> Result<()> {
     assert_eq!(w.wait_exit(T)?.code(), Some(0));
     Ok(())
 }
+
+#[test]
+fn run_rotates_container_logs_and_still_echoes_every_line() -> Result<()> {
+    let y = format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: filler\nspec:\n  restartPolicy: Never\n  containers:\n    - name: main\n      image: file://{}\n      env: [{{name: LINES, value: \"2000\"}}, {{name: REST_S, value: \"0\"}}]\n",
+        guest("log_lines")?.display()
+    );
+    let (mut w, _d) = run_one(
+        &y,
+        &[
+            "--container-log-max-size",
+            "4KiB",
+            "--container-log-max-files",
+            "2",
+        ],
+    )?;
+    assert_eq!(w.wait_exit(T)?.code(), Some(0), "{}", w.output());
+    // The terminal gets every line (written before run exits), the files only the newest.
+    let out = w.output();
+    let echoed: Vec<&str> = out
+        .lines()
+        .filter_map(|l| l.strip_prefix("[default/filler/main] "))
+        .collect();
+    let want: Vec<String> = (0..2000)
+        .map(|i| format!("line {i:07}"))
+        .chain(["done 2000".to_string()])
+        .collect();
+    assert_eq!(echoed, want, "{out}");
+    let dir = std::fs::read_dir(w.data_dir.join("logs"))?
+        .next()
+        .ok_or_else(|| anyhow::anyhow!("no log dir"))??
+        .path();
+    let mut files: Vec<String> = std::fs::read_dir(&dir)?
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .collect();
+    files.sort();
+    assert_eq!(files.len(), 2, "{files:?}");
+    assert_eq!(files[0], "main.log");
+    assert!(files[1].starts_with("main.log.20"), "{files:?}");
+    let mut kept = Vec::new();
+    for f in [&files[1], &files[0]] {
+        let text = std::fs::read_to_string(dir.join(f))?;
+        assert!(text.len() <= 4096, "{f} has {} bytes", text.len());
+        kept.extend(
+            text.lines()
+                .map(|l| l.splitn(4, ' ').nth(3).unwrap_or("").to_string()),
+        );
+    }
+    assert!(kept.len() > 50, "{kept:?}");
+    assert_eq!(kept[..], want[want.len() - kept.len()..]);
+    Ok(())
+}
