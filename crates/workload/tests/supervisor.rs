@@ -2,7 +2,7 @@
 //! a pod stopped while it starts leaves nothing running, and a finished command pod is
 //! forgotten.
 
-use std::path::PathBuf;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -41,7 +41,7 @@ fn supervisor(dir: &std::path::Path) -> Supervisor {
     Supervisor::new(rt, images, logs, reporter, Default::default())
 }
 
-fn pod(name: &str, module: &PathBuf, wagi_port: Option<u16>) -> Pod {
+fn pod(name: &str, module: &Path, wagi_port: Option<u16>) -> Pod {
     let mut pod = serde_json::json!({
         "metadata": {"name": name, "namespace": "default", "uid": format!("uid-{name}")},
         "spec": {"restartPolicy": "Never",
