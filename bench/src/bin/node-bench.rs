@@ -27,180 +27,24 @@
 //! CREATE_CONCURRENCY=8 CHURN_CYCLES=3 NODE_BASE_PORT=21000 (pod ports NODE_BASE_PORT.. upward, each checked free)
 //! READY_TIMEOUT_SECS=120 (per pod; 300 s at least for the LOAD_PODS wave).
 
-use std::collections::HashMap;
 use std::net::TcpListener;
-use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, bail};
 use e2e::cluster::Cluster;
 use e2e::guests::guest;
-use e2e::wasinode::{Wasinode, free_port, get};
+use e2e::wasinode::{Wasinode, free_port};
 use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Node, Pod};
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::json;
-use tokio::sync::watch;
-
-const NODE: &str = "wasi-bench-node";
-const NS: &str = "default";
-/// Every pod of this run carries this label; its value names the group.
-const LABEL: &str = "bench.wasinode.dev/group";
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-// ------------------------------------------------------------------------------------------------
-// What this process's watch has seen, with the instant it saw it.
-
-#[derive(Default, Clone, Debug)]
-struct Seen {
-    added: Option<Instant>,
-    scheduled: Option<Instant>,
-    ready: Option<Instant>,
-    /// Times the pod was seen not Ready after having been Ready.
-    lost_ready: u32,
-    deleted: Option<Instant>,
-}
-
-#[derive(Default)]
-struct State {
-    synced: bool,
-    pods: HashMap<String, Seen>,
-    /// `BenchProbe` condition messages seen on the floor pod.
-    probes: HashMap<String, Instant>,
-}
-
-fn is_ready(pod: &Pod) -> bool {
-    pod.status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-}
-
-impl State {
-    fn observe(&mut self, pod: &Pod, now: Instant) {
-        let Some(name) = pod.metadata.name.clone() else {
-            return;
-        };
-        let seen = self.pods.entry(name).or_default();
-        seen.added.get_or_insert(now);
-        if pod
-            .spec
-            .as_ref()
-            .and_then(|s| s.node_name.as_ref())
-            .is_some()
-        {
-            seen.scheduled.get_or_insert(now);
-        }
-        if is_ready(pod) {
-            seen.ready.get_or_insert(now);
-        } else if seen.ready.is_some() && pod.metadata.deletion_timestamp.is_none() {
-            seen.lost_ready += 1;
-        }
-        for c in pod
-            .status
-            .as_ref()
-            .and_then(|s| s.conditions.as_ref())
-            .into_iter()
-            .flatten()
-        {
-            if c.type_ == "BenchProbe"
-                && let Some(m) = &c.message
-            {
-                self.probes.entry(m.clone()).or_insert(now);
-            }
-        }
-    }
-}
-
-/// Watches this run's pods (label `LABEL` present) into a `watch` channel of [`State`].
-fn spawn_watch(client: kube::Client) -> (watch::Receiver<State>, tokio::task::JoinHandle<()>) {
-    let (tx, rx) = watch::channel(State::default());
-    let task = tokio::spawn(async move {
-        let api: Api<Pod> = Api::namespaced(client, NS);
-        let mut events = watcher(api, watcher::Config::default().labels(LABEL))
-            .default_backoff()
-            .boxed();
-        while let Some(ev) = events.next().await {
-            let now = Instant::now();
-            match ev {
-                Ok(watcher::Event::Apply(p) | watcher::Event::InitApply(p)) => {
-                    tx.send_modify(|s| s.observe(&p, now))
-                }
-                Ok(watcher::Event::Delete(p)) => tx.send_modify(|s| {
-                    if let Some(n) = &p.metadata.name {
-                        s.pods
-                            .entry(n.clone())
-                            .or_default()
-                            .deleted
-                            .get_or_insert(now);
-                    }
-                }),
-                Ok(watcher::Event::InitDone) => tx.send_modify(|s| s.synced = true),
-                Ok(watcher::Event::Init) => {}
-                Err(e) => eprintln!("node-bench: pod watch: {e} (the watcher retries)"),
-            }
-        }
-    });
-    (rx, task)
-}
-
-/// Waits until `pred` holds on the watched state; the error says what was awaited.
-async fn wait_state(
-    rx: &mut watch::Receiver<State>,
-    what: &str,
-    timeout: Duration,
-    pred: impl FnMut(&State) -> bool,
-) -> Result<()> {
-    match tokio::time::timeout(timeout, rx.wait_for(pred)).await {
-        Ok(Ok(_)) => Ok(()),
-        Ok(Err(_)) => bail!("the pod watch ended while waiting for {what}"),
-        Err(_) => bail!("timed out after {timeout:?} waiting for {what}"),
-    }
-}
-
-// ------------------------------------------------------------------------------------------------
-// Pods.
-
-/// A WAGI pod serving `hello.wasm` on `/hello` at `127.0.0.1:port`, with the seed's nodeSelector
-/// and tolerations; bound to `node` at creation when given.
-fn wagi_pod(name: &str, group: &str, port: u16, image: &str, node: Option<&str>) -> Result<Pod> {
-    let mut pod = json!({
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {
-            "name": name,
-            "namespace": NS,
-            "labels": {LABEL: group},
-            "annotations": {
-                "alpha.wagi.krustlet.dev/default-host": format!("127.0.0.1:{port}"),
-                "alpha.wagi.krustlet.dev/modules": r#"{"hello": {"route": "/hello"}}"#,
-            },
-        },
-        "spec": {
-            "nodeSelector": {"kubernetes.io/arch": "wasm32-wagi"},
-            "tolerations": [
-                {"key": "kubernetes.io/arch", "operator": "Equal", "value": "wasm32-wagi", "effect": "NoSchedule"},
-                {"key": "kubernetes.io/arch", "operator": "Equal", "value": "wasm32-wagi", "effect": "NoExecute"},
-            ],
-            "terminationGracePeriodSeconds": 2,
-            "containers": [{"name": "hello", "image": image}],
-        },
-    });
-    if let Some(node) = node {
-        pod["spec"]["nodeName"] = json!(node);
-    }
-    Ok(serde_json::from_value(pod)?)
-}
+use wasinode_bench::{
+    Bench, LABEL, NODE, NS, Ports, admin_client, answers_hello, env_usize, mib, ms, node_ready,
+    proc_status, spawn_watch, wagi_pod, wait_state,
+};
 
 /// A pod nobody runs (a scheduling gate keeps the scheduler off it): the target of the status
 /// patch floor.
@@ -214,25 +58,6 @@ fn floor_pod() -> Result<Pod> {
             "containers": [{"name": "c", "image": "file:///nonexistent.wasm"}],
         },
     }))?)
-}
-
-/// Ports from `NODE_BASE_PORT` upward that nothing listens on right now.
-struct Ports(u16);
-impl Ports {
-    fn next(&mut self) -> Result<u16> {
-        loop {
-            let p = self.0;
-            ensure!(p < u16::MAX, "ran out of ports");
-            self.0 += 1;
-            if TcpListener::bind(("127.0.0.1", p)).is_ok() {
-                return Ok(p);
-            }
-        }
-    }
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
 }
 
 /// Nearest-rank percentile of sorted samples.
@@ -263,32 +88,6 @@ fn line(label: &str, samples: &[f64]) -> String {
     )
 }
 
-fn proc_status(pid: u32, field: &str) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(field))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-}
-
-fn mib(kib: u64) -> f64 {
-    kib as f64 / 1024.0
-}
-
-fn answers_hello(port: u16) -> bool {
-    get(&format!("127.0.0.1:{port}"), "/hello")
-        .is_ok_and(|r| r.status == 200 && r.body.trim_end() == "hello world")
-}
-
-async fn node_ready(nodes: &Api<Node>) -> Result<bool> {
-    let node = nodes.get(NODE).await?;
-    Ok(node
-        .status
-        .and_then(|s| s.conditions)
-        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True")))
-}
-
 async fn lease_renew(leases: &Api<Lease>) -> Result<Option<String>> {
     let lease = leases.get(NODE).await?;
     Ok(lease
@@ -297,160 +96,26 @@ async fn lease_renew(leases: &Api<Lease>) -> Result<Option<String>> {
         .map(|t| format!("{:?}", t.0)))
 }
 
-// ------------------------------------------------------------------------------------------------
-
-struct Bench {
-    cluster: Cluster,
-    agent: Wasinode,
-    pods: Api<Pod>,
-    rx: watch::Receiver<State>,
-    image: String,
-    ports: Ports,
-    ready_timeout: Duration,
-    failures: Vec<String>,
-}
-
-impl Bench {
-    fn agent_tail(&self) -> String {
-        let out = self.agent.output();
-        let lines: Vec<&str> = out.lines().collect();
-        lines[lines.len().saturating_sub(40)..].join("\n")
-    }
-
-    fn pod_dump(&self, name: &str) -> String {
-        self.cluster
-            .kubectl(&["describe", "pod", name, "-n", NS])
-            .unwrap_or_else(|e| format!("{e:#}"))
-    }
-
-    /// Waits for `name` to be Ready; on timeout the error carries the pod and the agent's output.
-    async fn wait_ready(&mut self, name: &str, timeout: Duration) -> Result<Instant> {
-        let what = format!("pod {name} to be Ready");
-        if let Err(e) = wait_state(&mut self.rx, &what, timeout, |s| {
-            s.pods.get(name).is_some_and(|p| p.ready.is_some())
-        })
-        .await
-        {
-            bail!(
-                "{e:#}\n{}\n--- agent output (tail)\n{}",
-                self.pod_dump(name),
-                self.agent_tail()
-            );
-        }
-        Ok(self.rx.borrow().pods[name].ready.expect("ready"))
-    }
-
-    /// Deletes every pod of `groups` and waits until the watch saw each deleted.
-    async fn delete_groups(&mut self, groups: &[&str]) -> Result<(usize, Duration)> {
-        let selector = format!("{LABEL} in ({})", groups.join(","));
-        let names: Vec<String> = self
-            .pods
-            .list(&ListParams::default().labels(&selector))
-            .await?
-            .items
-            .into_iter()
-            .filter_map(|p| p.metadata.name)
-            .collect();
-        let t0 = Instant::now();
-        self.pods
-            .delete_collection(
-                &DeleteParams::default(),
-                &ListParams::default().labels(&selector),
-            )
-            .await?;
-        let what = format!("{} pods of {groups:?} to be deleted", names.len());
-        wait_state(&mut self.rx, &what, Duration::from_secs(180), |s| {
-            names
-                .iter()
-                .all(|n| s.pods.get(n).is_some_and(|p| p.deleted.is_some()))
-        })
-        .await
-        .with_context(|| self.agent_tail())?;
-        Ok((names.len(), t0.elapsed()))
-    }
-
-    /// Creates a bound pod and waits for Ready: (create sent -> Ready, create sent -> ADDED,
-    /// create round-trip).
-    async fn bound_pod(
-        &mut self,
-        name: &str,
-        group: &str,
-    ) -> Result<(Duration, Duration, Duration, u16)> {
-        let port = self.ports.next()?;
-        let pod = wagi_pod(name, group, port, &self.image, Some(NODE))?;
-        let t0 = Instant::now();
-        self.pods.create(&PostParams::default(), &pod).await?;
-        let rtt = t0.elapsed();
-        let ready = self.wait_ready(name, self.ready_timeout).await?;
-        let added = self.rx.borrow().pods[name]
-            .added
-            .expect("added before ready");
-        Ok((ready - t0, added.saturating_duration_since(t0), rtt, port))
-    }
-
-    /// One status patch of the floor pod by this (admin) client -> the watch seeing it.
-    async fn probe(&mut self, i: usize) -> Result<Duration> {
-        let msg = format!("probe-{i}");
-        let body = json!({"status": {"conditions": [
-            {"type": "BenchProbe", "status": "True", "message": msg}
-        ]}});
-        let t0 = Instant::now();
-        self.pods
-            .patch_status(
-                "bench-floor",
-                &PatchParams::default(),
-                &Patch::Strategic(&body),
-            )
-            .await?;
-        wait_state(&mut self.rx, &msg, Duration::from_secs(30), |s| {
-            s.probes.contains_key(&msg)
-        })
+/// One status patch of the floor pod by this (admin) client -> the watch seeing it.
+async fn probe(b: &mut Bench, i: usize) -> Result<Duration> {
+    let msg = format!("probe-{i}");
+    let body = json!({"status": {"conditions": [
+        {"type": "BenchProbe", "status": "True", "message": msg}
+    ]}});
+    let t0 = Instant::now();
+    b.pods
+        .patch_status(
+            "bench-floor",
+            &PatchParams::default(),
+            &Patch::Strategic(&body),
+        )
         .await?;
-        let seen = self.rx.borrow().probes[&msg];
-        Ok(seen - t0)
-    }
-
-    /// One churn cycle: a pod on each of `ports` (group `group`), all Ready, then all deleted.
-    /// Returns the time from the first create to the last deletion seen.
-    async fn churn(&mut self, group: &str, ports: &[u16], concurrency: usize) -> Result<Duration> {
-        let mut names = vec![];
-        let mut specs = vec![];
-        for (i, port) in ports.iter().enumerate() {
-            let name = format!("bench-{group}-{i}");
-            specs.push(wagi_pod(&name, group, *port, &self.image, Some(NODE))?);
-            names.push(name);
-        }
-        let t0 = Instant::now();
-        let api = self.pods.clone();
-        let created: Vec<Result<()>> = futures::stream::iter(specs)
-            .map(|pod| {
-                let api = api.clone();
-                async move {
-                    api.create(&PostParams::default(), &pod).await?;
-                    Ok(())
-                }
-            })
-            .buffer_unordered(concurrency)
-            .collect()
-            .await;
-        created.into_iter().collect::<Result<Vec<()>>>()?;
-        let timeout = self.ready_timeout.max(Duration::from_secs(300));
-        let what = format!("every pod of {group} to be Ready");
-        wait_state(&mut self.rx, &what, timeout, |s| {
-            names
-                .iter()
-                .all(|n| s.pods.get(n).is_some_and(|p| p.ready.is_some()))
-        })
-        .await
-        .with_context(|| self.agent_tail())?;
-        self.delete_groups(&[group]).await?;
-        Ok(t0.elapsed())
-    }
-
-    fn fail(&mut self, what: String) {
-        println!("  FAILED: {what}");
-        self.failures.push(what);
-    }
+    wait_state(&mut b.rx, &msg, Duration::from_secs(30), |s| {
+        s.probes.contains_key(&msg)
+    })
+    .await?;
+    let seen = b.rx.borrow().probes[&msg];
+    Ok(seen - t0)
 }
 
 #[tokio::main]
@@ -559,7 +224,7 @@ async fn main() -> Result<()> {
             bad_routes += 1;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
-        probes.push(ms(b.probe(i).await?));
+        probes.push(ms(probe(&mut b, i).await?));
     }
     let (r50, ..) = summary(&ready);
     let (a50, ..) = summary(&added);
@@ -596,7 +261,7 @@ async fn main() -> Result<()> {
     for i in 0..sched_pods {
         tokio::time::sleep(Duration::from_millis(300)).await;
         let name = format!("bench-sched-{i}");
-        let port = b.ports.next()?;
+        let port = b.ports.free()?;
         let pod = wagi_pod(&name, "sched", port, &b.image, None)?;
         let t0 = Instant::now();
         b.pods.create(&PostParams::default(), &pod).await?;
@@ -642,7 +307,7 @@ async fn main() -> Result<()> {
     let mut ports = Vec::with_capacity(load_pods);
     let mut specs = Vec::with_capacity(load_pods);
     for i in 0..load_pods {
-        let port = b.ports.next()?;
+        let port = b.ports.free()?;
         ports.push(port);
         specs.push(wagi_pod(
             &format!("bench-load-{i}"),
@@ -890,13 +555,4 @@ async fn main() -> Result<()> {
         bail!("functional failures: {}", failures.join("; "));
     }
     Ok(())
-}
-
-async fn admin_client(kubeconfig: &Path) -> Result<kube::Client> {
-    let kc = kube::config::Kubeconfig::read_from(kubeconfig)
-        .with_context(|| format!("reading {}", kubeconfig.display()))?;
-    let config =
-        kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
-            .await?;
-    Ok(kube::Client::try_from(config)?)
 }
