@@ -147,7 +147,8 @@ impl WagiApp {
                         );
                         h.log
                             .note(&format!("wasinode: {} {path}: {why}", parts.method));
-                        tracing::warn!(pod = %self.pod, route = %m.pattern, "{why}");
+                        // The container log has it; clients must not flood the agent's own log.
+                        tracing::debug!(pod = %self.pod, route = %m.pattern, "{why}");
                         text(
                             StatusCode::BAD_GATEWAY,
                             "bad gateway: the module's response was not a valid CGI response",
@@ -169,7 +170,7 @@ impl WagiApp {
                 }
                 h.log
                     .note(&format!("wasinode: {} {path}: {e}", parts.method));
-                tracing::warn!(pod = %self.pod, route = %m.pattern, error = %e, "request failed");
+                tracing::debug!(pod = %self.pod, route = %m.pattern, error = %e, "request failed");
                 let msg = match status {
                     StatusCode::GATEWAY_TIMEOUT => {
                         "gateway timeout: the module did not answer in time"
