@@ -17,7 +17,9 @@
 //!   lifecycle controller set to Unknown (as after an outage) is corrected by the agent;
 //! - certificate renewal (forced early by the hidden `--cert-renew-after`): the node requests a
 //!   second client certificate as `system:node:<name>`, gets it, keeps heartbeating with it and
-//!   `kubectl logs` still works; its serving certificate is renewed the same way.
+//!   `kubectl logs` still works; its serving certificate is renewed the same way;
+//! - an agent stopped by SIGTERM (no drain) writes, before it exits, that its pods are not
+//!   ready (nothing serves them while it is away), and once started again re-adopts them Ready.
 //!
 //! Run: `cargo build --release && cargo test --release -p wasinode-e2e --test node_ops`
 
@@ -671,5 +673,78 @@ fn certificates_are_renewed() -> Result<()> {
         approved.len()
     );
     drop(agent);
+    cluster.down()
+}
+
+/// The pods named `stop-*` and whether each is Ready, in one read of the API.
+fn readiness(cluster: &Cluster) -> Result<Vec<(String, bool)>> {
+    let list = cluster.kubectl_json(&["get", "pods", "-n", "default"])?;
+    Ok(list["items"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .filter(|p| {
+            p["metadata"]["name"]
+                .as_str()
+                .is_some_and(|n| n.starts_with("stop-"))
+        })
+        .map(|p| {
+            let ready = p["status"]["conditions"].as_array().is_some_and(|cs| {
+                cs.iter()
+                    .any(|c| c["type"] == "Ready" && c["status"] == "True")
+            });
+            (
+                p["metadata"]["name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+                ready,
+            )
+        })
+        .collect())
+}
+
+#[test]
+fn a_stopping_agent_says_its_pods_are_not_ready() -> Result<()> {
+    use e2e::agent::{Agent, AgentOptions, hello_pod};
+    const PODS: usize = 12;
+    let guests = Registry::start();
+    let hello = guests.push_guest("hello")?;
+    let cluster = Cluster::up()?;
+    let mut agent = Agent::start_ready(&cluster, AgentOptions::new("wasi-stopping"), TIMEOUT)?;
+    for i in 0..PODS {
+        let mut pod = hello_pod(
+            &format!("stop-{i}"),
+            &format!("127.0.0.1:{}", free_port()),
+            &hello,
+        );
+        pod["spec"]["nodeName"] = "wasi-stopping".into();
+        cluster.apply(&pod)?;
+    }
+    cluster
+        .wait_for("every pod Ready", TIMEOUT, || {
+            let r = readiness(&cluster)?;
+            Ok(r.len() == PODS && r.iter().all(|(_, ready)| *ready))
+        })
+        .with_context(|| agent.output())?;
+    let status = agent.terminate(Duration::from_secs(30))?;
+    ensure!(status.success(), "agent exit: {status}\n{}", agent.output());
+    // Read at once: the node controller would only mark them after its grace period.
+    let after = readiness(&cluster)?;
+    let still_ready: Vec<&String> = after.iter().filter(|(_, r)| *r).map(|(n, _)| n).collect();
+    ensure!(
+        still_ready.is_empty(),
+        "pods still Ready after the agent exited: {still_ready:?}\n{}",
+        agent.output()
+    );
+    agent.restart()?;
+    cluster
+        .wait_for("every pod Ready again after the restart", TIMEOUT, || {
+            let r = readiness(&cluster)?;
+            Ok(r.len() == PODS && r.iter().all(|(_, ready)| *ready))
+        })
+        .with_context(|| agent.output())?;
+    agent.terminate(Duration::from_secs(30))?;
     cluster.down()
 }

@@ -220,6 +220,11 @@ pub async fn run(
     api.abort();
     // The sink writes what the stopped pods reported last (and publishes queued Events), within
     // a deadline: an API server that is away does not hold the agent's exit.
+    // Nothing serves while the agent is away: every pod says so (its phase stays Running, so a
+    // restarted agent re-adopts it), the last thing written before the agent exits.
+    for key in statuses.all_unready() {
+        statuses.mark(&key).await;
+    }
     if !statuses.flush(SHUTDOWN_FLUSH).await {
         tracing::warn!(
             "pod statuses not all written within {SHUTDOWN_FLUSH:?} of shutdown; the API server is slow or away"

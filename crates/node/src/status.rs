@@ -430,6 +430,19 @@ impl Statuses {
         self.lock().remove(key);
     }
 
+    /// Marks every kept pod's containers not ready (the agent is stopping, so nothing of them
+    /// serves until it runs again; the phase stays, so a restarted agent re-adopts them), and
+    /// returns those pods.
+    pub fn all_unready(&self) -> Vec<PodKey> {
+        let mut pods = self.lock();
+        for r in pods.values_mut() {
+            for c in r.records.values_mut() {
+                c.ready = false;
+            }
+        }
+        pods.keys().cloned().collect()
+    }
+
     /// Marks the pod's containers terminated (it is being deleted).
     pub fn terminate(&self, key: &PodKey) {
         if let Some(r) = self.lock().get_mut(key) {
