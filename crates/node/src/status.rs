@@ -369,6 +369,8 @@ enum EventMsg {
         at: SystemTime,
     },
     Flush(oneshot::Sender<()>),
+    /// The pod is gone: forget its series.
+    Forget(String),
 }
 
 /// Requests to the sink waiting at most (the reconciler waits when it is full).
@@ -427,6 +429,8 @@ impl Statuses {
     }
 
     pub fn forget(&self, key: &PodKey) {
+        // After the Events queued before it; if the queue is full the series go at the cap.
+        let _ = self.events.try_send(EventMsg::Forget(key.uid.clone()));
         self.lock().remove(key);
     }
 
@@ -757,6 +761,7 @@ async fn publish_events(mut recorder: EventRecorder, mut rx: mpsc::Receiver<Even
             EventMsg::Flush(done) => {
                 let _ = done.send(());
             }
+            EventMsg::Forget(uid) => recorder.series.retain(|k, _| k.0 != uid),
         }
     }
 }
