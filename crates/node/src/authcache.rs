@@ -110,6 +110,33 @@ impl Default for AuthCache {
     }
 }
 
+/// The cached answer for `key`, else `review`'s, taken in turn (at most
+/// [`MAX_REVIEWS_IN_FLIGHT`] at once) and kept for `ttl(&answer)`. Errors are not kept.
+pub async fn cached<K, V, Fut>(
+    cache: &TtlCache<K, V>,
+    turns: &Semaphore,
+    key: K,
+    ttl: impl Fn(&V) -> Duration,
+    review: impl FnOnce() -> Fut,
+) -> Result<V, String>
+where
+    K: Eq + Hash + Clone,
+    V: Clone,
+    Fut: std::future::Future<Output = Result<V, String>>,
+{
+    if let Some(v) = cache.get(&key) {
+        return Ok(v);
+    }
+    let _turn = turns.acquire().await.map_err(|e| e.to_string())?;
+    // Another caller may have asked the same while this one waited.
+    if let Some(v) = cache.get(&key) {
+        return Ok(v);
+    }
+    let v = review().await?;
+    cache.insert(key, v.clone(), ttl(&v));
+    Ok(v)
+}
+
 /// The cache key of a bearer token (the token itself is not kept).
 pub fn token_key(token: &str) -> [u8; 32] {
     use sha2::Digest;

@@ -117,25 +117,16 @@ fn text(status: StatusCode, body: impl Into<String>) -> Response<Body> {
 }
 
 async fn token_review(state: &State, token: &str) -> Result<Option<Caller>, String> {
-    let key = crate::authcache::token_key(token);
-    if let Some(who) = state.auth.tokens.get(&key) {
-        return Ok(who);
-    }
-    let _turn = state
-        .auth
-        .in_flight
-        .acquire()
-        .await
-        .map_err(|e| e.to_string())?;
-    if let Some(who) = state.auth.tokens.get(&key) {
-        return Ok(who);
-    }
-    let who = token_review_uncached(state, token).await?;
-    state
-        .auth
-        .tokens
-        .insert(key, who.clone(), crate::authcache::TOKEN_TTL);
-    Ok(who)
+    use crate::authcache::{TOKEN_TTL, cached, token_key};
+    let auth = &state.auth;
+    cached(
+        &auth.tokens,
+        &auth.in_flight,
+        token_key(token),
+        |_| TOKEN_TTL,
+        || token_review_uncached(state, token),
+    )
+    .await
 }
 
 async fn token_review_uncached(state: &State, token: &str) -> Result<Option<Caller>, String> {
@@ -195,29 +186,19 @@ async fn authorize(
     verb: &'static str,
     sub: &'static str,
 ) -> Result<bool, String> {
-    use crate::authcache::{ALLOWED_TTL, Attributes, DENIED_TTL};
+    use crate::authcache::{ALLOWED_TTL, Attributes, DENIED_TTL, cached};
     let key = Attributes {
         user: who.user.clone(),
         groups: who.groups.clone(),
         verb,
         subresource: sub,
     };
-    if let Some(allowed) = state.auth.decisions.get(&key) {
-        return Ok(allowed);
-    }
-    let _turn = state
-        .auth
-        .in_flight
-        .acquire()
-        .await
-        .map_err(|e| e.to_string())?;
-    if let Some(allowed) = state.auth.decisions.get(&key) {
-        return Ok(allowed);
-    }
-    let allowed = authorize_uncached(state, who, verb, sub).await?;
-    let ttl = if allowed { ALLOWED_TTL } else { DENIED_TTL };
-    state.auth.decisions.insert(key, allowed, ttl);
-    Ok(allowed)
+    let ttl = |allowed: &bool| if *allowed { ALLOWED_TTL } else { DENIED_TTL };
+    let auth = &state.auth;
+    cached(&auth.decisions, &auth.in_flight, key, ttl, || {
+        authorize_uncached(state, who, verb, sub)
+    })
+    .await
 }
 
 async fn authorize_uncached(
