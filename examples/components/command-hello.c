@@ -1,0 +1,39 @@
+// command-hello: a wasi:cli command component (exports wasi:cli/run) for wasinode's tests.
+// A plain C program on wasi-libc; tools/build-components links it as a preview-1 command and
+// turns it into a component with the preview-1 command adapter, as C, Rust and Go users do.
+//
+//   command-hello [ARG]... [--read PATH] [--exit N]
+// prints "arg I: ARG" for each argument, "env GREETING=VALUE" if GREETING is set, "to stderr"
+// on stderr, the contents of PATH for --read PATH, and exits with N (default 0).
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static int cat(const char *path) {
+  FILE *f = fopen(path, "rb");
+  if (!f) {
+    fprintf(stderr, "cannot open %s\n", path);
+    return 1;
+  }
+  char buf[4096];
+  size_t n;
+  while ((n = fread(buf, 1, sizeof buf, f)) > 0) fwrite(buf, 1, n, stdout);
+  fclose(f);
+  return 0;
+}
+
+int main(int argc, char **argv) {
+  int code = 0;
+  for (int i = 1; i < argc; i++) printf("arg %d: %s\n", i, argv[i]);
+
+  const char *greeting = getenv("GREETING");
+  if (greeting) printf("env GREETING=%s\n", greeting);
+  fprintf(stderr, "to stderr\n");
+
+  for (int i = 1; i + 1 < argc; i++) {
+    if (strcmp(argv[i], "--read") == 0 && cat(argv[i + 1]) != 0) code = 1;
+    if (strcmp(argv[i], "--exit") == 0) code = atoi(argv[i + 1]);
+  }
+  fflush(stdout);
+  return code;
+}
