@@ -38,7 +38,8 @@ pub struct NodeArgs {
     pub address: IpAddr,
     /// WAGI listeners whose default-host names no address (`0.0.0.0:3001`, `:3001`) bind this
     /// address instead. For several nodes on one host (the local node-pool provisioner gives
-    /// each its own loopback address); unset, they listen on every address of the host.
+    /// each its own loopback address); unset, they listen on every address of the host. HTTP
+    /// components serve on this address [default: the node's address].
     #[arg(long, value_name = "IP")]
     pub pod_address: Option<IpAddr>,
     /// Pods this node takes (its `pods` capacity, as the kubelet's --max-pods); a pod bound to it

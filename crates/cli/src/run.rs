@@ -19,6 +19,10 @@ pub struct RunArgs {
     /// Do not echo module logs to this terminal (they are still written to the data dir).
     #[arg(long)]
     pub quiet: bool,
+    /// The address HTTP components serve on: each container's `ports[].containerPort` (TCP), or
+    /// 8080 when it declares none. WAGI pods keep their `default-host` annotation.
+    #[arg(long, default_value = "127.0.0.1", value_name = "IP")]
+    pub pod_address: std::net::IpAddr,
 }
 
 pub async fn run(args: RunArgs) -> anyhow::Result<i32> {
@@ -55,6 +59,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<i32> {
             base_dir: Some(mp.base_dir.clone()),
             local_images: workload::LocalImages::Any,
             secret_dir: None,
+            pod_address: Some(args.pod_address),
         };
         let sup = sup.clone();
         async move { sup.start(&mp.pod, &ctx, None).await }

@@ -206,6 +206,7 @@ pub async fn run(
             base_dir: None,
             local_images: cfg.local_images.clone(),
             secret_dir: Some(volume::secret_root(&data_dir, data_dir.join("secrets"))),
+            pod_address: None,
         },
         handled: Mutex::default(),
         max_pods: cfg.max_pods as usize,

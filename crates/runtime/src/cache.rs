@@ -5,6 +5,7 @@ use std::hash::{DefaultHasher, Hash, Hasher};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use wasmtime::component::Component;
 use wasmtime::{Engine, Module};
 
 use crate::engine::RuntimeError;
@@ -16,48 +17,105 @@ pub(crate) fn engine_key(engine: &Engine) -> String {
     format!("{:016x}", h.finish())
 }
 
-fn artifact_path(dir: &Path, engine: &str, digest: &str) -> PathBuf {
+fn artifact_path(dir: &Path, engine: &str, digest: &str, component: bool) -> PathBuf {
     let name: String = digest
         .chars()
         .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
         .collect();
-    dir.join(engine).join(format!("{name}.cwasm"))
+    let ext = if component {
+        "component.cwasm"
+    } else {
+        "cwasm"
+    };
+    dir.join(engine).join(format!("{name}.{ext}"))
 }
 
-/// Loads the module for `digest` from the disk cache, or compiles `bytes` (wasm or WAT) and stores
-/// the artifact atomically for next time. A corrupt or stale artifact is recompiled, not trusted.
+/// What the cache hands back: a core module or a component, as the bytes were.
+pub(crate) enum Artifact {
+    Module(Module),
+    Component(Component),
+}
+
+/// Loads the program for `digest` from the disk cache, or compiles `bytes` (binary wasm or WAT
+/// text: a core module or a component) and stores the artifact atomically for next time. A
+/// corrupt or stale artifact is recompiled, not trusted. Modules and components are kept under
+/// names of their own, so a hit needs nothing of `bytes`.
 pub(crate) fn load_or_compile(
     engine: &Engine,
     dir: Option<&Path>,
     digest: &str,
     bytes: &[u8],
-) -> Result<Module, RuntimeError> {
+) -> Result<Artifact, RuntimeError> {
     let compile_err = |e: wasmtime::Error| RuntimeError::Compile {
         digest: digest.to_string(),
         reason: format!("{e:#}"),
     };
-    let Some(dir) = dir else {
-        return Module::new(engine, bytes).map_err(compile_err);
+    // SAFETY (every deserialize below): the bytes were written by `Engine::precompile_*` of an
+    // engine with the same compatibility hash (it is in the path), into a cache folder only
+    // wasinode writes, or were produced by this very engine a moment ago.
+    let from_file = |path: &Path, component: bool| -> wasmtime::Result<Artifact> {
+        Ok(if component {
+            Artifact::Component(unsafe { Component::deserialize_file(engine, path) }?)
+        } else {
+            Artifact::Module(unsafe { Module::deserialize_file(engine, path) }?)
+        })
     };
-    let path = artifact_path(dir, &engine_key(engine), digest);
-    if path.exists() {
-        // SAFETY: the file was written by `Engine::precompile_module` of an engine with the same
-        // compatibility hash (it is in the path), into a cache folder only wasinode writes.
-        match unsafe { Module::deserialize_file(engine, &path) } {
-            Ok(m) => return Ok(m),
-            Err(e) => {
-                tracing::warn!(path = %path.display(), error = %e, "discarding unusable precompiled module")
+    let paths = dir.map(|dir| {
+        let key = engine_key(engine);
+        (
+            artifact_path(dir, &key, digest, false),
+            artifact_path(dir, &key, digest, true),
+        )
+    });
+    if let Some((module, component)) = &paths {
+        for (path, is_component) in [(module, false), (component, true)] {
+            if !path.exists() {
+                continue;
+            }
+            match from_file(path, is_component) {
+                Ok(a) => return Ok(a),
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "discarding unusable precompiled program")
+                }
             }
         }
     }
-    let artifact = engine.precompile_module(bytes).map_err(compile_err)?;
-    if let Err(e) = write_atomically(&path, &artifact) {
-        tracing::warn!(path = %path.display(), error = %e, "could not cache the precompiled module");
-        // SAFETY: `artifact` was produced by this very engine a moment ago.
-        return unsafe { Module::deserialize(engine, &artifact) }.map_err(compile_err);
+    // WAT text (tests, examples) becomes binary first, so its kind reads like a binary's.
+    let binary = wat::parse_bytes(bytes).map_err(|e| RuntimeError::Compile {
+        digest: digest.to_string(),
+        reason: e.to_string(),
+    })?;
+    let component = crate::component::is_component_binary(&binary);
+    let Some((module_path, component_path)) = paths else {
+        return if component {
+            Component::new(engine, &binary).map(Artifact::Component)
+        } else {
+            Module::new(engine, &binary).map(Artifact::Module)
+        }
+        .map_err(compile_err);
+    };
+    let path = if component {
+        component_path
+    } else {
+        module_path
+    };
+    let artifact = if component {
+        engine.precompile_component(&binary)
+    } else {
+        engine.precompile_module(&binary)
     }
-    // SAFETY: as above; loading from the file lets the kernel share the code pages.
-    unsafe { Module::deserialize_file(engine, &path) }.map_err(compile_err)
+    .map_err(compile_err)?;
+    if let Err(e) = write_atomically(&path, &artifact) {
+        tracing::warn!(path = %path.display(), error = %e, "could not cache the precompiled program");
+        return if component {
+            unsafe { Component::deserialize(engine, &artifact) }.map(Artifact::Component)
+        } else {
+            unsafe { Module::deserialize(engine, &artifact) }.map(Artifact::Module)
+        }
+        .map_err(compile_err);
+    }
+    // Loading from the file lets the kernel share the code pages.
+    from_file(&path, component).map_err(compile_err)
 }
 
 fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {

@@ -11,6 +11,12 @@ use wasmtime::{
     PoolingAllocationConfig,
 };
 
+use wasmtime::component;
+use wasmtime_wasi::p2::bindings::CommandPre;
+use wasmtime_wasi_http::p2::bindings::ProxyPre;
+
+use crate::cache::Artifact;
+use crate::component::{ComponentHost, ProgramKind};
 use crate::run::Host;
 
 /// How the engine is set up; fixed for the life of the process.
@@ -50,13 +56,31 @@ pub enum RuntimeError {
     Compile { digest: String, reason: String },
     #[error("module {digest} cannot be linked: {reason}")]
     Link { digest: String, reason: String },
+    #[error(
+        "component {digest} exports neither wasi:http/incoming-handler@0.2 (an HTTP handler) nor \
+         wasi:cli/run@0.2 (a command), so there is nothing to serve or run; it exports: {}",
+        if exports.is_empty() { "nothing".to_string() } else { exports.join(", ") }
+    )]
+    NothingToRun {
+        digest: String,
+        exports: Vec<String>,
+    },
 }
 
-/// A module compiled once and linked once, ready to be instantiated per invocation.
+/// A module or component compiled once and linked once, ready to be instantiated per
+/// invocation.
 pub struct Program {
     digest: String,
-    module: Module,
-    pub(crate) pre: InstancePre<Host>,
+    pub(crate) compiled: Compiled,
+}
+
+pub(crate) enum Compiled {
+    Module {
+        module: Module,
+        pre: InstancePre<Host>,
+    },
+    Http(ProxyPre<ComponentHost>),
+    Command(CommandPre<ComponentHost>),
 }
 
 impl Program {
@@ -64,11 +88,23 @@ impl Program {
         &self.digest
     }
 
-    /// Whether the module exports a function of this name.
+    /// What the program is for, as its bytes and exports said.
+    pub fn kind(&self) -> ProgramKind {
+        match &self.compiled {
+            Compiled::Module { .. } => ProgramKind::Module,
+            Compiled::Http(_) => ProgramKind::HttpHandler,
+            Compiled::Command(_) => ProgramKind::Command,
+        }
+    }
+
+    /// Whether the program is a core module exporting a function of this name.
     pub fn exports_func(&self, name: &str) -> bool {
-        self.module
-            .exports()
-            .any(|e| e.name() == name && e.ty().func().is_some())
+        match &self.compiled {
+            Compiled::Module { module, .. } => module
+                .exports()
+                .any(|e| e.name() == name && e.ty().func().is_some()),
+            _ => false,
+        }
     }
 }
 
@@ -89,6 +125,7 @@ pub struct Runtime {
 pub(crate) struct Inner {
     pub(crate) engine: Engine,
     pub(crate) linker: Linker<Host>,
+    components: component::Linker<ComponentHost>,
     pub(crate) config: RuntimeConfig,
     pub(crate) http: reqwest::Client,
     programs: Mutex<HashMap<String, Arc<Program>>>,
@@ -106,9 +143,13 @@ impl Runtime {
     pub fn new(config: RuntimeConfig) -> Result<Self, RuntimeError> {
         let err = |e: wasmtime::Error| RuntimeError::Engine(format!("{e:#}"));
         let mut pool = PoolingAllocationConfig::default();
-        pool.total_core_instances(config.max_instances)
-            .total_memories(config.max_instances)
-            .total_tables(config.max_instances)
+        // One fiber stack per running instance, module or component, so `max_instances` is what
+        // bounds concurrency. A component is several core instances (its module, the preview-1
+        // adapter, shims) with one or two memories and a few tables: room for that many.
+        pool.total_component_instances(config.max_instances)
+            .total_core_instances(config.max_instances.saturating_mul(8))
+            .total_memories(config.max_instances.saturating_mul(2))
+            .total_tables(config.max_instances.saturating_mul(4))
             .total_stacks(config.max_instances)
             .max_memories_per_module(4)
             .max_memory_size(config.max_memory)
@@ -135,6 +176,12 @@ impl Runtime {
         crate::writev::add_to_linker(&mut linker).map_err(err)?;
         crate::outbound::add_to_linker(&mut linker).map_err(err)?;
 
+        // Components: every WASI 0.2 interface (sockets and name lookup present but refusing
+        // every address unless allowed, see component.rs) and wasi:http.
+        let mut components: component::Linker<ComponentHost> = component::Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut components).map_err(err)?;
+        wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut components).map_err(err)?;
+
         // No proxy from the environment: a proxy would resolve names itself, past the resolver
         // that keeps guests off restricted addresses.
         let http = reqwest::Client::builder()
@@ -152,6 +199,7 @@ impl Runtime {
             inner: Arc::new(Inner {
                 engine,
                 linker,
+                components,
                 config,
                 http,
                 programs: Mutex::new(HashMap::new()),
@@ -184,24 +232,48 @@ impl Runtime {
         if let Some(p) = self.loaded(digest) {
             return Ok(p);
         }
-        let module = crate::cache::load_or_compile(
+        let link_err = |e: wasmtime::Error| RuntimeError::Link {
+            digest: digest.to_string(),
+            reason: format!("{e:#}"),
+        };
+        let compiled = match crate::cache::load_or_compile(
             &self.inner.engine,
             self.inner.config.cache_dir.as_deref(),
             digest,
             bytes,
-        )?;
-        let pre = self
-            .inner
-            .linker
-            .instantiate_pre(&module)
-            .map_err(|e| RuntimeError::Link {
-                digest: digest.to_string(),
-                reason: format!("{e:#}"),
-            })?;
+        )? {
+            Artifact::Module(module) => {
+                let pre = self
+                    .inner
+                    .linker
+                    .instantiate_pre(&module)
+                    .map_err(link_err)?;
+                Compiled::Module { module, pre }
+            }
+            Artifact::Component(c) => {
+                let exports = crate::component::export_names(&self.inner.engine, &c);
+                let Some(kind) = crate::component::kind_of(&exports) else {
+                    return Err(RuntimeError::NothingToRun {
+                        digest: digest.to_string(),
+                        exports,
+                    });
+                };
+                let pre = self
+                    .inner
+                    .components
+                    .instantiate_pre(&c)
+                    .map_err(link_err)?;
+                match kind {
+                    ProgramKind::HttpHandler => {
+                        Compiled::Http(ProxyPre::new(pre).map_err(link_err)?)
+                    }
+                    _ => Compiled::Command(CommandPre::new(pre).map_err(link_err)?),
+                }
+            }
+        };
         let program = Arc::new(Program {
             digest: digest.to_string(),
-            module,
-            pre,
+            compiled,
         });
         self.inner
             .programs

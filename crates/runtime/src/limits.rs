@@ -81,7 +81,9 @@ impl ResourceLimiter for InstanceLimiter {
     }
 
     fn instances(&self) -> usize {
-        1
+        // A module is one instance; a component is several core instances (its modules, the
+        // preview-1 adapter, shims). The pooling allocator bounds them per component anyway.
+        64
     }
 
     fn memories(&self) -> usize {

@@ -60,6 +60,89 @@ pub enum AllowListError {
     Scheme { entry: String },
     #[error("allowed_hosts entry {entry:?} has no host")]
     NoHost { entry: String },
+    #[error(
+        "outbound host {entry:?} is not scheme://host:port (Spin's syntax: the scheme http, https \
+         or *, a host, *.domain or *, and a port or *; the port may be left out for http and https)"
+    )]
+    Pattern { entry: String },
+}
+
+/// One Spin-style allowed destination: `None` parts match anything.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Pattern {
+    scheme: Option<String>,
+    host: HostPattern,
+    port: Option<u16>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum HostPattern {
+    Any,
+    Exact(String),
+    /// `*.example.com`: every name below example.com (not example.com itself).
+    Below(String),
+}
+
+impl Pattern {
+    fn parse(entry: &str) -> Option<Pattern> {
+        let (scheme, rest) = entry.split_once("://")?;
+        let scheme = match scheme.to_ascii_lowercase().as_str() {
+            "*" => None,
+            s @ ("http" | "https") => Some(s.to_string()),
+            _ => return None,
+        };
+        let rest = rest.strip_suffix('/').unwrap_or(rest);
+        if rest.contains('/') || rest.contains('@') || rest.is_empty() {
+            return None;
+        }
+        // `[v6]:port`, `host:port`, or a host alone.
+        let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
+            let (h, after) = v6.split_once(']')?;
+            (format!("[{h}]"), after.strip_prefix(':'))
+        } else {
+            match rest.rsplit_once(':') {
+                Some((h, p)) => (h.to_string(), Some(p)),
+                None => (rest.to_string(), None),
+            }
+        };
+        let port = match port {
+            Some("*") => None,
+            Some(p) => Some(p.parse::<u16>().ok()?),
+            None => Some(match scheme.as_deref() {
+                Some("http") => 80,
+                Some("https") => 443,
+                _ => return None,
+            }),
+        };
+        let host = host.to_ascii_lowercase();
+        let host = if host == "*" {
+            HostPattern::Any
+        } else if let Some(d) = host.strip_prefix("*.") {
+            if d.is_empty() || d.contains('*') {
+                return None;
+            }
+            HostPattern::Below(d.to_string())
+        } else if host.contains('*') {
+            return None;
+        } else {
+            // Normalised as a URL would spell it (IPv6 brackets, IDNA).
+            let url = Url::parse(&format!("http://{host}/")).ok()?;
+            HostPattern::Exact(url.host_str()?.to_string())
+        };
+        Some(Pattern { scheme, host, port })
+    }
+
+    fn matches(&self, scheme: &str, host: &str, port: u16) -> bool {
+        self.scheme.as_deref().is_none_or(|s| s == scheme)
+            && self.port.is_none_or(|p| p == port)
+            && match &self.host {
+                HostPattern::Any => true,
+                HostPattern::Exact(h) => h == host,
+                HostPattern::Below(d) => host
+                    .strip_suffix(d.as_str())
+                    .is_some_and(|head| head.ends_with('.') && head.len() > 1),
+            }
+    }
 }
 
 /// The destinations one module may call: (scheme, host, port) triples.
@@ -67,6 +150,8 @@ pub enum AllowListError {
 pub struct AllowList {
     any: bool,
     origins: Vec<(String, String, u16)>,
+    /// Spin-style entries ([`AllowList::parse_spin`]).
+    patterns: Vec<Pattern>,
     /// Restricted addresses an entry names as an IP literal: the only ones a request may reach.
     named: Vec<IpAddr>,
 }
@@ -121,11 +206,35 @@ impl AllowList {
         {
             return false;
         }
-        self.any || self.origins.contains(&o)
+        self.any
+            || self.origins.contains(&o)
+            || self.patterns.iter().any(|p| p.matches(&o.0, &o.1, o.2))
+    }
+
+    /// Entries in Spin's `allowed_outbound_hosts` syntax: `https://api.example.com`,
+    /// `http://127.0.0.1:8080`, `https://*.example.com`, `http://localhost:*`, `*://*:*`.
+    /// Scheme, host and port are compared; a wildcard host never reaches the restricted
+    /// addresses ([`is_restricted`]), which only an entry naming them as an IP literal reaches.
+    pub fn parse_spin<S: AsRef<str>>(entries: &[S]) -> Result<Self, AllowListError> {
+        let mut list = AllowList::default();
+        for entry in entries {
+            let entry = entry.as_ref().trim();
+            let p = Pattern::parse(entry).ok_or_else(|| AllowListError::Pattern {
+                entry: entry.to_string(),
+            })?;
+            if let HostPattern::Exact(h) = &p.host
+                && let Ok(url) = Url::parse(&format!("http://{h}/"))
+                && let Some(ip) = literal_ip(&url).filter(|ip| is_restricted(*ip))
+            {
+                list.named.push(ip);
+            }
+            list.patterns.push(p);
+        }
+        Ok(list)
     }
 
     pub fn is_empty(&self) -> bool {
-        !self.any && self.origins.is_empty()
+        !self.any && self.origins.is_empty() && self.patterns.is_empty()
     }
 }
 
@@ -365,6 +474,33 @@ fn forwarded_headers(headers: &[(String, String)]) -> Result<HeaderMap, u32> {
     Ok(map)
 }
 
+/// Removes from `headers` what [`forwarded_headers`] does not forward: `Host`, `Content-Length`,
+/// the hop-by-hop headers, `Proxy-*` and every header `Connection` names. For requests and
+/// responses that already are a `HeaderMap` (the `wasi:http` client).
+pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        headers.remove(n);
+    }
+    for n in NOT_FORWARDED {
+        headers.remove(n);
+    }
+    let proxy: Vec<HeaderName> = headers
+        .keys()
+        .filter(|k| k.as_str().starts_with("proxy-"))
+        .cloned()
+        .collect();
+    for n in proxy {
+        headers.remove(n);
+    }
+}
+
 struct ReqArgs {
     url: Url,
     method: reqwest::Method,
@@ -411,7 +547,7 @@ fn decode_req(
 }
 
 /// Whether `e` (or what caused it) is the resolver refusing a restricted name.
-fn is_restricted_name(e: &reqwest::Error) -> bool {
+pub(crate) fn is_restricted_name(e: &reqwest::Error) -> bool {
     let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(c) = cause {
         if c.is::<RestrictedName>() {

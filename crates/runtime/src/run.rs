@@ -11,7 +11,7 @@ use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::p2::pipe::{MemoryInputPipe, MemoryOutputPipe};
 use wasmtime_wasi::{FsPerms, I32Exit, WasiCtxBuilder};
 
-use crate::engine::{Program, Runtime};
+use crate::engine::{Compiled, Program, Runtime};
 use crate::limits::InstanceLimiter;
 use crate::outbound::{AllowList, OutboundState};
 use crate::output::{
@@ -93,9 +93,36 @@ pub enum RunError {
     Busy,
     #[error("cannot start the module: {0}")]
     Setup(String),
+    #[error("a {0} cannot serve HTTP requests")]
+    NotHttp(crate::ProgramKind),
+    #[error("a {0} is not run as a command")]
+    NotCommand(crate::ProgramKind),
+    #[error("the component answered with an error: {0}")]
+    GuestHttp(String),
+    #[error("the component returned without setting a response")]
+    NoResponse,
 }
 
-fn pipe_for(
+/// Opens every preopen of an invocation in `b`.
+pub(crate) fn preopen_all(b: &mut WasiCtxBuilder, preopens: &[Preopen]) -> Result<(), RunError> {
+    for p in preopens {
+        let perms = if p.read_only {
+            FsPerms::ReadOnly
+        } else {
+            FsPerms::ReadWrite
+        };
+        b.preopened_dir(&p.host, &p.guest, perms).map_err(|e| {
+            RunError::Setup(format!(
+                "cannot open {} for {}: {e:#}",
+                p.host.display(),
+                p.guest
+            ))
+        })?;
+    }
+    Ok(())
+}
+
+pub(crate) fn pipe_for(
     stream: &Stream,
 ) -> (
     Option<MemoryOutputPipe>,
@@ -113,7 +140,7 @@ fn pipe_for(
 
 /// What a capture pipe holds, without a copy. Call it only once the store is dropped: the store
 /// holds the other handles of the pipe.
-fn captured(pipe: Option<MemoryOutputPipe>) -> Bytes {
+pub(crate) fn captured(pipe: Option<MemoryOutputPipe>) -> Bytes {
     let Some(pipe) = pipe else {
         return Bytes::new();
     };
@@ -128,7 +155,7 @@ fn captured(pipe: Option<MemoryOutputPipe>) -> Bytes {
 
 /// Whether `e` is the pooling allocator out of slots (instances, memories, tables or stacks):
 /// a matter of load, not of the module.
-fn pool_full(e: &wasmtime::Error) -> bool {
+pub(crate) fn pool_full(e: &wasmtime::Error) -> bool {
     e.chain()
         .any(|c| c.is::<wasmtime::PoolConcurrencyLimitError>())
 }
@@ -150,6 +177,11 @@ impl Runtime {
     }
 
     async fn run_inner(&self, program: &Program, inv: Invocation) -> Result<Outcome, RunError> {
+        let pre = match &program.compiled {
+            Compiled::Module { pre, .. } => pre,
+            Compiled::Command(pre) => return self.run_command(pre, inv).await,
+            Compiled::Http(_) => return Err(RunError::NotCommand(program.kind())),
+        };
         let deadline = inv.timeout.map(|t| tokio::time::Instant::now() + t);
         let mut b = WasiCtxBuilder::new();
         b.args(&inv.args).envs(&inv.env);
@@ -157,20 +189,7 @@ impl Runtime {
         let (stdout_pipe, stdout) = pipe_for(&inv.stdout);
         let (stderr_pipe, stderr) = pipe_for(&inv.stderr);
         b.stdout(stdout).stderr(stderr);
-        for p in &inv.preopens {
-            let perms = if p.read_only {
-                FsPerms::ReadOnly
-            } else {
-                FsPerms::ReadWrite
-            };
-            b.preopened_dir(&p.host, &p.guest, perms).map_err(|e| {
-                RunError::Setup(format!(
-                    "cannot open {} for {}: {e:#}",
-                    p.host.display(),
-                    p.guest
-                ))
-            })?;
-        }
+        preopen_all(&mut b, &inv.preopens)?;
         let host = Host {
             wasi: b.build_p1(),
             limiter: InstanceLimiter::new(self.inner.config.max_memory),
@@ -186,7 +205,7 @@ impl Runtime {
         store.set_epoch_deadline(1);
         store.epoch_deadline_callback(|_| Ok(UpdateDeadline::Yield(1)));
 
-        let instance = match program.pre.instantiate_async(&mut store).await {
+        let instance = match pre.instantiate_async(&mut store).await {
             Ok(i) => i,
             Err(e) => {
                 let refused = store.data().limiter.refused;

@@ -13,6 +13,13 @@ use wagi::routes::RoutePattern;
 
 pub const DEFAULT_HOST_ANNOTATION: &str = "alpha.wagi.krustlet.dev/default-host";
 pub const MODULES_ANNOTATION: &str = "alpha.wagi.krustlet.dev/modules";
+/// Outbound HTTP destinations of a pod that is not a WAGI pod (components, commands), in Spin's
+/// `scheme://host:port` syntax with its wildcards, separated by commas or whitespace. Applies to
+/// every container of the pod. Absent: nothing allowed.
+pub const OUTBOUND_ANNOTATION: &str = "wasinode.dev/allowed-outbound-hosts";
+/// Where an HTTP component listens when its container declares no TCP `containerPort`, as
+/// runwasi does.
+pub const DEFAULT_COMPONENT_PORT: u16 = 8080;
 
 /// Identifies one pod instance.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -74,6 +81,11 @@ pub struct ContainerPlan {
     pub args: Vec<String>,
     pub env: Vec<(String, String)>,
     pub mounts: Vec<Preopen>,
+    /// Where the container serves if its program is an HTTP component: each declared TCP
+    /// `containerPort` on the pod's address, else [`DEFAULT_COMPONENT_PORT`].
+    pub listen: Vec<SocketAddr>,
+    /// Outbound destinations outside the WAGI table ([`OUTBOUND_ANNOTATION`]).
+    pub allowed_hosts: Arc<AllowList>,
 }
 
 /// One route of a WAGI pod, before `_routes` sub-routes are added.
@@ -106,6 +118,9 @@ pub struct PlanContext {
     /// Where secret volumes live (`<dir>/<uid>/<volume>`; a tmpfs where the host has one);
     /// `None`: under `volume_dir` like configMap volumes.
     pub secret_dir: Option<PathBuf>,
+    /// The address HTTP components serve on (`--pod-address`); `None`: `bind_ip`, else
+    /// `node_ip`, else 127.0.0.1.
+    pub pod_address: Option<IpAddr>,
 }
 
 /// Which local files a pod's `image:` may name. An image names a file the agent reads and
@@ -166,6 +181,23 @@ pub fn plan(pod: &Pod, ctx: &PlanContext) -> Result<Plan, PlanError> {
     let mut warnings = Vec::new();
     let mut names = HashSet::new();
     let mut containers = Vec::new();
+    let annotations = pod.metadata.annotations.clone().unwrap_or_default();
+    let outbound = match annotations.get(OUTBOUND_ANNOTATION) {
+        None => AllowList::deny_all(),
+        Some(text) => {
+            let entries: Vec<&str> = text
+                .split(|c: char| c == ',' || c.is_whitespace())
+                .filter(|e| !e.is_empty())
+                .collect();
+            AllowList::parse_spin(&entries).map_err(|e| {
+                err(
+                    &format!("metadata.annotations[{OUTBOUND_ANNOTATION}]"),
+                    e.to_string(),
+                )
+            })?
+        }
+    };
+    let outbound = Arc::new(outbound);
     for (i, c) in spec.containers.iter().enumerate() {
         if !names.insert(c.name.clone()) {
             return Err(err(
@@ -173,13 +205,13 @@ pub fn plan(pod: &Pod, ctx: &PlanContext) -> Result<Plan, PlanError> {
                 format!("duplicate container name {:?}", c.name),
             ));
         }
-        containers.push(container_plan(pod, c, i, ctx, &key).map_err(|(f, r)| err(&f, r))?);
+        containers
+            .push(container_plan(pod, c, i, ctx, &key, &outbound).map_err(|(f, r)| err(&f, r))?);
     }
     if spec.init_containers.as_ref().is_some_and(|v| !v.is_empty()) {
         warnings.push("initContainers are not supported and are ignored".into());
     }
 
-    let annotations = pod.metadata.annotations.clone().unwrap_or_default();
     let modules = annotations.get(MODULES_ANNOTATION);
     let default_host = annotations.get(DEFAULT_HOST_ANNOTATION);
     let kind = match modules {
@@ -325,6 +357,7 @@ fn container_plan(
     i: usize,
     ctx: &PlanContext,
     key: &PodKey,
+    outbound: &Arc<AllowList>,
 ) -> Result<ContainerPlan, (String, String)> {
     let field = |f: &str| format!("spec.containers[{i}].{f}");
     let image = c
@@ -414,6 +447,33 @@ fn container_plan(
             read_only: api_volume || m.read_only.unwrap_or(false),
         });
     }
+    let pod_ip = ctx
+        .pod_address
+        .or(ctx.bind_ip)
+        .or(ctx.node_ip)
+        .unwrap_or(IpAddr::from([127, 0, 0, 1]));
+    let mut listen = Vec::new();
+    for (j, p) in c.ports.iter().flatten().enumerate() {
+        if p.protocol.as_deref().is_some_and(|pr| pr != "TCP") {
+            continue;
+        }
+        let port = u16::try_from(p.container_port)
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| {
+                (
+                    field(&format!("ports[{j}].containerPort")),
+                    format!("{} is not a port (1-65535)", p.container_port),
+                )
+            })?;
+        let addr = SocketAddr::new(pod_ip, port);
+        if !listen.contains(&addr) {
+            listen.push(addr);
+        }
+    }
+    if listen.is_empty() {
+        listen.push(SocketAddr::new(pod_ip, DEFAULT_COMPONENT_PORT));
+    }
     Ok(ContainerPlan {
         name: c.name.clone(),
         image,
@@ -421,6 +481,8 @@ fn container_plan(
         args,
         env,
         mounts,
+        listen,
+        allowed_hosts: outbound.clone(),
     })
 }
 

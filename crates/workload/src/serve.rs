@@ -1,6 +1,9 @@
-//! The WAGI listener of one pod: HTTP request -> route -> CGI environment -> one instance of the
-//! module -> CGI response. Per request: a route lookup, the environment, one instantiate-and-run
-//! and one parse; everything else (compile, link, route table, allow-lists) was done at start.
+//! The HTTP listener of one pod: HTTP request -> route -> executor -> one instance -> response.
+//! Two executors share the listener and the router: WAGI (CGI environment, the module run with
+//! the request body on stdin, its stdout parsed as a CGI response) and `wasi:http` (the request
+//! handed to an HTTP handler component, bodies streamed both ways). Per request: a route lookup,
+//! the executor's own work, one instance; everything else (compile, link, route table,
+//! allow-lists) was done at start.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -9,12 +12,14 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode, header};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Either, Full, Limited};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
-use runtime::{AllowList, Invocation, Preopen, Program, RunError, Runtime, Stream};
+use runtime::{
+    AllowList, ComponentBody, Invocation, Preopen, Program, ProgramKind, RunError, Runtime, Stream,
+};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use wagi::routes::RouteTable;
@@ -45,13 +50,19 @@ pub struct WagiApp {
     pub server_software: String,
     /// Instances this pod may have in flight at once, so that a pod whose requests hang holds
     /// only its share of the runtime's slots; past it a request is answered 503 at once.
-    pub slots: tokio::sync::Semaphore,
+    pub slots: Arc<tokio::sync::Semaphore>,
 }
 
-type Body = Full<Bytes>;
+/// A WAGI response (whole, parsed from stdout) or a component's (streamed while the instance
+/// runs, holding the pod's slot until it ends).
+type Body = Either<Full<Bytes>, Held<ComponentBody>>;
+
+fn full(b: Bytes) -> Body {
+    Either::Left(Full::new(b))
+}
 
 fn text(status: StatusCode, msg: &str) -> Response<Body> {
-    let mut r = Response::new(Full::new(Bytes::from(format!("{msg}\n"))));
+    let mut r = Response::new(full(Bytes::from(format!("{msg}\n"))));
     *r.status_mut() = status;
     r.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -72,11 +83,16 @@ impl WagiApp {
         let Some(m) = self.routes.lookup(path) else {
             return text(StatusCode::NOT_FOUND, "not found");
         };
+        let h = m.value;
+        if h.program.kind() == ProgramKind::HttpHandler {
+            let (h, pattern) = (h.clone(), m.pattern.clone());
+            let req = Request::from_parts(parts, body);
+            return self.handle_component(&h, &pattern, req, local).await;
+        }
         let body = match Limited::new(body, MAX_BODY).collect().await {
             Ok(b) => b.to_bytes(),
             Err(_) => return text(StatusCode::PAYLOAD_TOO_LARGE, "request body too large"),
         };
-        let h = m.value;
         // Held until the instance is gone (the end of this function).
         let Ok(_slot) = self.slots.try_acquire() else {
             return text(
@@ -124,8 +140,7 @@ impl WagiApp {
                 h.log.lines(&out.stderr);
                 match wagi::response::parse(&out.stdout) {
                     Ok(cgi) => {
-                        let mut resp =
-                            Response::new(Full::new(out.stdout.slice(cgi.body_offset..)));
+                        let mut resp = Response::new(full(out.stdout.slice(cgi.body_offset..)));
                         *resp.status_mut() = cgi.status;
                         let headers = resp.headers_mut();
                         for (k, v) in cgi.headers {
@@ -156,33 +171,105 @@ impl WagiApp {
                     }
                 }
             }
-            Err(e) => {
-                let (status, stderr) = match &e {
-                    RunError::Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, None),
-                    RunError::Busy => (StatusCode::SERVICE_UNAVAILABLE, None),
-                    RunError::MemoryLimit { stderr, .. } | RunError::Trap { stderr, .. } => {
-                        (StatusCode::INTERNAL_SERVER_ERROR, Some(stderr))
-                    }
-                    _ => (StatusCode::INTERNAL_SERVER_ERROR, None),
-                };
-                if let Some(s) = stderr {
-                    h.log.lines(s);
-                }
-                h.log
-                    .note(&format!("wasinode: {} {path}: {e}", parts.method));
-                tracing::debug!(pod = %self.pod, route = %m.pattern, error = %e, "request failed");
-                let msg = match status {
-                    StatusCode::GATEWAY_TIMEOUT => {
-                        "gateway timeout: the module did not answer in time"
-                    }
-                    StatusCode::SERVICE_UNAVAILABLE => {
-                        "service unavailable: too many requests in flight"
-                    }
-                    _ => "internal server error: the module failed",
-                };
-                text(status, msg)
-            }
+            Err(e) => self.failed(h, &parts.method, path, m.pattern, &e),
         }
+    }
+
+    /// An HTTP handler component serves the request: the request's body streams into the guest
+    /// and the response's out of it, while the instance lives (and holds one of the pod's slots).
+    async fn handle_component(
+        &self,
+        h: &Handler,
+        pattern: &wagi::routes::RoutePattern,
+        mut req: Request<Incoming>,
+        local: SocketAddr,
+    ) -> Response<Body> {
+        let Ok(slot) = self.slots.clone().try_acquire_owned() else {
+            return text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "service unavailable: too many requests in flight for this pod",
+            );
+        };
+        // An HTTP/1.0 request may come without Host; a wasi:http request has an authority.
+        if !req.headers().contains_key(header::HOST)
+            && let Ok(v) = HeaderValue::from_str(&local.to_string())
+        {
+            req.headers_mut().insert(header::HOST, v);
+        }
+        let method = req.method().clone();
+        let path = req.uri().path().to_string();
+        let log: Arc<dyn runtime::LineSink> = Arc::new(h.log.clone());
+        let inv = Invocation {
+            entrypoint: String::new(),
+            args: Vec::new(),
+            env: h.env.clone(),
+            stdin: Bytes::new(),
+            stdout: Stream::Lines(log.clone()),
+            stderr: Stream::Lines(log),
+            preopens: h.mounts.clone(),
+            allowed_hosts: h.allowed_hosts.clone(),
+            timeout: Some(self.timeout),
+        };
+        match self.runtime.serve_http(&h.program, req, inv).await {
+            Ok(resp) => resp.map(|body| Either::Right(Held { body, _slot: slot })),
+            Err(e) => self.failed(h, &method, &path, pattern, &e),
+        }
+    }
+
+    /// The response for an invocation that failed, with the reason in the container log.
+    fn failed(
+        &self,
+        h: &Handler,
+        method: &http::Method,
+        path: &str,
+        pattern: &wagi::routes::RoutePattern,
+        e: &RunError,
+    ) -> Response<Body> {
+        let (status, stderr) = match e {
+            RunError::Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, None),
+            RunError::Busy => (StatusCode::SERVICE_UNAVAILABLE, None),
+            RunError::MemoryLimit { stderr, .. } | RunError::Trap { stderr, .. } => {
+                (StatusCode::INTERNAL_SERVER_ERROR, Some(stderr))
+            }
+            _ => (StatusCode::INTERNAL_SERVER_ERROR, None),
+        };
+        if let Some(s) = stderr {
+            h.log.lines(s);
+        }
+        h.log.note(&format!("wasinode: {method} {path}: {e}"));
+        tracing::debug!(pod = %self.pod, route = %pattern, error = %e, "request failed");
+        let msg = match status {
+            StatusCode::GATEWAY_TIMEOUT => "gateway timeout: the module did not answer in time",
+            StatusCode::SERVICE_UNAVAILABLE => "service unavailable: too many requests in flight",
+            _ => "internal server error: the module failed",
+        };
+        text(status, msg)
+    }
+}
+
+/// A response body that keeps something (the pod's instance slot) until the body is done.
+pub struct Held<B> {
+    body: B,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl<B: http_body::Body + Unpin> http_body::Body for Held<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<B::Data>, B::Error>>> {
+        std::pin::Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
     }
 }
 

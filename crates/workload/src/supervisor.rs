@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime};
 
 use k8s_openapi::api::core::v1::Pod;
 use oci::Credentials;
-use runtime::{Invocation, Program, Runtime, Stream};
+use runtime::{Invocation, Program, ProgramKind, Runtime, Stream};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -22,6 +22,19 @@ use crate::logs::LogStore;
 use crate::plan::{ContainerPlan, Plan, PlanContext, PlanKind, PodKey, plan};
 use crate::report::{ContainerState, EventType, Phase, Reporter};
 use crate::serve::{Handler, WagiApp, serve};
+
+/// Binds a pod's listener; a port in use is `PortInUse`, as the kubelet's port conflicts say.
+async fn bind(listen: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(listen).await.map_err(|e| StartError {
+        reason: if e.kind() == std::io::ErrorKind::AddrInUse {
+            "PortInUse".into()
+        } else {
+            "CannotListen".into()
+        },
+        message: format!("cannot listen on {listen}: {e}"),
+        container: None,
+    })
+}
 
 #[derive(Clone, Debug)]
 pub struct SupervisorConfig {
@@ -289,7 +302,7 @@ impl Supervisor {
                 self.start_wagi(&plan, *listen, routes, &programs, stop)
                     .await?
             }
-            PlanKind::Wasi { restart } => self.start_wasi(&plan, *restart, &programs, stop),
+            PlanKind::Wasi { restart } => self.start_wasi(&plan, *restart, &programs, stop).await?,
         };
         Ok(Started {
             key,
@@ -389,6 +402,19 @@ impl Supervisor {
             let (Some(c), Some(program)) = (c, programs.get(&r.container)) else {
                 continue;
             };
+            if program.kind() == ProgramKind::Command {
+                return Err(StartError {
+                    reason: "CreateContainerError".into(),
+                    message: format!(
+                        "container {}: its image is a {}, which cannot serve route {}: \
+                         a route takes a WAGI module or a wasi:http handler component",
+                        c.name,
+                        program.kind(),
+                        r.pattern.as_declared()
+                    ),
+                    container: Some(c.name.clone()),
+                });
+            }
             let handler = |entrypoint: String| {
                 Arc::new(Handler {
                     container: c.name.clone(),
@@ -420,27 +446,9 @@ impl Supervisor {
                 }
             }
         }
-        let listener = TcpListener::bind(listen).await.map_err(|e| StartError {
-            reason: if e.kind() == std::io::ErrorKind::AddrInUse {
-                "PortInUse".into()
-            } else {
-                "CannotListen".into()
-            },
-            message: format!(
-                "cannot listen on {listen} ({}): {e}",
-                crate::plan::DEFAULT_HOST_ANNOTATION
-            ),
-            container: None,
-        })?;
+        let listener = bind(listen).await?;
         let bound = listener.local_addr().unwrap_or(listen);
-        let app = Arc::new(WagiApp {
-            pod: key.to_string(),
-            routes: table,
-            runtime: self.runtime.clone(),
-            timeout: self.config.request_timeout,
-            server_software: self.config.server_software.clone(),
-            slots: tokio::sync::Semaphore::new(self.config.max_instances_per_pod.max(1) as usize),
-        });
+        let task = self.spawn_server(key, listener, table, stop);
         let now = SystemTime::now();
         for c in &plan.containers {
             let image_id = programs.get(&c.name).map(|p| p.digest().to_string());
@@ -460,15 +468,6 @@ impl Supervisor {
             );
         }
         self.reports.phase(key, Phase::Running, None, None);
-        // The grace period is enforced by `stop`, which aborts the server (and with it every open
-        // connection) when it runs out; the server itself waits for in-flight requests.
-        let task = tokio::spawn(serve(
-            listener,
-            app,
-            Conns::new(self.config.conn_limits),
-            stop.clone(),
-            Duration::from_secs(24 * 3600),
-        ));
         self.install(key, task);
         Ok(Started {
             key: key.clone(),
@@ -477,6 +476,35 @@ impl Supervisor {
             warnings: vec![],
             digests: vec![],
         })
+    }
+
+    /// Serves `table` on `listener` until `stop`. The grace period is enforced by `stop`, which
+    /// aborts the server (and with it every open connection) when it runs out; the server itself
+    /// waits for in-flight requests.
+    fn spawn_server(
+        &self,
+        key: &PodKey,
+        listener: TcpListener,
+        table: RouteTable<Arc<Handler>>,
+        stop: CancellationToken,
+    ) -> JoinHandle<()> {
+        let app = Arc::new(WagiApp {
+            pod: key.to_string(),
+            routes: table,
+            runtime: self.runtime.clone(),
+            timeout: self.config.request_timeout,
+            server_software: self.config.server_software.clone(),
+            slots: Arc::new(tokio::sync::Semaphore::new(
+                self.config.max_instances_per_pod.max(1) as usize,
+            )),
+        });
+        tokio::spawn(serve(
+            listener,
+            app,
+            Conns::new(self.config.conn_limits),
+            stop,
+            Duration::from_secs(24 * 3600),
+        ))
     }
 
     async fn sub_routes(
@@ -501,19 +529,96 @@ impl Supervisor {
         parse_routes_output(&String::from_utf8_lossy(&out.stdout)).map_err(|e| err(e.to_string()))
     }
 
-    fn start_wasi(
+    /// Containers of a pod without a WAGI table: HTTP handler components are served on their
+    /// ports, commands (preview-1 modules and `wasi:cli/run` components) run under the restart
+    /// policy.
+    async fn start_wasi(
         &self,
         plan: &Plan,
         restart: crate::plan::RestartPolicy,
         programs: &HashMap<String, Arc<Program>>,
         stop: CancellationToken,
-    ) -> Started {
+    ) -> Result<Started, StartError> {
         let key = plan.key.clone();
         let mut handles = Vec::new();
+        let mut servers = Vec::new();
+        let mut listeners = Vec::new();
+        // Bind every port before anything starts, so a port in use fails the pod cleanly.
+        for c in &plan.containers {
+            if programs.get(&c.name).map(|p| p.kind()) != Some(ProgramKind::HttpHandler) {
+                continue;
+            }
+            for addr in &c.listen {
+                let l = bind(*addr).await.map_err(|e| StartError {
+                    container: Some(c.name.clone()),
+                    message: format!("container {}: {}", c.name, e.message),
+                    ..e
+                })?;
+                listeners.push((c, l));
+            }
+        }
+        let mut listen = None;
+        let mut routes = Vec::new();
+        for (c, listener) in listeners {
+            let Some(program) = programs.get(&c.name) else {
+                continue;
+            };
+            let bound = listener.local_addr().ok();
+            listen = listen.or(bound);
+            let mut table = RouteTable::new();
+            let everything = wagi::routes::RoutePattern::parse("/...").map_err(|e| StartError {
+                reason: "CreateContainerError".into(),
+                message: e.to_string(),
+                container: None,
+            })?;
+            let handler = Arc::new(Handler {
+                container: c.name.clone(),
+                program: program.clone(),
+                entrypoint: String::new(),
+                argv: None,
+                env: c.env.clone(),
+                mounts: c.mounts.clone(),
+                allowed_hosts: c.allowed_hosts.clone(),
+                log: self.logs.container(&key, &c.name),
+            });
+            table.insert(everything, handler).map_err(|e| StartError {
+                reason: "CreateContainerError".into(),
+                message: e.to_string(),
+                container: None,
+            })?;
+            if let Some(b) = bound {
+                routes.push(format!("http://{b}/ ({})", c.name));
+            }
+            servers.push(self.spawn_server(&key, listener, table, stop.clone()));
+        }
+        let now = SystemTime::now();
         for c in &plan.containers {
             let Some(program) = programs.get(&c.name) else {
                 continue;
             };
+            if program.kind() == ProgramKind::HttpHandler {
+                self.reports.container(
+                    &key,
+                    &c.name,
+                    ContainerState::Running { started_at: now },
+                    true,
+                    0,
+                    Some(program.digest().to_string()),
+                );
+                let ports: Vec<String> = c.listen.iter().map(|a| a.to_string()).collect();
+                self.reports.event(
+                    &key,
+                    EventType::Normal,
+                    "Started",
+                    format!(
+                        "Started container {}: {} serving on {}",
+                        c.name,
+                        program.kind(),
+                        ports.join(", ")
+                    ),
+                );
+                continue;
+            }
             let spec = CommandSpec {
                 pod: key.clone(),
                 container: c.name.clone(),
@@ -538,11 +643,16 @@ impl Supervisor {
         let pod = key.clone();
         let pods = self.pods.clone();
         let task = tokio::spawn(async move {
+            let serving = !servers.is_empty();
             let mut codes = Vec::new();
             for h in handles {
                 codes.push(h.await.ok().flatten());
             }
-            if codes.iter().any(Option::is_none) {
+            // A pod that serves never finishes on its own: its servers end only when it stops.
+            for s in servers {
+                let _ = s.await;
+            }
+            if serving || codes.iter().any(Option::is_none) {
                 return; // stopped, not finished
             }
             // Finished: nothing of the pod runs, so the supervisor forgets it.
@@ -560,13 +670,13 @@ impl Supervisor {
             }
         });
         self.install(&key, task);
-        Started {
+        Ok(Started {
             key,
-            listen: None,
-            routes: vec![],
+            listen,
+            routes,
             warnings: vec![],
             digests: vec![],
-        }
+        })
     }
 
     /// Gives a reserved pod its task. A pod stopped while it was starting has no reservation

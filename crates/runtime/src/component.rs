@@ -1,0 +1,410 @@
+//! Components: what a component is for (read from its exports), its host state, and running it
+//! as a `wasi:http` 0.2 handler (a fresh instance per request) or a `wasi:cli/run` command.
+//!
+//! Everything a request needs that does not depend on the request was done once at load: the
+//! component compiled, linked into a `ProxyPre` / `CommandPre`. Per request: a store, a WASI
+//! context from the invocation, an instance from the pool, one call.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use tokio::time::Instant;
+use wasmtime::component::{Component, ResourceTable};
+use wasmtime::{Store, UpdateDeadline};
+use wasmtime_wasi::p2::bindings::CommandPre;
+use wasmtime_wasi::p2::pipe::MemoryInputPipe;
+use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
+use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
+use wasmtime_wasi_http::{WasiBody, WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpView};
+
+use crate::engine::{Compiled, Program, Runtime};
+use crate::limits::InstanceLimiter;
+use crate::outbound::AllowList;
+use crate::run::{Invocation, Outcome, RunError, pipe_for, pool_full, preopen_all};
+
+/// The export of an HTTP handler component (WASI 0.2): `wasi:http/incoming-handler@0.2.x`.
+const HTTP_HANDLER_02: &str = "wasi:http/incoming-handler@0.2.";
+/// The export of a command component (WASI 0.2): `wasi:cli/run@0.2.x`.
+const CLI_RUN_02: &str = "wasi:cli/run@0.2.";
+
+/// The body of a component's response: streamed from the guest as it writes it.
+pub type ComponentBody =
+    http_body_util::combinators::UnsyncBoxBody<Bytes, wasmtime_wasi_http::Error>;
+
+/// What a program is for, as its bytes and exports say.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProgramKind {
+    /// A core module: a WAGI handler or a WASI preview-1 command (`_start`).
+    Module,
+    /// A component exporting `wasi:http/incoming-handler@0.2.x`.
+    HttpHandler,
+    /// A component exporting `wasi:cli/run@0.2.x`.
+    Command,
+}
+
+impl ProgramKind {
+    pub fn is_component(self) -> bool {
+        !matches!(self, ProgramKind::Module)
+    }
+}
+
+impl std::fmt::Display for ProgramKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ProgramKind::Module => "core module",
+            ProgramKind::HttpHandler => "wasi:http handler component",
+            ProgramKind::Command => "wasi:cli command component",
+        })
+    }
+}
+
+/// Whether `bytes` (binary) is a component rather than a core module: the preamble's version
+/// and layer fields (`\0asm`, then 0x0d 0x00 0x01 0x00 for components, 0x01 0x00 0x00 0x00 for
+/// core modules).
+pub(crate) fn is_component_binary(bytes: &[u8]) -> bool {
+    bytes.len() >= 8 && bytes[..4] == *b"\0asm" && bytes[6..8] == [0x01, 0x00]
+}
+
+/// The names a component exports, for telling its kind and for saying why it was refused.
+pub(crate) fn export_names(engine: &wasmtime::Engine, component: &Component) -> Vec<String> {
+    component
+        .component_type()
+        .exports(engine)
+        .map(|(name, _)| name.to_string())
+        .collect()
+}
+
+/// The kind a component's exports make it; `None` when it exports nothing wasinode can serve
+/// or run. An HTTP handler that also exports `run` is served (as `wasmtime serve` would).
+pub(crate) fn kind_of(exports: &[String]) -> Option<ProgramKind> {
+    if exports.iter().any(|e| e.starts_with(HTTP_HANDLER_02)) {
+        Some(ProgramKind::HttpHandler)
+    } else if exports.iter().any(|e| e.starts_with(CLI_RUN_02)) {
+        Some(ProgramKind::Command)
+    } else {
+        None
+    }
+}
+
+/// The state of one component store.
+pub struct ComponentHost {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    http: WasiHttpCtx,
+    hooks: Outbound,
+    pub(crate) limiter: InstanceLimiter,
+}
+
+impl WasiView for ComponentHost {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl WasiHttpView for ComponentHost {
+    fn http(&mut self) -> WasiHttpCtxView<'_> {
+        WasiHttpCtxView {
+            ctx: &mut self.http,
+            table: &mut self.table,
+            hooks: &mut self.hooks,
+        }
+    }
+}
+
+/// Outbound `wasi:http` requests of one instance: only to the container's allow-list (scheme,
+/// host and port, as for WAGI modules), through the runtime's guarded client (no link-local or
+/// metadata addresses, no proxy, no redirects followed), within the invocation's deadline and
+/// the runtime's outbound bound.
+struct Outbound {
+    allow: Arc<AllowList>,
+    client: reqwest::Client,
+    deadline: Option<Instant>,
+    bound: Duration,
+}
+
+type IoFuture = Box<dyn Future<Output = Result<(), wasmtime_wasi_http::Error>> + Send>;
+
+impl WasiHttpHooks for Outbound {
+    fn send_request(
+        &mut self,
+        request: http::Request<WasiBody>,
+        _options: Option<wasmtime_wasi_http::RequestOptions>,
+        _fut: IoFuture,
+    ) -> Box<
+        dyn Future<Output = wasmtime_wasi_http::Result<(http::Response<WasiBody>, IoFuture)>>
+            + Send,
+    > {
+        let allow = self.allow.clone();
+        let client = self.client.clone();
+        let now = Instant::now();
+        let limit = match self.deadline {
+            Some(d) => d.saturating_duration_since(now).min(self.bound),
+            None => self.bound,
+        };
+        Box::new(async move {
+            use wasmtime_wasi_http::Error as E;
+            let url = url::Url::parse(&request.uri().to_string())
+                .map_err(|_| E::HttpRequestUriInvalid)?;
+            if !allow.allows(&url) {
+                tracing::debug!(%url, "outbound wasi:http request denied by the allow-list");
+                return Err(E::HttpRequestDenied);
+            }
+            let (parts, body) = request.into_parts();
+            let mut headers = parts.headers;
+            crate::outbound::strip_hop_by_hop(&mut headers);
+            let body = reqwest::Body::wrap_stream(body.into_data_stream());
+            let resp = client
+                .request(parts.method, url)
+                .headers(headers)
+                .body(body)
+                .timeout(limit)
+                .send()
+                .await
+                .map_err(|e| {
+                    if crate::outbound::is_restricted_name(&e) {
+                        E::DestinationIpProhibited
+                    } else if e.is_timeout() {
+                        E::ConnectionTimeout
+                    } else if e.is_connect() {
+                        E::ConnectionRefused
+                    } else {
+                        E::HttpProtocolError
+                    }
+                })?;
+            let mut out = http::Response::builder().status(resp.status());
+            if let Some(h) = out.headers_mut() {
+                *h = resp.headers().clone();
+                crate::outbound::strip_hop_by_hop(h);
+            }
+            let stream = futures::TryStreamExt::map_err(resp.bytes_stream(), |e| {
+                if e.is_timeout() {
+                    wasmtime_wasi_http::Error::ConnectionReadTimeout
+                } else {
+                    wasmtime_wasi_http::Error::ConnectionTerminated
+                }
+            });
+            let body = http_body_util::StreamBody::new(futures::TryStreamExt::map_ok(
+                stream,
+                http_body::Frame::data,
+            ));
+            let out = out
+                .body(body.boxed_unsync())
+                .map_err(|_| E::HttpProtocolError)?;
+            let io: IoFuture = Box::new(async { Ok(()) });
+            Ok((out, io))
+        })
+    }
+}
+
+impl Runtime {
+    fn component_store(&self, inv: &Invocation) -> Result<(Store<ComponentHost>, Pipes), RunError> {
+        let deadline = inv.timeout.map(|t| Instant::now() + t);
+        let mut b = WasiCtxBuilder::new();
+        b.args(&inv.args).envs(&inv.env);
+        b.stdin(MemoryInputPipe::new(inv.stdin.clone()));
+        let (stdout_pipe, stdout) = pipe_for(&inv.stdout);
+        let (stderr_pipe, stderr) = pipe_for(&inv.stderr);
+        b.stdout(stdout).stderr(stderr);
+        preopen_all(&mut b, &inv.preopens)?;
+        // wasi:sockets: no address passes (the builder's default check refuses every one) and
+        // no name lookups.
+        b.allow_ip_name_lookup(false);
+        let host = ComponentHost {
+            wasi: b.build(),
+            table: ResourceTable::new(),
+            http: WasiHttpCtx::new(),
+            hooks: Outbound {
+                allow: inv.allowed_hosts.clone(),
+                client: self.inner.http.clone(),
+                deadline,
+                bound: self.inner.config.outbound_timeout,
+            },
+            limiter: InstanceLimiter::new(self.inner.config.max_memory),
+        };
+        let mut store = Store::new(&self.inner.engine, host);
+        store.limiter(|h| &mut h.limiter);
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_callback(|_| Ok(UpdateDeadline::Yield(1)));
+        Ok((
+            store,
+            Pipes {
+                stdout: stdout_pipe,
+                stderr: stderr_pipe,
+            },
+        ))
+    }
+
+    /// Runs a command component's `wasi:cli/run` to its end.
+    pub(crate) async fn run_command(
+        &self,
+        pre: &CommandPre<ComponentHost>,
+        inv: Invocation,
+    ) -> Result<Outcome, RunError> {
+        let (mut store, pipes) = self.component_store(&inv)?;
+        let result = match pre.instantiate_async(&mut store).await {
+            Ok(cmd) => cmd.wasi_cli_run().call_run(&mut store).await,
+            Err(e) => Err(e),
+        };
+        let refused = store.data().limiter.refused;
+        drop(store);
+        let stderr = pipes.stderr();
+        let exit_code = match result {
+            Ok(Ok(())) => 0,
+            // `run` returned its error variant: exit code 1, as wasmtime's CLI reports it.
+            Ok(Err(())) => 1,
+            Err(e) => match e.downcast_ref::<wasmtime_wasi::I32Exit>() {
+                Some(wasmtime_wasi::I32Exit(code)) => *code,
+                None => return Err(failure(e, refused, self.inner.config.max_memory, stderr)),
+            },
+        };
+        Ok(Outcome {
+            exit_code,
+            stdout: pipes.stdout(),
+            stderr,
+        })
+    }
+
+    /// Serves one HTTP request with a fresh instance of an HTTP handler component. The request
+    /// body streams into the guest and the response body streams out of it; the deadline covers
+    /// both (a response cut by it ends with an error, so the client sees it incomplete). Only
+    /// `inv`'s env, args, preopens, allow-list, stdout/stderr streams and timeout are used.
+    pub async fn serve_http<B>(
+        &self,
+        program: &Program,
+        req: http::Request<B>,
+        inv: Invocation,
+    ) -> Result<http::Response<ComponentBody>, RunError>
+    where
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<wasmtime_wasi_http::Error>,
+    {
+        let Compiled::Http(pre) = &program.compiled else {
+            return Err(RunError::NotHttp(program.kind()));
+        };
+        let timeout = inv.timeout;
+        let (mut store, pipes) = self.component_store(&inv)?;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let setup = |e: wasmtime::Error| RunError::Setup(format!("{e:#}"));
+        let req = store
+            .data_mut()
+            .http()
+            .new_incoming_request(Scheme::Http, req)
+            .map_err(setup)?;
+        let out = store
+            .data_mut()
+            .http()
+            .new_response_outparam(tx)
+            .map_err(setup)?;
+        let pre = pre.clone();
+        let max_memory = self.inner.config.max_memory;
+        let guest = async move {
+            let result = match pre.instantiate_async(&mut store).await {
+                Ok(proxy) => {
+                    proxy
+                        .wasi_http_incoming_handler()
+                        .call_handle(&mut store, req, out)
+                        .await
+                }
+                Err(e) => Err(e),
+            };
+            let refused = store.data().limiter.refused;
+            drop(store);
+            result.map_err(|e| failure(e, refused, max_memory, pipes.stderr()))
+        };
+        // The guest runs in its own task: it may go on writing the body after the head is sent.
+        // Dropping the task's future (deadline, or the response dropped) drops the store.
+        let task = tokio::spawn(async move {
+            match timeout {
+                Some(t) => tokio::time::timeout(t, guest)
+                    .await
+                    .unwrap_or(Err(RunError::Timeout(t))),
+                None => guest.await,
+            }
+        });
+        let abort = task.abort_handle();
+        match rx.await {
+            Ok(Ok(resp)) => Ok(resp.map(|body| {
+                // The response owns the task from now on: a client that goes away stops the guest.
+                AbortOnDrop { body, abort }.boxed_unsync()
+            })),
+            Ok(Err(code)) => {
+                abort.abort();
+                Err(RunError::GuestHttp(format!("{code:?}")))
+            }
+            // No response: the guest ended (or failed) without setting one.
+            Err(_) => match task.await {
+                Ok(Ok(())) => Err(RunError::NoResponse),
+                Ok(Err(e)) => Err(e),
+                Err(e) => Err(RunError::Setup(format!("the request's task failed: {e}"))),
+            },
+        }
+    }
+}
+
+/// Captured stdout/stderr of one component store, read once the store is gone.
+struct Pipes {
+    stdout: Option<wasmtime_wasi::p2::pipe::MemoryOutputPipe>,
+    stderr: Option<wasmtime_wasi::p2::pipe::MemoryOutputPipe>,
+}
+
+impl Pipes {
+    fn stdout(&self) -> Bytes {
+        crate::run::captured(self.stdout.clone())
+    }
+    fn stderr(&self) -> Bytes {
+        crate::run::captured(self.stderr.clone())
+    }
+}
+
+/// What a failed component call was, for the caller and the container log.
+fn failure(e: wasmtime::Error, refused: bool, limit: usize, stderr: Bytes) -> RunError {
+    if refused {
+        return RunError::MemoryLimit { limit, stderr };
+    }
+    if pool_full(&e) {
+        return RunError::Busy;
+    }
+    let message = match e.downcast_ref::<wasmtime::Trap>() {
+        Some(trap) => trap.to_string(),
+        None => format!("{e:#}"),
+    };
+    RunError::Trap { message, stderr }
+}
+
+/// A response body that stops the guest task writing it when the body is dropped.
+struct AbortOnDrop {
+    body: HyperOutgoingBody,
+    abort: tokio::task::AbortHandle,
+}
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.abort.abort();
+    }
+}
+
+impl http_body::Body for AbortOnDrop {
+    type Data = Bytes;
+    type Error = wasmtime_wasi_http::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
