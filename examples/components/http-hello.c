@@ -233,6 +233,8 @@ static void route_echo(wasi_http_types_borrow_incoming_request_t req, outparam_t
     add_header(headers, "content-type", values.ptr[i].ptr, values.ptr[i].len);
   wasi_http_types_list_field_value_free(&values);
   wasi_http_types_fields_drop_own(req_headers);
+  // Declared, so that HTTP/1.1 servers send it (RFC 9110 6.6.2; hyper drops undeclared ones).
+  add_header(headers, "trailer", "x-echo-bytes", 12);
 
   response_t resp = respond_with(outparam, 200, headers);
   uint64_t copied;

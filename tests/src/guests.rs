@@ -73,3 +73,43 @@ pub fn guest(name: &str) -> anyhow::Result<PathBuf> {
 pub fn wat(name: &str) -> PathBuf {
     repo_root().join("examples/wat").join(format!("{name}.wat"))
 }
+
+/// Builds every component guest (once per process) with `tools/build-components` and returns the
+/// directory holding `<name>.wasm` (`target/components`). Sources and toolchains: see the script.
+pub fn components() -> anyhow::Result<PathBuf> {
+    static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let root = repo_root();
+            let script = root.join("tools/build-components");
+            let out = Command::new("bash")
+                .arg(&script)
+                .current_dir(&root)
+                .output()
+                .map_err(|e| format!("cannot run {}: {e}", script.display()))?;
+            if !out.status.success() {
+                return Err(format!(
+                    "{} failed ({}):\n{}{}",
+                    script.display(),
+                    out.status,
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr),
+                ));
+            }
+            Ok(root.join("target/components"))
+        })
+        .clone()
+        .map_err(|e| anyhow!(e))
+}
+
+/// Path to the built component `<name>.wasm` (building the components first if needed).
+pub fn component(name: &str) -> anyhow::Result<PathBuf> {
+    let path = components()?.join(format!("{name}.wasm"));
+    if !path.is_file() {
+        bail!(
+            "no component {name:?}: {} does not exist (is it in tools/build-components?)",
+            path.display()
+        );
+    }
+    Ok(path)
+}

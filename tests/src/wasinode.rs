@@ -287,15 +287,42 @@ pub fn http(
         .nth(1)
         .and_then(|c| c.parse().ok())
         .context("bad status line")?;
-    let headers = lines
+    let headers: Vec<(String, String)> = lines
         .filter_map(|l| l.split_once(':'))
         .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
         .collect();
+    let chunked = headers
+        .iter()
+        .any(|(k, v)| k == "transfer-encoding" && v.eq_ignore_ascii_case("chunked"));
+    let body = if chunked {
+        dechunk(body)?
+    } else {
+        body.to_string()
+    };
     Ok(HttpResponse {
         status,
         headers,
-        body: body.to_string(),
+        body,
     })
+}
+
+/// The payload of a chunked body (RFC 9112 7.1), trailers dropped.
+fn dechunk(mut raw: &str) -> Result<String> {
+    let mut out = String::new();
+    loop {
+        let (size_line, rest) = raw.split_once("\r\n").context("no chunk size line")?;
+        let size = usize::from_str_radix(size_line.split(';').next().unwrap_or("").trim(), 16)
+            .with_context(|| format!("bad chunk size {size_line:?}"))?;
+        if size == 0 {
+            return Ok(out);
+        }
+        let chunk = rest.get(..size).context("chunk cut short")?;
+        out.push_str(chunk);
+        raw = rest
+            .get(size..)
+            .and_then(|r| r.strip_prefix("\r\n"))
+            .context("no CRLF after a chunk")?;
+    }
 }
 
 pub fn get(addr: &str, path: &str) -> Result<HttpResponse> {

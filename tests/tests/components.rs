@@ -1,0 +1,499 @@
+//! Components under `wasinode run`: wasi:http 0.2 handlers and wasi:cli/run commands built by
+//! tools/build-components from examples/components, served and run by the real binary. Each test
+//! asserts what a user observes: status codes, bodies, trailers, exit codes, log lines, the
+//! agent's resident memory.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use e2e::guests::{component, guest};
+use e2e::wasinode::{Wasinode, free_port, get, http, write_file};
+
+const T: Duration = Duration::from_secs(30);
+const MIB: u64 = 1 << 20;
+
+fn run_one(yaml: &str, args: &[&str]) -> Result<(Wasinode, tempfile::TempDir)> {
+    let dir = tempfile::tempdir()?;
+    let m = write_file(dir.path(), "pod.yaml", yaml)?;
+    let mut all: Vec<&str> = vec!["run"];
+    all.extend_from_slice(args);
+    let m = m.display().to_string();
+    all.push(&m);
+    Ok((Wasinode::start(&all)?, dir))
+}
+
+/// A pod of one HTTP component container on `port`, with extra container YAML (indented 6) and
+/// extra metadata YAML (indented 2).
+fn component_pod(name: &str, image: &Path, port: u16, container: &str, metadata: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n{metadata}spec:\n  containers:\n    - name: web\n      image: file://{}\n      ports: [{{containerPort: {port}}}]\n{container}",
+        image.display()
+    )
+}
+
+fn find_log(data_dir: &Path, container: &str) -> Result<String> {
+    for entry in std::fs::read_dir(data_dir.join("logs"))? {
+        let p = entry?.path().join(format!("{container}.log"));
+        if p.exists() {
+            return Ok(std::fs::read_to_string(p)?);
+        }
+    }
+    bail!("no log for {container} under {}", data_dir.display())
+}
+
+#[test]
+fn an_http_component_serves_on_its_container_port_with_env_volumes_and_logs() -> Result<()> {
+    let port = free_port();
+    let vol = tempfile::tempdir()?;
+    std::fs::write(vol.path().join("note.txt"), "from the volume")?;
+    let y = component_pod(
+        "hello-component",
+        &component("http-hello")?,
+        port,
+        &format!(
+            "      env: [{{name: GREETING, value: \"hi there\"}}]\n      volumeMounts: [{{name: data, mountPath: /data}}]\n  volumes: [{{name: data, hostPath: {{path: {}}}}}]\n",
+            vol.path().display()
+        ),
+        "",
+    );
+    let (mut w, _d) = run_one(&y, &[])?;
+    let a = format!("127.0.0.1:{port}");
+    w.wait_listening(&a, T)?;
+    let r = get(&a, "/")?;
+    assert_eq!(
+        (r.status, r.body.as_str()),
+        (200, "Hello from a wasi:http component\n")
+    );
+    assert_eq!(r.header("content-type"), Some("text/plain"));
+    assert_eq!(get(&a, "/env?GREETING")?.body, "hi there");
+    assert_eq!(get(&a, "/env?NOT_SET")?.status, 404);
+    assert_eq!(get(&a, "/file?/data/note.txt")?.body, "from the volume");
+    assert_eq!(
+        get(&a, "/file?/etc/hostname")?.status,
+        404,
+        "only preopened directories are reachable"
+    );
+    assert_eq!(
+        get(&a, "/stderr?a%20line%20for%20the%20log")?.body,
+        "logged\n"
+    );
+    w.wait_output("[default/hello-component/web] a line for the log", T)?;
+    w.signal("INT")?;
+    assert_eq!(w.wait_exit(T)?.code(), Some(0), "{}", w.output());
+    let log = find_log(&w.data_dir, "web")?;
+    assert!(log.contains("a line for the log"), "{log}");
+    Ok(())
+}
+
+#[test]
+fn without_a_declared_port_a_component_serves_on_8080_of_the_pod_address() -> Result<()> {
+    // 8080 on loopback may be taken on a shared machine; a pod address of our own avoids that.
+    let ip = format!(
+        "127.0.{}.{}",
+        100 + (free_port() % 100),
+        1 + free_port() % 250
+    );
+    let y = format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: no-port\nspec:\n  containers:\n    - name: web\n      image: file://{}\n",
+        component("http-hello")?.display()
+    );
+    let (mut w, _d) = run_one(&y, &["--pod-address", &ip])?;
+    let a = format!("{ip}:8080");
+    w.wait_listening(&a, T)?;
+    assert_eq!(get(&a, "/")?.status, 200);
+    Ok(())
+}
+
+#[test]
+fn one_pod_mixes_a_wagi_route_and_a_component_route() -> Result<()> {
+    let a = format!("127.0.0.1:{}", free_port());
+    let modules = r#"{"wagi": {"route": "/hello"}, "comp": {"route": "/env"}, "comp2": {"route": "/c/..."}, "py": {"route": "/py"}}"#;
+    let y = format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: mixed\n  annotations:\n    alpha.wagi.krustlet.dev/default-host: \"{a}\"\n    alpha.wagi.krustlet.dev/modules: '{modules}'\nspec:\n  containers:\n    - name: wagi\n      image: file://{}\n    - name: comp\n      image: file://{}\n      env: [{{name: WHO, value: component}}]\n    - name: comp2\n      image: file://{}\n    - name: py\n      image: file://{}\n",
+        guest("hello")?.display(),
+        component("http-hello")?.display(),
+        component("http-hello")?.display(),
+        component("python-hello")?.display(),
+    );
+    let (mut w, _d) = run_one(&y, &["--quiet"])?;
+    w.wait_listening(&a, T)?;
+    assert_eq!(get(&a, "/hello")?.body, "hello world\n", "the WAGI route");
+    // A component sees the request's whole path, as under Spin: the route only picks it.
+    assert_eq!(
+        get(&a, "/env?WHO")?.body,
+        "component",
+        "the component route, with its own container's env"
+    );
+    assert_eq!(get(&a, "/c/env?WHO")?.status, 200);
+    assert_eq!(
+        get(&a, "/c/anything/below")?.body,
+        "Hello from a wasi:http component\n"
+    );
+    assert_eq!(
+        get(&a, "/py")?.body,
+        "Hello from Python\n",
+        "componentize-py"
+    );
+    assert_eq!(get(&a, "/cx")?.status, 404, "prefix stops at a segment");
+    Ok(())
+}
+
+/// Reads one HTTP/1.1 response with a chunked body from `r`, counting the body's bytes without
+/// keeping them; calls `sample` after each chunk. Returns (status, body bytes, trailers).
+fn read_chunked(
+    r: &mut impl BufRead,
+    mut sample: impl FnMut(u64),
+) -> Result<(u16, u64, Vec<String>)> {
+    let mut line = String::new();
+    r.read_line(&mut line)?;
+    let status: u16 = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .context("status line")?;
+    let mut chunked = false;
+    loop {
+        line.clear();
+        r.read_line(&mut line)?;
+        let l = line.trim_end().to_ascii_lowercase();
+        if l.is_empty() {
+            break;
+        }
+        chunked |= l == "transfer-encoding: chunked";
+    }
+    if !chunked {
+        bail!("response {status} is not chunked");
+    }
+    let mut total = 0u64;
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        line.clear();
+        r.read_line(&mut line)?;
+        let size = u64::from_str_radix(line.trim().split(';').next().unwrap_or(""), 16)
+            .with_context(|| format!("chunk size line {line:?}"))?;
+        if size == 0 {
+            break;
+        }
+        let mut left = size;
+        while left > 0 {
+            let want = left.min(buf.len() as u64) as usize;
+            let n = r.read(&mut buf[..want])?;
+            if n == 0 {
+                bail!("connection closed inside a chunk after {total} bytes");
+            }
+            left -= n as u64;
+            total += n as u64;
+        }
+        let mut crlf = [0u8; 2];
+        r.read_exact(&mut crlf)?;
+        sample(total);
+    }
+    let mut trailers = Vec::new();
+    loop {
+        line.clear();
+        r.read_line(&mut line)?;
+        if line.trim().is_empty() {
+            break;
+        }
+        trailers.push(line.trim().to_ascii_lowercase());
+    }
+    Ok((status, total, trailers))
+}
+
+#[test]
+fn a_100_mib_body_streams_each_way_and_the_agent_stays_small() -> Result<()> {
+    let port = free_port();
+    let y = component_pod("streams", &component("http-hello")?, port, "", "");
+    let (mut w, _d) = run_one(&y, &["--quiet", "--request-timeout", "120s"])?;
+    let a = format!("127.0.0.1:{port}");
+    w.wait_listening(&a, T)?;
+    assert_eq!(get(&a, "/")?.status, 200);
+    let base = w.rss_kib()?;
+    let size = 100 * MIB;
+    let mut peak = base;
+
+    // Upload 100 MiB to /echo while reading the echo: both directions at once.
+    let s = TcpStream::connect(&a)?;
+    s.set_read_timeout(Some(Duration::from_secs(60)))?;
+    let mut out = s.try_clone()?;
+    let writer = std::thread::spawn(move || -> std::io::Result<()> {
+        write!(
+            out,
+            "POST /echo HTTP/1.1\r\nHost: x\r\nTE: trailers\r\nContent-Type: application/octet-stream\r\nContent-Length: {size}\r\n\r\n"
+        )?;
+        let chunk = vec![b'z'; 256 << 10];
+        for _ in 0..size / chunk.len() as u64 {
+            out.write_all(&chunk)?;
+        }
+        Ok(())
+    });
+    let mut r = BufReader::new(s);
+    let (status, echoed, trailers) = read_chunked(&mut r, |n| {
+        if n % (8 * MIB) < (64 << 10) {
+            peak = peak.max(w.rss_kib().unwrap_or(0));
+        }
+    })?;
+    writer
+        .join()
+        .map_err(|_| anyhow::anyhow!("writer panicked"))??;
+    assert_eq!((status, echoed), (200, size), "every byte echoed");
+    assert!(
+        trailers.contains(&format!("x-echo-bytes: {size}")),
+        "the component's trailer reaches the client: {trailers:?}"
+    );
+
+    // Download 100 MiB from /big.
+    let mut s = TcpStream::connect(&a)?;
+    s.set_read_timeout(Some(Duration::from_secs(60)))?;
+    write!(
+        s,
+        "GET /big?{size} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut r = BufReader::new(s);
+    let mut line = String::new();
+    r.read_line(&mut line)?;
+    assert!(line.contains(" 200 "), "{line}");
+    let mut length = None;
+    loop {
+        line.clear();
+        r.read_line(&mut line)?;
+        if line.trim().is_empty() {
+            break;
+        }
+        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+            length = v.trim().parse::<u64>().ok();
+        }
+    }
+    assert_eq!(length, Some(size), "the component's content-length is kept");
+    let mut got = 0u64;
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        let n = r.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        got += n as u64;
+        if got % (8 * MIB) < (64 << 10) {
+            peak = peak.max(w.rss_kib()?);
+        }
+    }
+    assert_eq!(got, size);
+    eprintln!("resident memory: {base} KiB before, {peak} KiB at most while 2 x 100 MiB streamed");
+    // Neither body was ever whole in the agent: its resident memory stayed within 48 MiB of
+    // where it started (a body held whole would be 100 MiB).
+    assert!(
+        peak < base + 48 * 1024,
+        "resident memory went from {base} KiB to {peak} KiB while 100 MiB streamed"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_trap_a_hang_and_a_memory_hog_fail_only_their_own_request() -> Result<()> {
+    let port = free_port();
+    let y = component_pod("bad-component", &component("http-hello")?, port, "", "");
+    let (mut w, _d) = run_one(
+        &y,
+        &[
+            "--quiet",
+            "--request-timeout",
+            "2s",
+            "--max-memory",
+            "32MiB",
+        ],
+    )?;
+    let a = format!("127.0.0.1:{port}");
+    w.wait_listening(&a, T)?;
+    let hang = {
+        let a = a.clone();
+        std::thread::spawn(move || get(&a, "/hang").map(|r| r.status).unwrap_or(0))
+    };
+    // While one instance spins, the others answer.
+    assert_eq!(get(&a, "/")?.status, 200);
+    assert_eq!(
+        hang.join().map_err(|_| anyhow::anyhow!("panicked"))?,
+        504,
+        "a hanging instance is cut at the request timeout"
+    );
+    for _ in 0..5 {
+        assert_eq!(get(&a, "/trap")?.status, 500);
+        // The hog's allocations stop at the instance's limit: it is told no more memory.
+        let r = get(&a, "/hog")?;
+        assert_eq!((r.status, r.body.as_str()), (200, "no more memory\n"));
+    }
+    assert_eq!(get(&a, "/")?.body, "Hello from a wasi:http component\n");
+    w.signal("INT")?;
+    assert_eq!(w.wait_exit(T)?.code(), Some(0));
+    let log = find_log(&w.data_dir, "web")?;
+    assert!(log.contains("GET /trap: the module trapped"), "{log}");
+    assert!(
+        log.contains("GET /hang: the module did not finish within 2s"),
+        "{log}"
+    );
+    Ok(())
+}
+
+/// A loopback HTTP server answering every request with `body`.
+fn upstream(body: &'static str) -> Result<String> {
+    let l = TcpListener::bind("127.0.0.1:0")?;
+    let a = l.local_addr()?.to_string();
+    std::thread::spawn(move || {
+        for s in l.incoming().take(50) {
+            let Ok(mut s) = s else { continue };
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf);
+            let _ = write!(
+                s,
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    Ok(a)
+}
+
+#[test]
+fn outbound_wasi_http_only_to_the_hosts_the_pod_allows() -> Result<()> {
+    let allowed = upstream("allowed upstream")?;
+    let other = upstream("other upstream")?;
+    let port = free_port();
+    let meta =
+        format!("  annotations:\n    wasinode.dev/allowed-outbound-hosts: \"http://{allowed}\"\n");
+    let y = component_pod("outbound", &component("http-hello")?, port, "", &meta);
+    let (mut w, _d) = run_one(&y, &["--quiet"])?;
+    let a = format!("127.0.0.1:{port}");
+    w.wait_listening(&a, T)?;
+    let r = get(&a, &format!("/fetch?http://{allowed}/x"))?;
+    assert_eq!(
+        (r.status, r.body.as_str()),
+        (200, "upstream 200\nallowed upstream")
+    );
+    let r = get(&a, &format!("/fetch?http://{other}/x"))?;
+    assert_eq!((r.status, r.body.trim()), (502, "HTTP-request-denied"));
+    drop(w);
+
+    // No annotation: nothing allowed. A wildcard allows every host, but never the metadata
+    // address.
+    let port = free_port();
+    let y = component_pod("no-outbound", &component("http-hello")?, port, "", "");
+    let (mut w, _d) = run_one(&y, &["--quiet"])?;
+    let a = format!("127.0.0.1:{port}");
+    w.wait_listening(&a, T)?;
+    let r = get(&a, &format!("/fetch?http://{allowed}/x"))?;
+    assert_eq!((r.status, r.body.trim()), (502, "HTTP-request-denied"));
+    drop(w);
+    let port = free_port();
+    let meta = "  annotations:\n    wasinode.dev/allowed-outbound-hosts: \"*://*:*\"\n";
+    let y = component_pod("any-outbound", &component("http-hello")?, port, "", meta);
+    let (mut w, _d) = run_one(&y, &["--quiet"])?;
+    let a = format!("127.0.0.1:{port}");
+    w.wait_listening(&a, T)?;
+    assert_eq!(
+        get(&a, &format!("/fetch?http://{other}/x"))?.body,
+        "upstream 200\nother upstream"
+    );
+    let r = get(&a, "/fetch?http://169.254.169.254/latest/meta-data/")?;
+    assert_eq!((r.status, r.body.trim()), (502, "HTTP-request-denied"));
+    Ok(())
+}
+
+#[test]
+fn a_bad_outbound_annotation_fails_the_pod_with_the_reason() -> Result<()> {
+    let port = free_port();
+    let meta = "  annotations:\n    wasinode.dev/allowed-outbound-hosts: \"ftp://x\"\n";
+    let y = component_pod("bad-outbound", &component("http-hello")?, port, "", meta);
+    let (mut w, _d) = run_one(&y, &[])?;
+    w.wait_exit(T)?;
+    let out = w.output();
+    assert!(
+        out.contains("wasinode.dev/allowed-outbound-hosts") && out.contains("ftp://x"),
+        "{out}"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_command_component_gets_args_env_volumes_and_exits_with_its_code() -> Result<()> {
+    let vol = tempfile::tempdir()?;
+    std::fs::write(vol.path().join("x.txt"), "read through a preopen")?;
+    let y = format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: cmd\nspec:\n  restartPolicy: Never\n  containers:\n    - name: main\n      image: file://{}\n      command: [first]\n      args: [second, --read, /data/x.txt, --exit, \"3\"]\n      env: [{{name: GREETING, value: hello}}]\n      volumeMounts: [{{name: data, mountPath: /data}}]\n  volumes: [{{name: data, hostPath: {{path: {}}}}}]\n",
+        component("command-hello")?.display(),
+        vol.path().display()
+    );
+    let (mut w, _d) = run_one(&y, &[])?;
+    let st = w.wait_exit(T)?;
+    let out = w.output();
+    assert_eq!(
+        st.code(),
+        Some(1),
+        "a failed pod makes run exit non-zero\n{out}"
+    );
+    assert!(out.contains("[default/cmd/main] arg 1: first"), "{out}");
+    assert!(out.contains("[default/cmd/main] arg 2: second"), "{out}");
+    assert!(
+        out.contains("[default/cmd/main] env GREETING=hello"),
+        "{out}"
+    );
+    assert!(
+        out.contains("[default/cmd/main] read through a preopen"),
+        "{out}"
+    );
+    assert!(out.contains("[default/cmd/main] to stderr"), "{out}");
+    // Through the preview-1 adapter a component's exit status is wasi:cli/exit's result: a
+    // non-zero code arrives as failure, which is exit code 1 (as `wasmtime run` reports it).
+    assert!(out.contains("exit code 1 (Error)"), "{out}");
+    assert!(out.contains("default/cmd: Failed"), "{out}");
+    Ok(())
+}
+
+#[test]
+fn a_failing_command_component_is_restarted_with_back_off() -> Result<()> {
+    let y = format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: crashy\nspec:\n  restartPolicy: OnFailure\n  containers:\n    - name: main\n      image: file://{}\n      args: [--exit, \"1\"]\n",
+        component("command-hello")?.display()
+    );
+    let (mut w, _d) = run_one(&y, &["--quiet", "--restart-backoff", "100ms"])?;
+    w.wait_output("restarts 2", T)?;
+    w.wait_output("CrashLoopBackOff", T)?;
+    Ok(())
+}
+
+#[test]
+fn a_component_that_exports_nothing_servable_is_refused_naming_its_exports() -> Result<()> {
+    let y = format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: nothing\nspec:\n  containers:\n    - name: main\n      image: file://{}\n",
+        component("reactor-nothing")?.display()
+    );
+    let (mut w, _d) = run_one(&y, &[])?;
+    w.wait_exit(T)?;
+    let out = w.output();
+    assert!(
+        out.contains("exports neither wasi:http/incoming-handler")
+            && out.contains("wasinode:test/nothing"),
+        "{out}"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_command_component_cannot_be_named_as_a_wagi_route() -> Result<()> {
+    let a = format!("127.0.0.1:{}", free_port());
+    let y = format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: cmd-route\n  annotations:\n    alpha.wagi.krustlet.dev/default-host: \"{a}\"\n    alpha.wagi.krustlet.dev/modules: '{{\"main\": {{\"route\": \"/x\"}}}}'\nspec:\n  containers:\n    - name: main\n      image: file://{}\n",
+        component("command-hello")?.display()
+    );
+    let (mut w, _d) = run_one(&y, &[])?;
+    w.wait_exit(T)?;
+    let out = w.output();
+    assert!(
+        out.contains("wasi:cli command component, which cannot serve route /x"),
+        "{out}"
+    );
+    let r = http("GET", &a, "/x", &[], b"");
+    assert!(r.is_err(), "nothing listens: {r:?}");
+    Ok(())
+}
