@@ -147,6 +147,21 @@ impl Registry {
         Ok(reference)
     }
 
+    /// The reference of component `name` (built by `tools/build-components`) in this registry,
+    /// `127.0.0.1:PORT/components/<name>:v1`, pushed the first time it is asked for.
+    pub fn push_component(&self, name: &str) -> anyhow::Result<String> {
+        let reference = self.image(&format!("components/{name}:v1"));
+        let key = format!("component:{name}");
+        let mut pushed = self.pushed.lock().unwrap_or_else(|p| p.into_inner());
+        if !pushed.contains(&key) {
+            let file = crate::guests::component(name)?;
+            let data = self.dir.path().join("push-data");
+            crate::wasinode::push(&file, &reference, &data, &[])?;
+            pushed.insert(key);
+        }
+        Ok(reference)
+    }
+
     /// `127.0.0.1:PORT/<repo_and_tag>`, as a user writes it in a manifest.
     pub fn image(&self, repo_and_tag: &str) -> String {
         format!("{}/{repo_and_tag}", self.addr)

@@ -1,6 +1,6 @@
 //! Runs the real `wasinode` binary and talks HTTP to it.
 
-use std::io::{Read, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -339,4 +339,140 @@ pub fn write_file(dir: &Path, name: &str, text: &str) -> Result<PathBuf> {
     let p = dir.join(name);
     std::fs::write(&p, text)?;
     Ok(p)
+}
+
+/// POSTs `size` bytes to `path` while reading the (chunked) response at the same time, keeping
+/// neither body; `progress` is called every 8 MiB received. Returns (status, body bytes received,
+/// trailers as lowercased `name: value` lines).
+pub fn echo_stream(
+    addr: &str,
+    path: &str,
+    size: u64,
+    progress: &mut dyn FnMut(u64),
+) -> Result<(u16, u64, Vec<String>)> {
+    let s = TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(60)))?;
+    let mut out = s.try_clone()?;
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nTE: trailers\r\nContent-Type: application/octet-stream\r\nContent-Length: {size}\r\n\r\n"
+    );
+    let writer = std::thread::spawn(move || -> std::io::Result<()> {
+        out.write_all(head.as_bytes())?;
+        let chunk = vec![b'z'; 256 << 10];
+        let mut left = size;
+        while left > 0 {
+            let n = left.min(chunk.len() as u64) as usize;
+            out.write_all(&chunk[..n])?;
+            left -= n as u64;
+        }
+        Ok(())
+    });
+    let mut r = BufReader::new(s);
+    let (status, headers) = read_head(&mut r)?;
+    if !headers
+        .iter()
+        .any(|(k, v)| k == "transfer-encoding" && v.eq_ignore_ascii_case("chunked"))
+    {
+        anyhow::bail!("response {status} is not chunked: {headers:?}");
+    }
+    let mut total = 0u64;
+    let mut next = 8 << 20;
+    let mut buf = vec![0u8; 64 << 10];
+    let mut line = String::new();
+    loop {
+        line.clear();
+        r.read_line(&mut line)?;
+        let size = u64::from_str_radix(line.trim().split(';').next().unwrap_or(""), 16)
+            .with_context(|| format!("chunk size line {line:?}"))?;
+        if size == 0 {
+            break;
+        }
+        let mut left = size;
+        while left > 0 {
+            let want = left.min(buf.len() as u64) as usize;
+            let n = r.read(&mut buf[..want])?;
+            if n == 0 {
+                anyhow::bail!("connection closed inside a chunk after {total} bytes");
+            }
+            left -= n as u64;
+            total += n as u64;
+            if total >= next {
+                progress(total);
+                next += 8 << 20;
+            }
+        }
+        let mut crlf = [0u8; 2];
+        r.read_exact(&mut crlf)?;
+    }
+    let mut trailers = Vec::new();
+    loop {
+        line.clear();
+        r.read_line(&mut line)?;
+        if line.trim().is_empty() {
+            break;
+        }
+        trailers.push(line.trim().to_ascii_lowercase());
+    }
+    writer
+        .join()
+        .map_err(|_| anyhow::anyhow!("the upload thread panicked"))??;
+    Ok((status, total, trailers))
+}
+
+/// GETs `path` and reads the whole body without keeping it (`Connection: close`); `progress` is
+/// called every 8 MiB. Returns (status, Content-Length if given, bytes received).
+pub fn download(
+    addr: &str,
+    path: &str,
+    progress: &mut dyn FnMut(u64),
+) -> Result<(u16, Option<u64>, u64)> {
+    let mut s = TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(60)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut r = BufReader::new(s);
+    let (status, headers) = read_head(&mut r)?;
+    let length = headers
+        .iter()
+        .find(|(k, _)| k == "content-length")
+        .and_then(|(_, v)| v.parse().ok());
+    let mut got = 0u64;
+    let mut next = 8 << 20;
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        let n = r.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        got += n as u64;
+        if got >= next {
+            progress(got);
+            next += 8 << 20;
+        }
+    }
+    Ok((status, length, got))
+}
+
+/// The status line and headers (lowercased names) of a response.
+fn read_head(r: &mut impl BufRead) -> Result<(u16, Vec<(String, String)>)> {
+    let mut line = String::new();
+    r.read_line(&mut line)?;
+    let status = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .with_context(|| format!("status line {line:?}"))?;
+    let mut headers = Vec::new();
+    loop {
+        line.clear();
+        r.read_line(&mut line)?;
+        if line.trim().is_empty() {
+            return Ok((status, headers));
+        }
+        if let Some((k, v)) = line.split_once(':') {
+            headers.push((k.trim().to_ascii_lowercase(), v.trim().to_string()));
+        }
+    }
 }

@@ -3,14 +3,14 @@
 //! asserts what a user observes: status codes, bodies, trailers, exit codes, log lines, the
 //! agent's resident memory.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::io::{Read, Write};
+use std::net::TcpListener;
 use std::path::Path;
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use e2e::guests::{component, guest};
-use e2e::wasinode::{Wasinode, free_port, get, http, write_file};
+use e2e::wasinode::{Wasinode, download, echo_stream, free_port, get, http, write_file};
 
 const T: Duration = Duration::from_secs(30);
 const MIB: u64 = 1 << 20;
@@ -141,68 +141,6 @@ fn one_pod_mixes_a_wagi_route_and_a_component_route() -> Result<()> {
     Ok(())
 }
 
-/// Reads one HTTP/1.1 response with a chunked body from `r`, counting the body's bytes without
-/// keeping them; calls `sample` after each chunk. Returns (status, body bytes, trailers).
-fn read_chunked(
-    r: &mut impl BufRead,
-    mut sample: impl FnMut(u64),
-) -> Result<(u16, u64, Vec<String>)> {
-    let mut line = String::new();
-    r.read_line(&mut line)?;
-    let status: u16 = line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .context("status line")?;
-    let mut chunked = false;
-    loop {
-        line.clear();
-        r.read_line(&mut line)?;
-        let l = line.trim_end().to_ascii_lowercase();
-        if l.is_empty() {
-            break;
-        }
-        chunked |= l == "transfer-encoding: chunked";
-    }
-    if !chunked {
-        bail!("response {status} is not chunked");
-    }
-    let mut total = 0u64;
-    let mut buf = vec![0u8; 64 << 10];
-    loop {
-        line.clear();
-        r.read_line(&mut line)?;
-        let size = u64::from_str_radix(line.trim().split(';').next().unwrap_or(""), 16)
-            .with_context(|| format!("chunk size line {line:?}"))?;
-        if size == 0 {
-            break;
-        }
-        let mut left = size;
-        while left > 0 {
-            let want = left.min(buf.len() as u64) as usize;
-            let n = r.read(&mut buf[..want])?;
-            if n == 0 {
-                bail!("connection closed inside a chunk after {total} bytes");
-            }
-            left -= n as u64;
-            total += n as u64;
-        }
-        let mut crlf = [0u8; 2];
-        r.read_exact(&mut crlf)?;
-        sample(total);
-    }
-    let mut trailers = Vec::new();
-    loop {
-        line.clear();
-        r.read_line(&mut line)?;
-        if line.trim().is_empty() {
-            break;
-        }
-        trailers.push(line.trim().to_ascii_lowercase());
-    }
-    Ok((status, total, trailers))
-}
-
 #[test]
 fn a_100_mib_body_streams_each_way_and_the_agent_stays_small() -> Result<()> {
     let port = free_port();
@@ -215,71 +153,16 @@ fn a_100_mib_body_streams_each_way_and_the_agent_stays_small() -> Result<()> {
     let size = 100 * MIB;
     let mut peak = base;
 
-    // Upload 100 MiB to /echo while reading the echo: both directions at once.
-    let s = TcpStream::connect(&a)?;
-    s.set_read_timeout(Some(Duration::from_secs(60)))?;
-    let mut out = s.try_clone()?;
-    let writer = std::thread::spawn(move || -> std::io::Result<()> {
-        write!(
-            out,
-            "POST /echo HTTP/1.1\r\nHost: x\r\nTE: trailers\r\nContent-Type: application/octet-stream\r\nContent-Length: {size}\r\n\r\n"
-        )?;
-        let chunk = vec![b'z'; 256 << 10];
-        for _ in 0..size / chunk.len() as u64 {
-            out.write_all(&chunk)?;
-        }
-        Ok(())
-    });
-    let mut r = BufReader::new(s);
-    let (status, echoed, trailers) = read_chunked(&mut r, |n| {
-        if n % (8 * MIB) < (64 << 10) {
-            peak = peak.max(w.rss_kib().unwrap_or(0));
-        }
-    })?;
-    writer
-        .join()
-        .map_err(|_| anyhow::anyhow!("writer panicked"))??;
+    let mut sample = |_: u64| peak = peak.max(w.rss_kib().unwrap_or(0));
+    let (status, echoed, trailers) = echo_stream(&a, "/echo", size, &mut sample)?;
     assert_eq!((status, echoed), (200, size), "every byte echoed");
     assert!(
         trailers.contains(&format!("x-echo-bytes: {size}")),
         "the component's trailer reaches the client: {trailers:?}"
     );
-
-    // Download 100 MiB from /big.
-    let mut s = TcpStream::connect(&a)?;
-    s.set_read_timeout(Some(Duration::from_secs(60)))?;
-    write!(
-        s,
-        "GET /big?{size} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut r = BufReader::new(s);
-    let mut line = String::new();
-    r.read_line(&mut line)?;
-    assert!(line.contains(" 200 "), "{line}");
-    let mut length = None;
-    loop {
-        line.clear();
-        r.read_line(&mut line)?;
-        if line.trim().is_empty() {
-            break;
-        }
-        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
-            length = v.trim().parse::<u64>().ok();
-        }
-    }
+    let (status, length, got) = download(&a, &format!("/big?{size}"), &mut sample)?;
+    assert_eq!(status, 200);
     assert_eq!(length, Some(size), "the component's content-length is kept");
-    let mut got = 0u64;
-    let mut buf = vec![0u8; 64 << 10];
-    loop {
-        let n = r.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        got += n as u64;
-        if got % (8 * MIB) < (64 << 10) {
-            peak = peak.max(w.rss_kib()?);
-        }
-    }
     assert_eq!(got, size);
     eprintln!("resident memory: {base} KiB before, {peak} KiB at most while 2 x 100 MiB streamed");
     // Neither body was ever whole in the agent: its resident memory stayed within 48 MiB of
