@@ -27,6 +27,8 @@ use crate::run::{Invocation, Outcome, RunError, pipe_for, pool_full, preopen_all
 
 /// The export of an HTTP handler component (WASI 0.2): `wasi:http/incoming-handler@0.2.x`.
 const HTTP_HANDLER_02: &str = "wasi:http/incoming-handler@0.2.";
+/// The export of an HTTP service (WASI 0.3, world `wasi:http/service`): `wasi:http/handler@0.3.x`.
+const HTTP_HANDLER_03: &str = "wasi:http/handler@0.3.";
 /// The export of a command component (WASI 0.2): `wasi:cli/run@0.2.x`.
 const CLI_RUN_02: &str = "wasi:cli/run@0.2.";
 
@@ -41,6 +43,8 @@ pub enum ProgramKind {
     Module,
     /// A component exporting `wasi:http/incoming-handler@0.2.x`.
     HttpHandler,
+    /// A component exporting `wasi:http/handler@0.3.x`: instances reused, concurrent requests.
+    HttpService,
     /// A component exporting `wasi:cli/run@0.2.x`.
     Command,
 }
@@ -49,6 +53,11 @@ impl ProgramKind {
     pub fn is_component(self) -> bool {
         !matches!(self, ProgramKind::Module)
     }
+
+    /// Whether it answers HTTP requests itself (a wasi:http handler or service).
+    pub fn serves_http(self) -> bool {
+        matches!(self, ProgramKind::HttpHandler | ProgramKind::HttpService)
+    }
 }
 
 impl std::fmt::Display for ProgramKind {
@@ -56,6 +65,7 @@ impl std::fmt::Display for ProgramKind {
         f.write_str(match self {
             ProgramKind::Module => "core module",
             ProgramKind::HttpHandler => "wasi:http handler component",
+            ProgramKind::HttpService => "wasi:http 0.3 service component",
             ProgramKind::Command => "wasi:cli command component",
         })
     }
@@ -80,7 +90,9 @@ pub(crate) fn export_names(engine: &wasmtime::Engine, component: &Component) -> 
 /// The kind a component's exports make it; `None` when it exports nothing wasinode can serve
 /// or run. An HTTP handler that also exports `run` is served (as `wasmtime serve` would).
 pub(crate) fn kind_of(exports: &[String]) -> Option<ProgramKind> {
-    if exports.iter().any(|e| e.starts_with(HTTP_HANDLER_02)) {
+    if exports.iter().any(|e| e.starts_with(HTTP_HANDLER_03)) {
+        Some(ProgramKind::HttpService)
+    } else if exports.iter().any(|e| e.starts_with(HTTP_HANDLER_02)) {
         Some(ProgramKind::HttpHandler)
     } else if exports.iter().any(|e| e.starts_with(CLI_RUN_02)) {
         Some(ProgramKind::Command)
@@ -203,7 +215,10 @@ impl WasiHttpHooks for Outbound {
 }
 
 impl Runtime {
-    fn component_store(&self, inv: &Invocation) -> Result<(Store<ComponentHost>, Pipes), RunError> {
+    pub(crate) fn component_store(
+        &self,
+        inv: &Invocation,
+    ) -> Result<(Store<ComponentHost>, Pipes), RunError> {
         let deadline = inv.timeout.map(|t| Instant::now() + t);
         let mut b = WasiCtxBuilder::new();
         b.args(&inv.args).envs(&inv.env);
@@ -348,7 +363,7 @@ impl Runtime {
 }
 
 /// Captured stdout/stderr of one component store, read once the store is gone.
-struct Pipes {
+pub(crate) struct Pipes {
     stdout: Option<wasmtime_wasi::p2::pipe::MemoryOutputPipe>,
     stderr: Option<wasmtime_wasi::p2::pipe::MemoryOutputPipe>,
 }
@@ -363,7 +378,7 @@ impl Pipes {
 }
 
 /// What a failed component call was, for the caller and the container log.
-fn failure(e: wasmtime::Error, refused: bool, limit: usize, stderr: Bytes) -> RunError {
+pub(crate) fn failure(e: wasmtime::Error, refused: bool, limit: usize, stderr: Bytes) -> RunError {
     if refused {
         return RunError::MemoryLimit { limit, stderr };
     }

@@ -14,6 +14,7 @@ use wasmtime::{
 use wasmtime::component;
 use wasmtime_wasi::p2::bindings::CommandPre;
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
+use wasmtime_wasi_http::p3::bindings::ServicePre;
 
 use crate::cache::Artifact;
 use crate::component::{ComponentHost, ProgramKind};
@@ -80,6 +81,7 @@ pub(crate) enum Compiled {
         pre: InstancePre<Host>,
     },
     Http(ProxyPre<ComponentHost>),
+    Service(ServicePre<ComponentHost>),
     Command(CommandPre<ComponentHost>),
 }
 
@@ -93,6 +95,7 @@ impl Program {
         match &self.compiled {
             Compiled::Module { .. } => ProgramKind::Module,
             Compiled::Http(_) => ProgramKind::HttpHandler,
+            Compiled::Service(_) => ProgramKind::HttpService,
             Compiled::Command(_) => ProgramKind::Command,
         }
     }
@@ -164,6 +167,7 @@ impl Runtime {
             .decommit_batch_size(16);
         let mut cfg = Config::new();
         cfg.epoch_interruption(true)
+            .wasm_component_model_async(true)
             .allocation_strategy(InstanceAllocationStrategy::Pooling(pool))
             .max_wasm_stack(1 << 20)
             .async_stack_size(2 << 20);
@@ -181,6 +185,9 @@ impl Runtime {
         let mut components: component::Linker<ComponentHost> = component::Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut components).map_err(err)?;
         wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut components).map_err(err)?;
+        // WASI 0.3 beside 0.2 (their interfaces are versioned apart): wasi:http/service.
+        wasmtime_wasi::p3::add_to_linker(&mut components).map_err(err)?;
+        wasmtime_wasi_http::p3::add_to_linker(&mut components).map_err(err)?;
 
         // No proxy from the environment: a proxy would resolve names itself, past the resolver
         // that keeps guests off restricted addresses.
@@ -266,6 +273,9 @@ impl Runtime {
                 match kind {
                     ProgramKind::HttpHandler => {
                         Compiled::Http(ProxyPre::new(pre).map_err(link_err)?)
+                    }
+                    ProgramKind::HttpService => {
+                        Compiled::Service(ServicePre::new(pre).map_err(link_err)?)
                     }
                     _ => Compiled::Command(CommandPre::new(pre).map_err(link_err)?),
                 }

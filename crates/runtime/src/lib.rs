@@ -18,6 +18,7 @@ mod limits;
 mod outbound;
 mod output;
 mod run;
+mod service;
 mod writev;
 
 pub use component::{ComponentBody, ProgramKind};
@@ -25,3 +26,4 @@ pub use engine::{Program, Runtime, RuntimeConfig, RuntimeError};
 pub use outbound::{AllowList, AllowListError};
 pub use output::{LineSink, STDERR_CAPTURE_LIMIT, STDOUT_CAPTURE_LIMIT, Stream};
 pub use run::{Invocation, Outcome, Preopen, RunError};
+pub use service::{Service, ServiceLimits};

@@ -180,7 +180,9 @@ impl Runtime {
         let pre = match &program.compiled {
             Compiled::Module { pre, .. } => pre,
             Compiled::Command(pre) => return self.run_command(pre, inv).await,
-            Compiled::Http(_) => return Err(RunError::NotCommand(program.kind())),
+            Compiled::Http(_) | Compiled::Service(_) => {
+                return Err(RunError::NotCommand(program.kind()));
+            }
         };
         let deadline = inv.timeout.map(|t| tokio::time::Instant::now() + t);
         let mut b = WasiCtxBuilder::new();

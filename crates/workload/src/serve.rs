@@ -40,6 +40,61 @@ pub struct Handler {
     pub mounts: Vec<Preopen>,
     pub allowed_hosts: Arc<AllowList>,
     pub log: ContainerLog,
+    /// The reused instances of a WASI 0.3 service (`None` for other kinds).
+    pub service: Option<runtime::Service>,
+}
+
+impl Handler {
+    /// What the executors need, for `program` serving as `container`; a 0.3 service gets its
+    /// instance pool here (retired when the handler is dropped with its pod's listener).
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        runtime: &Runtime,
+        limits: runtime::ServiceLimits,
+        container: &str,
+        program: Arc<Program>,
+        entrypoint: String,
+        argv: Option<String>,
+        env: Vec<(String, String)>,
+        mounts: Vec<Preopen>,
+        allowed_hosts: Arc<AllowList>,
+        log: ContainerLog,
+    ) -> Result<Handler, RunError> {
+        let service = match program.kind() {
+            ProgramKind::HttpService => {
+                let sink: Arc<dyn runtime::LineSink> = Arc::new(log.clone());
+                let inv = Invocation {
+                    env: env.clone(),
+                    stdout: Stream::Lines(sink.clone()),
+                    stderr: Stream::Lines(sink.clone()),
+                    preopens: mounts.clone(),
+                    allowed_hosts: allowed_hosts.clone(),
+                    ..Invocation::new("")
+                };
+                Some(runtime.service(&program, inv, limits, Some(sink))?)
+            }
+            _ => None,
+        };
+        Ok(Handler {
+            container: container.to_string(),
+            program,
+            entrypoint,
+            argv,
+            env,
+            mounts,
+            allowed_hosts,
+            log,
+            service,
+        })
+    }
+}
+
+impl Drop for Handler {
+    fn drop(&mut self) {
+        if let Some(s) = &self.service {
+            s.stop();
+        }
+    }
 }
 
 pub struct WagiApp {
@@ -84,7 +139,7 @@ impl WagiApp {
             return text(StatusCode::NOT_FOUND, "not found");
         };
         let h = m.value;
-        if h.program.kind() == ProgramKind::HttpHandler {
+        if h.program.kind().serves_http() {
             let (h, pattern) = (h.clone(), m.pattern.clone());
             let req = Request::from_parts(parts, body);
             return self.handle_component(&h, &pattern, req, local).await;
@@ -210,7 +265,11 @@ impl WagiApp {
             allowed_hosts: h.allowed_hosts.clone(),
             timeout: Some(self.timeout),
         };
-        match self.runtime.serve_http(&h.program, req, inv).await {
+        let served = match &h.service {
+            Some(service) => service.handle(req).await,
+            None => self.runtime.serve_http(&h.program, req, inv).await,
+        };
+        match served {
             Ok(resp) => resp.map(|body| Either::Right(Held { body, _slot: slot })),
             Err(e) => self.failed(h, &method, &path, pattern, &e),
         }

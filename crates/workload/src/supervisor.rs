@@ -47,6 +47,9 @@ pub struct SupervisorConfig {
     pub max_instances_per_pod: u32,
     /// Bounds of each WAGI listener's connections.
     pub conn_limits: ConnLimits,
+    /// How the instances of WASI 0.3 services are reused (their request timeout is
+    /// `request_timeout`).
+    pub service_limits: runtime::ServiceLimits,
 }
 
 impl Default for SupervisorConfig {
@@ -57,6 +60,7 @@ impl Default for SupervisorConfig {
             restart_backoff: RestartBackoff::default(),
             max_instances_per_pod: 100,
             conn_limits: ConnLimits::default(),
+            service_limits: runtime::ServiceLimits::default(),
         }
     }
 }
@@ -416,16 +420,15 @@ impl Supervisor {
                 });
             }
             let handler = |entrypoint: String| {
-                Arc::new(Handler {
-                    container: c.name.clone(),
-                    program: program.clone(),
+                self.handler(
+                    c,
+                    program,
                     entrypoint,
-                    argv: r.argv.clone(),
-                    env: c.env.clone(),
-                    mounts: c.mounts.clone(),
-                    allowed_hosts: r.allowed_hosts.clone(),
-                    log: self.logs.container(key, &c.name),
-                })
+                    r.argv.clone(),
+                    r.allowed_hosts.clone(),
+                    key,
+                )
+                .map(Arc::new)
             };
             let clash = |e: wagi::routes::RouteError| StartError {
                 reason: "RouteConflict".into(),
@@ -433,7 +436,7 @@ impl Supervisor {
                 container: Some(c.name.clone()),
             };
             table
-                .insert(r.pattern.clone(), handler(r.entrypoint.clone()))
+                .insert(r.pattern.clone(), handler(r.entrypoint.clone())?)
                 .map_err(clash)?;
             served.push(r.pattern.as_declared());
             if program.exports_func("_routes") {
@@ -441,7 +444,7 @@ impl Supervisor {
                     let pattern = join(&r.pattern, &sub.pattern).map_err(clash)?;
                     served.push(pattern.as_declared());
                     table
-                        .insert(pattern, handler(sub.entrypoint))
+                        .insert(pattern, handler(sub.entrypoint)?)
                         .map_err(clash)?;
                 }
             }
@@ -475,6 +478,39 @@ impl Supervisor {
             routes: served,
             warnings: vec![],
             digests: vec![],
+        })
+    }
+
+    /// The executor's view of container `c` serving through `program`.
+    fn handler(
+        &self,
+        c: &ContainerPlan,
+        program: &Arc<Program>,
+        entrypoint: String,
+        argv: Option<String>,
+        allowed_hosts: Arc<runtime::AllowList>,
+        key: &PodKey,
+    ) -> Result<Handler, StartError> {
+        let limits = runtime::ServiceLimits {
+            request_timeout: self.config.request_timeout,
+            ..self.config.service_limits
+        };
+        Handler::new(
+            &self.runtime,
+            limits,
+            &c.name,
+            program.clone(),
+            entrypoint,
+            argv,
+            c.env.clone(),
+            c.mounts.clone(),
+            allowed_hosts,
+            self.logs.container(key, &c.name),
+        )
+        .map_err(|e| StartError {
+            reason: "CreateContainerError".into(),
+            message: format!("container {}: {e}", c.name),
+            container: Some(c.name.clone()),
         })
     }
 
@@ -545,7 +581,10 @@ impl Supervisor {
         let mut listeners = Vec::new();
         // Bind every port before anything starts, so a port in use fails the pod cleanly.
         for c in &plan.containers {
-            if programs.get(&c.name).map(|p| p.kind()) != Some(ProgramKind::HttpHandler) {
+            if !programs
+                .get(&c.name)
+                .is_some_and(|p| p.kind().serves_http())
+            {
                 continue;
             }
             for addr in &c.listen {
@@ -571,16 +610,14 @@ impl Supervisor {
                 message: e.to_string(),
                 container: None,
             })?;
-            let handler = Arc::new(Handler {
-                container: c.name.clone(),
-                program: program.clone(),
-                entrypoint: String::new(),
-                argv: None,
-                env: c.env.clone(),
-                mounts: c.mounts.clone(),
-                allowed_hosts: c.allowed_hosts.clone(),
-                log: self.logs.container(&key, &c.name),
-            });
+            let handler = Arc::new(self.handler(
+                c,
+                program,
+                String::new(),
+                None,
+                c.allowed_hosts.clone(),
+                &key,
+            )?);
             table.insert(everything, handler).map_err(|e| StartError {
                 reason: "CreateContainerError".into(),
                 message: e.to_string(),
@@ -596,7 +633,7 @@ impl Supervisor {
             let Some(program) = programs.get(&c.name) else {
                 continue;
             };
-            if program.kind() == ProgramKind::HttpHandler {
+            if program.kind().serves_http() {
                 self.reports.container(
                     &key,
                     &c.name,
