@@ -15,6 +15,7 @@ use wasmtime::component::{Component, ResourceTable};
 use wasmtime::{Store, UpdateDeadline};
 use wasmtime_wasi::p2::bindings::CommandPre;
 use wasmtime_wasi::p2::pipe::MemoryInputPipe;
+use wasmtime_wasi::sockets::SocketAddrUse;
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
 use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
@@ -227,9 +228,21 @@ impl Runtime {
         let (stderr_pipe, stderr) = pipe_for(&inv.stderr);
         b.stdout(stdout).stderr(stderr);
         preopen_all(&mut b, &inv.preopens)?;
-        // wasi:sockets: no address passes (the builder's default check refuses every one) and
-        // no name lookups.
+        // wasi:sockets: TCP connections only where the allow-list has a `tcp://` entry (an
+        // implicit bind to the wildcard address comes with each connect); no listening, no
+        // UDP, no name lookups. Without such entries the builder's default refuses everything.
         b.allow_ip_name_lookup(false);
+        if inv.allowed_hosts.has_sockets() {
+            let allow = inv.allowed_hosts.clone();
+            b.socket_addr_check(move |addr, used| {
+                let ok = match used {
+                    SocketAddrUse::TcpConnect => allow.allows_socket(addr),
+                    SocketAddrUse::TcpBind => addr.ip().is_unspecified() && addr.port() == 0,
+                    _ => false,
+                };
+                Box::pin(async move { ok })
+            });
+        }
         let host = ComponentHost {
             wasi: b.build(),
             table: ResourceTable::new(),

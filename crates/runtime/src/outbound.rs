@@ -88,7 +88,7 @@ impl Pattern {
         let (scheme, rest) = entry.split_once("://")?;
         let scheme = match scheme.to_ascii_lowercase().as_str() {
             "*" => None,
-            s @ ("http" | "https") => Some(s.to_string()),
+            s @ ("http" | "https" | "tcp") => Some(s.to_string()),
             _ => return None,
         };
         let rest = rest.strip_suffix('/').unwrap_or(rest);
@@ -211,8 +211,33 @@ impl AllowList {
             || self.patterns.iter().any(|p| p.matches(&o.0, &o.1, o.2))
     }
 
+    /// Whether a guest's `wasi:sockets` TCP connection to `addr` may be made: only under a
+    /// `tcp://IP:port` entry (or a `*` scheme), never to a restricted address unless an entry
+    /// names it. Hosts are compared as IP literals: sockets see addresses, not names.
+    pub fn allows_socket(&self, addr: SocketAddr) -> bool {
+        let ip = addr.ip().to_canonical();
+        if is_restricted(ip) && !self.named.contains(&ip) {
+            return false;
+        }
+        let host = match ip {
+            IpAddr::V4(v4) => v4.to_string(),
+            IpAddr::V6(v6) => format!("[{v6}]"),
+        };
+        self.patterns.iter().any(|p| {
+            p.scheme.as_deref().is_none_or(|s| s == "tcp") && p.matches("tcp", &host, addr.port())
+        })
+    }
+
+    /// Whether any entry allows `wasi:sockets` connections at all.
+    pub fn has_sockets(&self) -> bool {
+        self.patterns
+            .iter()
+            .any(|p| p.scheme.as_deref().is_none_or(|s| s == "tcp"))
+    }
+
     /// Entries in Spin's `allowed_outbound_hosts` syntax: `https://api.example.com`,
-    /// `http://127.0.0.1:8080`, `https://*.example.com`, `http://localhost:*`, `*://*:*`.
+    /// `http://127.0.0.1:8080`, `https://*.example.com`, `http://localhost:*`, `*://*:*`, and
+    /// `tcp://10.0.0.5:5432` for `wasi:sockets` TCP connections.
     /// Scheme, host and port are compared; a wildcard host never reaches the restricted
     /// addresses ([`is_restricted`]), which only an entry naming them as an IP literal reaches.
     pub fn parse_spin<S: AsRef<str>>(entries: &[S]) -> Result<Self, AllowListError> {
@@ -801,6 +826,73 @@ mod tests {
 
     fn url(s: &str) -> Url {
         Url::parse(s).unwrap_or_else(|e| panic!("{s}: {e}"))
+    }
+
+    fn spin(entries: &[&str]) -> AllowList {
+        AllowList::parse_spin(entries).unwrap_or_else(|e| panic!("{entries:?}: {e}"))
+    }
+
+    #[test]
+    fn spin_entries_compare_scheme_host_and_port() {
+        let l = spin(&["https://api.example.com", "http://127.0.0.1:8080"]);
+        assert!(l.allows(&url("https://api.example.com/x")));
+        assert!(!l.allows(&url("http://api.example.com/x")), "scheme");
+        assert!(!l.allows(&url("https://api.example.com:8443/")), "port");
+        assert!(l.allows(&url("http://127.0.0.1:8080/")));
+        assert!(!l.allows(&url("http://127.0.0.1:8081/")));
+        assert!(!l.allows(&url("https://evil.com/?api.example.com")));
+    }
+
+    #[test]
+    fn spin_wildcards_match_what_they_say_and_no_more() {
+        let l = spin(&["https://*.example.com", "http://localhost:*"]);
+        assert!(l.allows(&url("https://a.example.com/")));
+        assert!(l.allows(&url("https://a.b.example.com/")));
+        assert!(!l.allows(&url("https://example.com/")), "*.d is below d");
+        assert!(!l.allows(&url("https://badexample.com/")));
+        assert!(!l.allows(&url("https://example.com.evil.org/")));
+        assert!(l.allows(&url("http://localhost:1234/")));
+        assert!(!l.allows(&url("https://localhost:1234/")));
+        let any = spin(&["*://*:*"]);
+        assert!(any.allows(&url("http://10.1.2.3:99/")));
+        assert!(
+            !any.allows(&url("http://169.254.169.254/")),
+            "metadata is never under a wildcard"
+        );
+        assert!(spin(&["http://169.254.169.254"]).allows(&url("http://169.254.169.254/")));
+    }
+
+    #[test]
+    fn malformed_spin_entries_are_refused() {
+        for bad in [
+            "ftp://x",
+            "example.com",
+            "http://",
+            "http://a*b.com",
+            "*://x",
+            "http://x:notaport",
+            "http://x/path",
+        ] {
+            assert!(AllowList::parse_spin(&[bad]).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn sockets_only_under_tcp_entries() {
+        let addr = |s: &str| {
+            s.parse::<SocketAddr>()
+                .unwrap_or_else(|e| panic!("{s}: {e}"))
+        };
+        assert!(!spin(&["http://10.0.0.5:5432"]).has_sockets());
+        let l = spin(&["tcp://10.0.0.5:5432"]);
+        assert!(l.has_sockets());
+        assert!(l.allows_socket(addr("10.0.0.5:5432")));
+        assert!(!l.allows_socket(addr("10.0.0.5:5433")));
+        assert!(!l.allows(&url("http://10.0.0.5:5432/")), "tcp is not http");
+        let any = spin(&["tcp://*:*"]);
+        assert!(any.allows_socket(addr("[::1]:80")));
+        assert!(!any.allows_socket(addr("169.254.169.254:80")));
+        assert!(!any.allows_socket(addr("[::ffff:169.254.169.254]:80")));
     }
 
     #[test]
