@@ -484,7 +484,13 @@ impl Client {
             ));
         }
         let layer_digest = sha256_digest(&bytes);
-        let (manifest, config) = manifest::cncf_artifact(&layer_digest, bytes.len() as u64);
+        // The config describes the binary (module, or component with its imports/exports);
+        // bytes neither module nor readable component are pushed as a plain wasm artifact.
+        let kind = crate::wasm::describe(&bytes);
+        if let crate::wasm::WasmKind::Unknown(why) = &kind {
+            tracing::warn!(file = %wasm.display(), %why, "neither a core module nor a readable component; pushed without a component description");
+        }
+        let (manifest, config) = manifest::cncf_artifact(&kind, &layer_digest, bytes.len() as u64);
         let manifest_digest = sha256_digest(&manifest);
         let config_digest = sha256_digest(&config);
         if let Some(d) = r.digest()

@@ -14,6 +14,7 @@ pub mod credentials;
 pub mod error;
 pub mod manifest;
 pub mod store;
+pub mod wasm;
 
 pub use client::{Backoff, Client, NoProgress, Progress, Pulled};
 pub use credentials::{Auth, Credentials};

@@ -14,6 +14,17 @@ pub const WASM_LAYER: &str = "application/wasm";
 pub const WASM_CONFIG_V1: &str = "application/vnd.wasm.config.v1+json";
 /// wasm-to-oci (Krustlet era) layer.
 pub const WASM_LAYER_V1: &str = "application/vnd.wasm.content.layer.v1+wasm";
+/// runwasi's layer (containerd-shim-wasm `supported_layers_types()`, `oci-tar-builder`): one
+/// module or component, in an image whose config is an ordinary OCI image config.
+pub const WASM_LAYER_RUNWASI: &str =
+    "application/vnd.bytecodealliance.wasm.component.layer.v0+wasm";
+/// The layer media types pull takes as the module or component.
+pub const WASM_LAYERS: &[&str] = &[WASM_LAYER, WASM_LAYER_V1, WASM_LAYER_RUNWASI];
+
+/// Whether a layer of this media type is the wasm binary.
+pub fn is_wasm_layer(media_type: &str) -> bool {
+    WASM_LAYERS.contains(&media_type)
+}
 /// OCI image manifest.
 pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 /// OCI image index.
@@ -142,7 +153,7 @@ impl Manifest {
         let layers = self.layers.as_deref().unwrap_or_default();
         let wasm_layers: Vec<&Descriptor> = layers
             .iter()
-            .filter(|l| l.media_type == WASM_LAYER || l.media_type == WASM_LAYER_V1)
+            .filter(|l| is_wasm_layer(&l.media_type))
             .collect();
         let wasm_config = matches!(config_type, Some(WASM_CONFIG_V0) | Some(WASM_CONFIG_V1));
         match wasm_layers.as_slice() {
@@ -158,7 +169,7 @@ impl Manifest {
                     _ => "a manifest without a wasm layer",
                 };
                 Selection::NotWasm(format!(
-                    "{kind} (config {}, layers [{}]); expected config {WASM_CONFIG_V0} with a {WASM_LAYER} layer, or the wasm-to-oci {WASM_CONFIG_V1} with a {WASM_LAYER_V1} layer",
+                    "{kind} (config {}, layers [{}]); expected config {WASM_CONFIG_V0} with a {WASM_LAYER} layer, the wasm-to-oci {WASM_CONFIG_V1} with a {WASM_LAYER_V1} layer, or runwasi's {WASM_LAYER_RUNWASI} layer",
                     config_type.unwrap_or("none"),
                     layer_types.join(", ")
                 ))
@@ -182,14 +193,67 @@ fn is_wasm_entry(e: &Descriptor) -> bool {
     p_wasm || a_wasm
 }
 
-/// The CNCF-layout manifest and config for one module, as bytes (what push uploads).
-pub fn cncf_artifact(layer_digest: &str, layer_size: u64) -> (Vec<u8>, Vec<u8>) {
-    let config = serde_json::json!({
-        "architecture": "wasm",
-        "os": "wasip1",
-        "layerDigests": [layer_digest],
-    });
-    let config = serde_json::to_vec(&config).unwrap_or_default();
+/// The config blob of the CNCF wasm artifact (`application/vnd.wasm.config.v0+json`).
+///
+/// As the TAG Runtime "Wasm OCI Artifact layout" defines it
+/// (tag-runtime.cncf.io/wgs/wasm/deliverables/wasm-oci-artifact; source
+/// github.com/cncf/tag-runtime, website/content/ja/wgs/wasm/deliverables/wasm-oci-artifact/index.md)
+/// and `oci-wasm`'s `WasmConfig` writes it (github.com/bytecodealliance/rust-oci-wasm
+/// src/config.rs, the crate behind `wkg oci push`; camelCase field names):
+/// - `created`: RFC 3339 time;
+/// - `author`: optional ("can be set here or as an annotation"), not written;
+/// - `architecture`: always `wasm`;
+/// - `os`: `wasip1` or `wasip2`; "for plain wasm, this should be wasip1 as this must match a
+///   GOOS value"; `oci-wasm` writes `wasip1` for a module (`MODULE_OS`) and `wasip2` for
+///   every component (`COMPONENT_OS`); the spec has no other value, so a WASI 0.3 component
+///   is `wasip2` too;
+/// - `layerDigests`: the layers' digests in manifest order (so that the config, and so the
+///   image ID, is unique per content: opencontainers/image-spec#1173);
+/// - `component`: "MUST be present when it is a component (wasip2)": `exports`, `imports`,
+///   optional `target`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WasmConfig {
+    pub created: String,
+    pub architecture: String,
+    pub os: String,
+    pub layer_digests: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub component: Option<crate::wasm::ComponentInfo>,
+}
+
+/// The `created` time push writes: the Unix epoch, as reproducible image builders do
+/// (ko, rules_oci, Nix's dockerTools), so that pushing the same bytes gives the same
+/// manifest digest (and a push to `name@sha256:...` can be checked before it is sent).
+pub const CREATED: &str = "1970-01-01T00:00:00Z";
+
+impl WasmConfig {
+    /// The config for one layer of this kind. A module, and bytes that are neither module
+    /// nor readable component, are `wasip1` with no `component` (what push wrote before).
+    pub fn new(kind: &crate::wasm::WasmKind, layer_digest: &str) -> WasmConfig {
+        use crate::wasm::WasmKind;
+        let (os, component) = match kind {
+            WasmKind::Component(c) => ("wasip2", Some(c.clone())),
+            WasmKind::Module | WasmKind::Unknown(_) => ("wasip1", None),
+        };
+        WasmConfig {
+            created: CREATED.into(),
+            architecture: "wasm".into(),
+            os: os.into(),
+            layer_digests: vec![layer_digest.to_string()],
+            component,
+        }
+    }
+}
+
+/// The CNCF-layout manifest and config for one module or component, as bytes (what push
+/// uploads): config [`WASM_CONFIG_V0`] ([`WasmConfig`]), one [`WASM_LAYER`] layer.
+pub fn cncf_artifact(
+    kind: &crate::wasm::WasmKind,
+    layer_digest: &str,
+    layer_size: u64,
+) -> (Vec<u8>, Vec<u8>) {
+    let config = serde_json::to_vec(&WasmConfig::new(kind, layer_digest)).unwrap_or_default();
     let config_digest = crate::store::sha256_digest(&config);
     let manifest = serde_json::json!({
         "schemaVersion": 2,
@@ -203,10 +267,11 @@ pub fn cncf_artifact(layer_digest: &str, layer_size: u64) -> (Vec<u8>, Vec<u8>) 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wasm::{ComponentInfo, WasmKind};
 
     #[test]
     fn selects_cncf_and_v1_layers() {
-        let (m, _) = cncf_artifact("sha256:ab", 3);
+        let (m, _) = cncf_artifact(&WasmKind::Module, "sha256:ab", 3);
         match Manifest::parse(&m).unwrap().select() {
             Selection::Wasm(d) => assert_eq!((d.digest.as_str(), d.size), ("sha256:ab", 3)),
             other => panic!("{other:?}"),
@@ -216,6 +281,101 @@ mod tests {
         assert!(
             matches!(Manifest::parse(v1).unwrap().select(), Selection::Wasm(d) if d.digest == "sha256:l")
         );
+    }
+
+    fn image(config: &str, layers: &[&str]) -> Vec<u8> {
+        let layers: Vec<String> = layers
+            .iter()
+            .enumerate()
+            .map(|(i, m)| format!(r#"{{"mediaType":"{m}","digest":"sha256:l{i}","size":9}}"#))
+            .collect();
+        format!(
+            r#"{{"schemaVersion":2,"mediaType":"{OCI_MANIFEST}","config":{{"mediaType":"{config}","digest":"sha256:c","size":2}},"layers":[{}]}}"#,
+            layers.join(",")
+        )
+        .into_bytes()
+    }
+
+    #[test]
+    fn selects_runwasi_component_layer_beside_other_layers() {
+        // runwasi (oci-tar-builder): an ordinary OCI image config, the component layer, and
+        // maybe layers of other kinds (runtime configuration) that are not the binary
+        let runwasi = image(
+            "application/vnd.oci.image.config.v1+json",
+            &["application/vnd.oci.image.layer.v1.tar", WASM_LAYER_RUNWASI],
+        );
+        match Manifest::parse(&runwasi).unwrap().select() {
+            Selection::Wasm(d) => {
+                assert_eq!(d.digest, "sha256:l1");
+                assert_eq!(d.media_type, WASM_LAYER_RUNWASI);
+            }
+            other => panic!("{other:?}"),
+        }
+        for layer in [WASM_LAYER, WASM_LAYER_V1, WASM_LAYER_RUNWASI] {
+            let m = image(WASM_CONFIG_V0, &[layer]);
+            assert!(
+                matches!(Manifest::parse(&m).unwrap().select(), Selection::Wasm(d) if d.media_type == layer),
+                "{layer}"
+            );
+        }
+        // two binaries, whatever their types: refused, as before
+        let two = image(WASM_CONFIG_V0, &[WASM_LAYER, WASM_LAYER_RUNWASI]);
+        assert!(matches!(
+            Manifest::parse(&two).unwrap().select(),
+            Selection::NotWasm(s) if s.contains("2 wasm layers")
+        ));
+        // a near miss is not a wasm layer, and the refusal names runwasi's type as accepted
+        let near = image(
+            "application/vnd.oci.image.config.v1+json",
+            &["application/vnd.bytecodealliance.wasm.component.layer.v1+wasm"],
+        );
+        match Manifest::parse(&near).unwrap().select() {
+            Selection::NotWasm(s) => assert!(s.contains(WASM_LAYER_RUNWASI), "{s}"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn config_of_a_component_and_of_a_module() {
+        let info = ComponentInfo {
+            exports: vec!["wasi:http/incoming-handler@0.2.6".into()],
+            imports: vec!["wasi:cli/environment@0.2.0".into(), "log".into()],
+            target: None,
+        };
+        let (m, c) = cncf_artifact(&WasmKind::Component(info), "sha256:ab", 3);
+        let c: serde_json::Value = serde_json::from_slice(&c).unwrap();
+        assert_eq!(
+            c,
+            serde_json::json!({
+                "created": "1970-01-01T00:00:00Z",
+                "architecture": "wasm",
+                "os": "wasip2",
+                "layerDigests": ["sha256:ab"],
+                "component": {
+                    "exports": ["wasi:http/incoming-handler@0.2.6"],
+                    "imports": ["wasi:cli/environment@0.2.0", "log"],
+                },
+            })
+        );
+        let m: serde_json::Value = serde_json::from_slice(&m).unwrap();
+        assert_eq!(m["config"]["mediaType"], WASM_CONFIG_V0);
+        assert_eq!(m["layers"][0]["mediaType"], WASM_LAYER);
+        assert_eq!(m["layers"].as_array().map(Vec::len), Some(1));
+
+        for kind in [WasmKind::Module, WasmKind::Unknown("odd".into())] {
+            let (_, c) = cncf_artifact(&kind, "sha256:ab", 3);
+            let c: serde_json::Value = serde_json::from_slice(&c).unwrap();
+            assert_eq!(
+                c,
+                serde_json::json!({
+                    "created": "1970-01-01T00:00:00Z",
+                    "architecture": "wasm",
+                    "os": "wasip1",
+                    "layerDigests": ["sha256:ab"],
+                }),
+                "{kind:?}"
+            );
+        }
     }
 
     #[test]

@@ -441,7 +441,7 @@ mod tests {
         let ld = sha256_digest(&layer);
         s.put_bytes(&ld, &layer).unwrap();
         assert_eq!(s.check_blob(&ld).unwrap(), BlobState::Verified { size: 8 });
-        let (m, c) = crate::manifest::cncf_artifact(&ld, 8);
+        let (m, c) = crate::manifest::cncf_artifact(&crate::wasm::WasmKind::Module, &ld, 8);
         let (md, cd) = (sha256_digest(&m), sha256_digest(&c));
         s.put_bytes(&md, &m).unwrap();
         s.put_bytes(&cd, &c).unwrap();

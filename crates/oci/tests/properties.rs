@@ -38,6 +38,7 @@ fn media_type() -> impl Strategy<Value = String> {
     prop_oneof![
         Just(manifest::WASM_LAYER.to_string()),
         Just(manifest::WASM_LAYER_V1.to_string()),
+        Just(manifest::WASM_LAYER_RUNWASI.to_string()),
         Just(manifest::WASM_CONFIG_V0.to_string()),
         Just(manifest::WASM_CONFIG_V1.to_string()),
         Just(manifest::OCI_MANIFEST.to_string()),
@@ -148,7 +149,9 @@ fn manifest_json() -> impl Strategy<Value = Value> {
 }
 
 fn is_wasm_layer(d: &manifest::Descriptor) -> bool {
-    d.media_type == manifest::WASM_LAYER || d.media_type == manifest::WASM_LAYER_V1
+    d.media_type == manifest::WASM_LAYER
+        || d.media_type == manifest::WASM_LAYER_V1
+        || d.media_type == manifest::WASM_LAYER_RUNWASI
 }
 
 fn is_wasm_entry(d: &manifest::Descriptor) -> bool {
@@ -356,7 +359,7 @@ proptest! {
         digest in or_anything(digest().prop_map(Value::from)),
         config_media in media_type(),
     ) {
-        let (bytes, _) = manifest::cncf_artifact(&format!("sha256:{HEX64}"), 1);
+        let (bytes, _) = manifest::cncf_artifact(&oci::wasm::WasmKind::Module, &format!("sha256:{HEX64}"), 1);
         let mut v: Value = serde_json::from_slice(&bytes).map_err(|e| TestCaseError::fail(e.to_string()))?;
         v["layers"][0]["mediaType"] = json!(media);
         v["layers"][0]["size"] = size.clone();
@@ -370,7 +373,9 @@ proptest! {
         };
         let m = parsed.map_err(|e| TestCaseError::fail(format!("{v}: {e}")))?;
         check_selection(&m)?;
-        let wasm = media == manifest::WASM_LAYER || media == manifest::WASM_LAYER_V1;
+        let wasm = media == manifest::WASM_LAYER
+            || media == manifest::WASM_LAYER_V1
+            || media == manifest::WASM_LAYER_RUNWASI;
         match m.select() {
             Selection::Wasm(d) => {
                 prop_assert!(wasm);

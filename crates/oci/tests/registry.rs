@@ -4,7 +4,10 @@ mod support;
 
 use std::collections::HashSet;
 
-use oci::manifest::{DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST, WASM_CONFIG_V1, WASM_LAYER_V1};
+use oci::manifest::{
+    DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST, WASM_CONFIG_V0, WASM_CONFIG_V1, WASM_LAYER,
+    WASM_LAYER_RUNWASI, WASM_LAYER_V1,
+};
 use oci::store::sha256_digest;
 use oci::{Client, Credentials, NoProgress, OciError, PullPolicy, Store};
 use support::{Registry, RegistryExt, wasm_file};
@@ -133,6 +136,124 @@ async fn wasm_to_oci_v1_layout_is_pulled() {
         )
         .await
         .expect("pull wasm-to-oci");
+    assert_eq!(p.layer_digest, layer);
+    assert_eq!(std::fs::read(&p.path).unwrap(), bytes);
+}
+
+/// What a user pushing a component finds in the registry (read over the distribution API, as
+/// `crane manifest` / `wkg` would): the CNCF wasm config type, one `application/wasm` layer, and
+/// a config naming the component's imports and exports (TAG Runtime wasm OCI artifact spec).
+#[tokio::test]
+async fn pushed_component_config_describes_its_interfaces() {
+    let reg = Registry::start();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("handler.wat");
+    std::fs::write(
+        &file,
+        r#"(component
+            (import "wasi:cli/environment@0.2.0" (instance))
+            (import "wasi:http/types@0.2.6" (instance))
+            (core module (func (export "handle")))
+            (instance $h)
+            (export "wasi:http/incoming-handler@0.2.6" (instance $h)))"#,
+    )
+    .unwrap();
+    let n = node(Credentials::default());
+    let digest = n
+        .client
+        .push(&file, &reg.reference("components/handler:v1"), &NoProgress)
+        .await
+        .expect("push component");
+    let http = reqwest::Client::new();
+    let manifest: serde_json::Value = http
+        .get(format!(
+            "http://{}/v2/components/handler/manifests/v1",
+            reg.addr
+        ))
+        .header("Accept", OCI_MANIFEST)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        manifest["config"]["mediaType"], WASM_CONFIG_V0,
+        "{manifest}"
+    );
+    let layers = manifest["layers"].as_array().expect("layers");
+    assert_eq!(layers.len(), 1, "{manifest}");
+    assert_eq!(layers[0]["mediaType"], WASM_LAYER, "{manifest}");
+    let config_digest = manifest["config"]["digest"].as_str().unwrap();
+    let config: serde_json::Value = http
+        .get(format!(
+            "http://{}/v2/components/handler/blobs/{config_digest}",
+            reg.addr
+        ))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(config["architecture"], "wasm", "{config}");
+    assert_eq!(config["os"], "wasip2", "{config}");
+    assert_eq!(config["layerDigests"][0], layers[0]["digest"], "{config}");
+    assert!(config["created"].is_string(), "{config}");
+    assert_eq!(
+        config["component"]["exports"],
+        serde_json::json!(["wasi:http/incoming-handler@0.2.6"]),
+        "{config}"
+    );
+    assert_eq!(
+        config["component"]["imports"],
+        serde_json::json!(["wasi:cli/environment@0.2.0", "wasi:http/types@0.2.6"]),
+        "{config}"
+    );
+    // and it pulls back as the same bytes
+    let p = n
+        .client
+        .pull(
+            &reg.reference("components/handler:v1"),
+            PullPolicy::Always,
+            None,
+        )
+        .await
+        .expect("pull component");
+    assert_eq!(p.manifest_digest, digest);
+    assert!(
+        std::fs::read(&p.path)
+            .unwrap()
+            .starts_with(b"\0asm\x0d\0\x01\0")
+    );
+}
+
+/// An image as runwasi's `oci-tar-builder` writes it (an OCI image config, the component in a
+/// `application/vnd.bytecodealliance.wasm.component.layer.v0+wasm` layer) is pulled.
+#[tokio::test]
+async fn runwasi_component_layer_is_pulled() {
+    let reg = Registry::start();
+    let bytes = wat::parse_str(r#"(component (import "wasi:cli/run@0.2.0" (instance)))"#).unwrap();
+    let layer = reg.raw_blob("runwasi/hello", &bytes);
+    let config =
+        br#"{"architecture":"wasm","os":"wasip2","rootfs":{"type":"layers","diff_ids":[]}}"#;
+    let config_d = reg.raw_blob("runwasi/hello", config);
+    let manifest = format!(
+        r#"{{"schemaVersion":2,"mediaType":"{OCI_MANIFEST}","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{config_d}","size":{}}},"layers":[{{"mediaType":"{WASM_LAYER_RUNWASI}","digest":"{layer}","size":{}}}]}}"#,
+        config.len(),
+        bytes.len()
+    );
+    reg.raw_manifest("runwasi/hello", "latest", OCI_MANIFEST, manifest.as_bytes());
+    let n = node(Credentials::default());
+    let p = n
+        .client
+        .pull(
+            &reg.reference("runwasi/hello:latest"),
+            PullPolicy::IfNotPresent,
+            None,
+        )
+        .await
+        .expect("pull runwasi image");
     assert_eq!(p.layer_digest, layer);
     assert_eq!(std::fs::read(&p.path).unwrap(), bytes);
 }
@@ -637,7 +758,11 @@ async fn digest_mismatch_from_the_registry_is_refused() {
     let mut evil = good.clone();
     let last = evil.len() - 1;
     evil[last] ^= 0xff;
-    let (manifest, _) = oci::manifest::cncf_artifact(&sha256_digest(&good), good.len() as u64);
+    let (manifest, _) = oci::manifest::cncf_artifact(
+        &oci::wasm::WasmKind::Module,
+        &sha256_digest(&good),
+        good.len() as u64,
+    );
     let addr = lying_registry(manifest.clone(), evil);
     let n = node(Credentials::default());
 
