@@ -86,6 +86,11 @@ fn components_run_on_a_node() -> Result<()> {
     let command = registry.push_component("command-hello")?;
     let nothing = registry.push_component("reactor-nothing")?;
     let wagi_hello = registry.push_guest("hello")?;
+    pushed_as_cncf_component(
+        &registry,
+        "components/http-hello",
+        "wasi:http/incoming-handler@",
+    )?;
     let cluster = Cluster::up()?;
     let mut agent = Agent::start_ready(&cluster, AgentOptions::new("wasm-components"), TIMEOUT)?;
 
@@ -97,6 +102,33 @@ fn components_run_on_a_node() -> Result<()> {
         agent.running(),
         "the agent kept running: {}",
         agent.output()
+    );
+    Ok(())
+}
+
+/// `wasinode push` wrote the CNCF wasm artifact: its config type, and in the config the
+/// component's exports (read over the registry's API, as `crane`/`wkg` would).
+fn pushed_as_cncf_component(registry: &Registry, repo: &str, export: &str) -> Result<()> {
+    let accept = [("Accept", "application/vnd.oci.image.manifest.v1+json")];
+    let m = registry.request("GET", &format!("/v2/{repo}/manifests/v1"), &accept, b"");
+    let m: Value = serde_json::from_str(&m.body)?;
+    ensure!(
+        m["config"]["mediaType"] == "application/vnd.wasm.config.v0+json",
+        "manifest of {repo}: {m}"
+    );
+    let digest = m["config"]["digest"].as_str().unwrap_or_default();
+    let c = registry.request("GET", &format!("/v2/{repo}/blobs/{digest}"), &[], b"");
+    let c: Value = serde_json::from_str(&c.body)?;
+    let exports = c["component"]["exports"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    ensure!(
+        c["os"] == "wasip2"
+            && exports
+                .iter()
+                .any(|e| e.as_str().is_some_and(|e| e.starts_with(export))),
+        "config of {repo}: {c}"
     );
     Ok(())
 }
