@@ -380,3 +380,75 @@ fn a_command_component_cannot_be_named_as_a_wagi_route() -> Result<()> {
     assert!(r.is_err(), "nothing listens: {r:?}");
     Ok(())
 }
+
+#[test]
+fn a_wasi_0_3_service_serves_concurrent_requests_from_one_reused_instance() -> Result<()> {
+    let port = free_port();
+    let y = component_pod(
+        "p3-service",
+        &component("http-hello-p3")?,
+        port,
+        "      env: [{name: GREETING, value: from-0.3}]\n",
+        "",
+    );
+    let (mut w, _d) = run_one(&y, &["--quiet", "--request-timeout", "3s"])?;
+    let a = format!("127.0.0.1:{port}");
+    w.wait_listening(&a, T)?;
+    // Eight requests at once, each waiting 500 ms inside the guest (wasi:clocks wait-for).
+    let burst: Vec<_> = (0..8)
+        .map(|_| {
+            let a = a.clone();
+            std::thread::spawn(move || get(&a, "/slow?500"))
+        })
+        .collect();
+    let mut in_flight = Vec::new();
+    let mut numbers = Vec::new();
+    for t in burst {
+        let r = t.join().map_err(|_| anyhow::anyhow!("panicked"))??;
+        assert_eq!((r.status, r.body.as_str()), (200, "slow done\n"));
+        let n = |h: &str| -> u64 { r.header(h).and_then(|v| v.parse().ok()).unwrap_or(0) };
+        in_flight.push(n("x-instance-in-flight"));
+        numbers.push(n("x-instance-requests"));
+    }
+    assert!(
+        in_flight.iter().any(|k| *k > 1),
+        "one instance had several requests in flight at once: in-flight {in_flight:?}"
+    );
+    numbers.sort_unstable();
+    numbers.dedup();
+    assert!(
+        numbers.len() < 8 || numbers == (1..=8).collect::<Vec<_>>(),
+        "requests numbered by one reused instance: {numbers:?}"
+    );
+    assert_eq!(get(&a, "/env?GREETING")?.body, "from-0.3");
+    assert_eq!(
+        get(&a, "/slow?60000")?.status,
+        504,
+        "a request past the request timeout"
+    );
+    drop(w);
+
+    // A trap fails its request and retires the instance: the next request meets a new one.
+    let port = free_port();
+    let y = component_pod("p3-trap", &component("http-hello-p3")?, port, "", "");
+    let (mut w, _d) = run_one(&y, &["--quiet"])?;
+    let a = format!("127.0.0.1:{port}");
+    w.wait_listening(&a, T)?;
+    let seq = |path: &str| -> Result<(u16, Option<String>)> {
+        let r = get(&a, path)?;
+        Ok((r.status, r.header("x-instance-requests").map(String::from)))
+    };
+    assert_eq!(seq("/")?, (200, Some("1".into())));
+    assert_eq!(seq("/")?, (200, Some("2".into())), "the instance is reused");
+    assert_eq!(seq("/trap")?.0, 500);
+    assert_eq!(
+        seq("/")?,
+        (200, Some("1".into())),
+        "a new instance after the trap"
+    );
+    w.signal("INT")?;
+    assert_eq!(w.wait_exit(T)?.code(), Some(0));
+    let log = find_log(&w.data_dir, "web")?;
+    assert!(log.contains("service instance was retired"), "{log}");
+    Ok(())
+}

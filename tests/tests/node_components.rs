@@ -85,6 +85,7 @@ fn components_run_on_a_node() -> Result<()> {
     let http_hello = registry.push_component("http-hello")?;
     let command = registry.push_component("command-hello")?;
     let nothing = registry.push_component("reactor-nothing")?;
+    let service = registry.push_component("http-hello-p3")?;
     let wagi_hello = registry.push_guest("hello")?;
     pushed_as_cncf_component(
         &registry,
@@ -96,6 +97,7 @@ fn components_run_on_a_node() -> Result<()> {
 
     http_component_pod(&cluster, &agent, &http_hello)?;
     mixed_pod(&cluster, &http_hello, &wagi_hello)?;
+    service_pod(&cluster, &service)?;
     command_component_pod(&cluster, &command)?;
     nothing_to_run(&cluster, &nothing)?;
     ensure!(
@@ -250,6 +252,42 @@ fn mixed_pod(cluster: &Cluster, component: &str, wagi: &str) -> Result<()> {
     ensure!(
         statuses.len() == 2 && statuses.iter().all(|c| c["ready"] == true),
         "{statuses:?}"
+    );
+    Ok(())
+}
+
+fn service_pod(cluster: &Cluster, image: &str) -> Result<()> {
+    let port = free_port();
+    cluster.apply(&pod(
+        "p3-service",
+        json!({}),
+        json!({"containers": [{"name": "web", "image": image, "ports": [{"containerPort": port}]}]}),
+    ))?;
+    wait_ready(cluster, "p3-service")?;
+    let ip = cluster.pod("p3-service")?["status"]["podIP"]
+        .as_str()
+        .unwrap_or("127.0.0.1")
+        .to_string();
+    let a = format!("{ip}:{port}");
+    let burst: Vec<_> = (0..6)
+        .map(|_| {
+            let a = a.clone();
+            std::thread::spawn(move || get(&a, "/slow?400"))
+        })
+        .collect();
+    let mut in_flight = Vec::new();
+    for t in burst {
+        let r = t.join().map_err(|_| anyhow::anyhow!("panicked"))??;
+        ensure!(r.status == 200 && r.body == "slow done\n", "{r:?}");
+        in_flight.push(
+            r.header("x-instance-in-flight")
+                .and_then(|v| v.parse::<u32>().ok())
+                .unwrap_or(0),
+        );
+    }
+    ensure!(
+        in_flight.iter().any(|k| *k > 1),
+        "one reused instance served several requests at once: {in_flight:?}"
     );
     Ok(())
 }

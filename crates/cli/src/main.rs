@@ -43,6 +43,15 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
+    // wasmtime makes an error value on some ordinary paths (a component store whose guest
+    // fibers are disposed when it is dropped, once per request), and each captures a backtrace
+    // when RUST_BACKTRACE is set in the environment: a third of the server's CPU per request.
+    // Library backtraces are never shown by wasinode (errors are printed by their messages), so
+    // unless the user asked for them with RUST_LIB_BACKTRACE, they are off; panics keep theirs.
+    if std::env::var_os("RUST_LIB_BACKTRACE").is_none() {
+        // SAFETY: first thing in main, before any thread exists.
+        unsafe { std::env::set_var("RUST_LIB_BACKTRACE", "0") };
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("WASINODE_LOG")
