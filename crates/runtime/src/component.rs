@@ -5,7 +5,9 @@
 //! component compiled, linked into a `ProxyPre` / `CommandPre`. Per request: a store, a WASI
 //! context from the invocation, an instance from the pool, one call.
 
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -345,9 +347,11 @@ impl Runtime {
             drop(store);
             result.map_err(|e| failure(e, refused, max_memory, pipes.stderr()))
         };
-        // The guest runs in its own task: it may go on writing the body after the head is sent.
-        // Dropping the task's future (deadline, or the response dropped) drops the store.
-        let task = tokio::spawn(async move {
+        // The guest runs inside the request's own task, no task of its own: polled here until
+        // it sets the response, then by the response body each time hyper asks for data (its
+        // writes are what the body yields). That saves a spawn and a cross-thread wake-up per
+        // request; dropping the body (client gone, deadline) drops the store.
+        let mut guest: GuestFuture = Box::pin(async move {
             match timeout {
                 Some(t) => tokio::time::timeout(t, guest)
                     .await
@@ -355,25 +359,41 @@ impl Runtime {
                 None => guest.await,
             }
         });
-        let abort = task.abort_handle();
-        match rx.await {
-            Ok(Ok(resp)) => Ok(resp.map(|body| {
-                // The response owns the task from now on: a client that goes away stops the guest.
-                AbortOnDrop { body, abort }.boxed_unsync()
-            })),
-            Ok(Err(code)) => {
-                abort.abort();
-                Err(RunError::GuestHttp(format!("{code:?}")))
+        let mut rx = rx;
+        let first = std::future::poll_fn(|cx| {
+            if let Poll::Ready(r) = Pin::new(&mut rx).poll(cx) {
+                return Poll::Ready(Ok(r));
             }
-            // No response: the guest ended (or failed) without setting one.
-            Err(_) => match task.await {
-                Ok(Ok(())) => Err(RunError::NoResponse),
-                Ok(Err(e)) => Err(e),
-                Err(e) => Err(RunError::Setup(format!("the request's task failed: {e}"))),
+            guest.as_mut().poll(cx).map(Err)
+        })
+        .await;
+        match first {
+            Ok(Ok(Ok(resp))) => Ok(resp.map(|body| {
+                DrivenBody {
+                    body,
+                    guest: Some(guest),
+                }
+                .boxed_unsync()
+            })),
+            Ok(Ok(Err(code))) => Err(RunError::GuestHttp(format!("{code:?}"))),
+            // The outparam was dropped unset: the guest has ended or is about to.
+            Ok(Err(_)) => match guest.await {
+                Ok(()) => Err(RunError::NoResponse),
+                Err(e) => Err(e),
+            },
+            // The guest ended first; it may still have set a response on its way out.
+            Err(ended) => match rx.try_recv() {
+                Ok(Ok(resp)) => {
+                    Ok(resp.map(|body| DrivenBody { body, guest: None }.boxed_unsync()))
+                }
+                Ok(Err(code)) => Err(RunError::GuestHttp(format!("{code:?}"))),
+                Err(_) => Err(ended.err().unwrap_or(RunError::NoResponse)),
             },
         }
     }
 }
+
+type GuestFuture = Pin<Box<dyn Future<Output = Result<(), RunError>> + Send>>;
 
 /// Captured stdout/stderr of one component store, read once the store is gone.
 pub(crate) struct Pipes {
@@ -405,27 +425,43 @@ pub(crate) fn failure(e: wasmtime::Error, refused: bool, limit: usize, stderr: B
     RunError::Trap { message, stderr }
 }
 
-/// A response body that stops the guest task writing it when the body is dropped.
-struct AbortOnDrop {
+/// A component's response body that also drives the guest writing it: each poll gives the
+/// guest a turn first (its writes are what the body yields). Once the guest has ended, only the
+/// body is polled; dropping the body drops the guest and its store.
+struct DrivenBody {
     body: HyperOutgoingBody,
-    abort: tokio::task::AbortHandle,
+    guest: Option<GuestFuture>,
 }
 
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.abort.abort();
-    }
-}
-
-impl http_body::Body for AbortOnDrop {
+impl http_body::Body for DrivenBody {
     type Data = Bytes;
     type Error = wasmtime_wasi_http::Error;
 
     fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
-        std::pin::Pin::new(&mut self.body).poll_frame(cx)
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        if let Some(g) = self.guest.as_mut()
+            && let Poll::Ready(ended) = g.as_mut().poll(cx)
+        {
+            self.guest = None;
+            if let Err(e) = ended {
+                // The head is sent: the client sees the body cut; the reason is logged by the
+                // caller's sink only as far as the guest's own stderr goes.
+                tracing::debug!(error = %e, "component failed after its response head");
+            }
+        }
+        let frame = Pin::new(&mut self.body).poll_frame(cx);
+        if let Poll::Ready(None) = frame
+            && let Some(mut g) = self.guest.take()
+        {
+            // The body is complete but the guest is not done (work after `finish`): let it end
+            // on its own, within its deadline, instead of cutting it.
+            tokio::spawn(async move {
+                let _ = g.as_mut().await;
+            });
+        }
+        frame
     }
 
     fn is_end_stream(&self) -> bool {
