@@ -286,10 +286,15 @@ static void route_hang(void) {
 // Keeps every block reachable so the compiler cannot drop the allocations.
 static void *volatile hog_list;
 
-static void route_hog(outparam_t outparam) {
+// `/hog`: allocate until malloc fails, then say so; `/hog?trap`: then trap, as a program that
+// cannot handle running out of memory does.
+static void route_hog(outparam_t outparam, const char *query) {
   for (;;) {
     volatile uint8_t *block = malloc(1 << 20);
-    if (!block) break;
+    if (!block) {
+      if (query && strcmp(query, "trap") == 0) __builtin_trap();
+      break;
+    }
     for (size_t i = 0; i < (1 << 20); i += 4096) block[i] = 1; // touch every page
     *(void *volatile *)block = hog_list;
     hog_list = (void *)block;
@@ -472,7 +477,7 @@ void exports_wasi_http_incoming_handler_handle(
   else if (strcmp(path, "/stderr") == 0) route_stderr(outparam, query);
   else if (strcmp(path, "/trap") == 0) __builtin_trap();
   else if (strcmp(path, "/hang") == 0) route_hang();
-  else if (strcmp(path, "/hog") == 0) route_hog(outparam);
+  else if (strcmp(path, "/hog") == 0) route_hog(outparam, query);
   else if (strcmp(path, "/fetch") == 0) route_fetch(outparam, query);
   else if (strcmp(path, "/file") == 0) route_file(outparam, query);
   else respond_text(outparam, 200, "Hello from a wasi:http component\n");

@@ -206,6 +206,8 @@ fn a_trap_a_hang_and_a_memory_hog_fail_only_their_own_request() -> Result<()> {
         // The hog's allocations stop at the instance's limit: it is told no more memory.
         let r = get(&a, "/hog")?;
         assert_eq!((r.status, r.body.as_str()), (200, "no more memory\n"));
+        // One that traps when its memory runs out fails with the limit as the reason.
+        assert_eq!(get(&a, "/hog?trap")?.status, 500);
     }
     assert_eq!(get(&a, "/")?.body, "Hello from a wasi:http component\n");
     w.signal("INT")?;
