@@ -26,23 +26,29 @@ pub fn guests() -> anyhow::Result<PathBuf> {
 }
 
 fn build() -> Result<PathBuf, String> {
+    run_build_script("tools/build-guests", "target/guests")
+}
+
+/// Runs a build script of the repo (`tools/...`) and returns `out` under the repo root; a failed
+/// build is the script's output.
+fn run_build_script(script: &str, out: &str) -> Result<PathBuf, String> {
     let root = repo_root();
-    let script = root.join("tools/build-guests");
-    let out = Command::new("bash")
+    let script = root.join(script);
+    let res = Command::new("bash")
         .arg(&script)
         .current_dir(&root)
         .output()
         .map_err(|e| format!("cannot run {}: {e}", script.display()))?;
-    if !out.status.success() {
+    if !res.status.success() {
         return Err(format!(
             "{} failed ({}):\n{}{}",
             script.display(),
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr),
+            res.status,
+            String::from_utf8_lossy(&res.stdout),
+            String::from_utf8_lossy(&res.stderr),
         ));
     }
-    Ok(root.join("target/guests"))
+    Ok(root.join(out))
 }
 
 /// Path to the built Rust guest `<name>.wasm` (building the guests first if needed).
@@ -79,25 +85,7 @@ pub fn wat(name: &str) -> PathBuf {
 pub fn components() -> anyhow::Result<PathBuf> {
     static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
     BUILT
-        .get_or_init(|| {
-            let root = repo_root();
-            let script = root.join("tools/build-components");
-            let out = Command::new("bash")
-                .arg(&script)
-                .current_dir(&root)
-                .output()
-                .map_err(|e| format!("cannot run {}: {e}", script.display()))?;
-            if !out.status.success() {
-                return Err(format!(
-                    "{} failed ({}):\n{}{}",
-                    script.display(),
-                    out.status,
-                    String::from_utf8_lossy(&out.stdout),
-                    String::from_utf8_lossy(&out.stderr),
-                ));
-            }
-            Ok(root.join("target/components"))
-        })
+        .get_or_init(|| run_build_script("tools/build-components", "target/components"))
         .clone()
         .map_err(|e| anyhow!(e))
 }

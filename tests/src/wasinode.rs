@@ -476,3 +476,44 @@ fn read_head(r: &mut impl BufRead) -> Result<(u16, Vec<(String, String)>)> {
         }
     }
 }
+
+/// `wasinode run [args...] <yaml written to a fresh dir>`; the dir is returned to keep it.
+pub fn run_one(yaml: &str, args: &[&str]) -> Result<(Wasinode, tempfile::TempDir)> {
+    let dir = tempfile::tempdir()?;
+    let m = write_file(dir.path(), "pod.yaml", yaml)?;
+    let mut all: Vec<&str> = vec!["run"];
+    all.extend_from_slice(args);
+    let m = m.display().to_string();
+    all.push(&m);
+    Ok((Wasinode::start(&all)?, dir))
+}
+
+/// The container log `<container>.log` of the (only) pod with such a container under `data_dir`.
+pub fn find_log(data_dir: &Path, container: &str) -> Result<String> {
+    for entry in std::fs::read_dir(data_dir.join("logs"))? {
+        let p = entry?.path().join(format!("{container}.log"));
+        if p.exists() {
+            return Ok(std::fs::read_to_string(p)?);
+        }
+    }
+    bail!("no log for {container} under {}", data_dir.display())
+}
+
+/// A loopback HTTP server answering up to 50 requests with 200 and `body`; its address.
+pub fn upstream(body: &'static str) -> Result<String> {
+    let l = TcpListener::bind("127.0.0.1:0")?;
+    let a = l.local_addr()?.to_string();
+    std::thread::spawn(move || {
+        for s in l.incoming().take(50) {
+            let Ok(mut s) = s else { continue };
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf);
+            let _ = write!(
+                s,
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    Ok(a)
+}

@@ -3,27 +3,15 @@
 //! asserts what a user observes: status codes, bodies, trailers, exit codes, log lines, the
 //! agent's resident memory.
 
-use std::io::{Read, Write};
-use std::net::TcpListener;
 use std::path::Path;
 use std::time::Duration;
 
-use anyhow::{Result, bail};
+use anyhow::Result;
 use e2e::guests::{component, guest};
-use e2e::wasinode::{Wasinode, download, echo_stream, free_port, get, http, write_file};
+use e2e::wasinode::{download, echo_stream, find_log, free_port, get, http, run_one, upstream};
 
 const T: Duration = Duration::from_secs(30);
 const MIB: u64 = 1 << 20;
-
-fn run_one(yaml: &str, args: &[&str]) -> Result<(Wasinode, tempfile::TempDir)> {
-    let dir = tempfile::tempdir()?;
-    let m = write_file(dir.path(), "pod.yaml", yaml)?;
-    let mut all: Vec<&str> = vec!["run"];
-    all.extend_from_slice(args);
-    let m = m.display().to_string();
-    all.push(&m);
-    Ok((Wasinode::start(&all)?, dir))
-}
 
 /// A pod of one HTTP component container on `port`, with extra container YAML (indented 6) and
 /// extra metadata YAML (indented 2).
@@ -32,16 +20,6 @@ fn component_pod(name: &str, image: &Path, port: u16, container: &str, metadata:
         "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n{metadata}spec:\n  containers:\n    - name: web\n      image: file://{}\n      ports: [{{containerPort: {port}}}]\n{container}",
         image.display()
     )
-}
-
-fn find_log(data_dir: &Path, container: &str) -> Result<String> {
-    for entry in std::fs::read_dir(data_dir.join("logs"))? {
-        let p = entry?.path().join(format!("{container}.log"));
-        if p.exists() {
-            return Ok(std::fs::read_to_string(p)?);
-        }
-    }
-    bail!("no log for {container} under {}", data_dir.display())
 }
 
 #[test]
@@ -219,25 +197,6 @@ fn a_trap_a_hang_and_a_memory_hog_fail_only_their_own_request() -> Result<()> {
         "{log}"
     );
     Ok(())
-}
-
-/// A loopback HTTP server answering every request with `body`.
-fn upstream(body: &'static str) -> Result<String> {
-    let l = TcpListener::bind("127.0.0.1:0")?;
-    let a = l.local_addr()?.to_string();
-    std::thread::spawn(move || {
-        for s in l.incoming().take(50) {
-            let Ok(mut s) = s else { continue };
-            let mut buf = [0u8; 4096];
-            let _ = s.read(&mut buf);
-            let _ = write!(
-                s,
-                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-        }
-    });
-    Ok(a)
 }
 
 #[test]

@@ -13,15 +13,13 @@
 //!
 //! Run: `cargo build --release && cargo test --release -p wasinode-e2e --test node_components`
 
-use std::io::{Read, Write};
-use std::net::TcpListener;
 use std::time::Duration;
 
 use anyhow::{Result, ensure};
 use e2e::agent::{Agent, AgentOptions, TOLERATIONS};
 use e2e::cluster::Cluster;
 use e2e::registry::Registry;
-use e2e::wasinode::{download, echo_stream, free_port, get};
+use e2e::wasinode::{download, echo_stream, free_port, get, upstream};
 use serde_json::{Value, json};
 
 const TIMEOUT: Duration = Duration::from_secs(120);
@@ -58,25 +56,6 @@ fn wait_ready(cluster: &Cluster, name: &str) -> Result<()> {
     cluster.wait_for(&format!("{name} Running and Ready"), TIMEOUT, || {
         Ok(ready(&cluster.pod(name)?))
     })
-}
-
-/// A loopback HTTP server answering every request with `body`.
-fn upstream(body: &'static str) -> Result<String> {
-    let l = TcpListener::bind("127.0.0.1:0")?;
-    let a = l.local_addr()?.to_string();
-    std::thread::spawn(move || {
-        for s in l.incoming().take(20) {
-            let Ok(mut s) = s else { continue };
-            let mut buf = [0u8; 4096];
-            let _ = s.read(&mut buf);
-            let _ = write!(
-                s,
-                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-        }
-    });
-    Ok(a)
 }
 
 #[test]

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use e2e::guests::{guest, wat};
-use e2e::wasinode::{Wasinode, free_port, get, http, listening, write_file};
+use e2e::wasinode::{Wasinode, find_log, free_port, get, http, listening, run_one, write_file};
 
 const T: Duration = Duration::from_secs(30);
 
@@ -34,16 +34,6 @@ fn wagi_pod(
 
 fn addr() -> String {
     format!("127.0.0.1:{}", free_port())
-}
-
-fn run_one(yaml: &str, args: &[&str]) -> Result<(Wasinode, tempfile::TempDir)> {
-    let dir = tempfile::tempdir()?;
-    let m = write_file(dir.path(), "pod.yaml", yaml)?;
-    let mut all: Vec<&str> = vec!["run"];
-    all.extend_from_slice(args);
-    let m = m.display().to_string();
-    all.push(&m);
-    Ok((Wasinode::start(&all)?, dir))
 }
 
 #[test]
@@ -214,16 +204,6 @@ fn response_headers_redirects_bad_output_and_route_precedence() -> Result<()> {
         "{log}"
     );
     Ok(())
-}
-
-fn find_log(data_dir: &Path, container: &str) -> Result<String> {
-    for entry in std::fs::read_dir(data_dir.join("logs"))? {
-        let p = entry?.path().join(format!("{container}.log"));
-        if p.exists() {
-            return Ok(std::fs::read_to_string(p)?);
-        }
-    }
-    anyhow::bail!("no log for {container} under {}", data_dir.display())
 }
 
 #[test]
