@@ -413,3 +413,51 @@ fn a_wasi_0_3_service_serves_concurrent_requests_from_one_reused_instance() -> R
     assert!(log.contains("service instance was retired"), "{log}");
     Ok(())
 }
+
+#[test]
+fn a_client_that_stops_reading_holds_no_instance_past_the_deadline() -> Result<()> {
+    let port = free_port();
+    let y = component_pod("stalled", &component("http-hello")?, port, "", "");
+    let (mut w, _d) = run_one(
+        &y,
+        &[
+            "--quiet",
+            "--request-timeout",
+            "2s",
+            "--max-instances-per-pod",
+            "1",
+        ],
+    )?;
+    let a = format!("127.0.0.1:{port}");
+    w.wait_listening(&a, T)?;
+    // Ask for 200 MiB and never read it: the guest blocks on a full socket.
+    let mut stalled = std::net::TcpStream::connect(&a)?;
+    std::io::Write::write_all(
+        &mut stalled,
+        format!("GET /big?{} HTTP/1.1\r\nHost: x\r\n\r\n", 200 * MIB).as_bytes(),
+    )?;
+    // The deadline cuts the instance, the log says so, and the pod's only slot is free again
+    // while the stalled connection is still open.
+    let deadline = std::time::Instant::now() + T;
+    loop {
+        let log = find_log(&w.data_dir, "web").unwrap_or_default();
+        if log.contains(
+            "the response was cut after its head was sent: the module did not finish within 2s",
+        ) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no cut in the log: {log}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let r = get(&a, "/")?;
+    assert_eq!(
+        (r.status, r.body.as_str()),
+        (200, "Hello from a wasi:http component\n"),
+        "the slot came back with the instance, not with the stalled client"
+    );
+    drop(stalled);
+    Ok(())
+}

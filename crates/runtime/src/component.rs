@@ -5,9 +5,7 @@
 //! component compiled, linked into a `ProxyPre` / `CommandPre`. Per request: a store, a WASI
 //! context from the invocation, an instance from the pool, one call.
 
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -26,6 +24,7 @@ use wasmtime_wasi_http::{WasiBody, WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, 
 use crate::engine::{Compiled, Program, Runtime};
 use crate::limits::InstanceLimiter;
 use crate::outbound::AllowList;
+use crate::output::Stream;
 use crate::run::{Invocation, Outcome, RunError, pipe_for, pool_full, preopen_all};
 
 /// The export of an HTTP handler component (WASI 0.2): `wasi:http/incoming-handler@0.2.x`.
@@ -304,11 +303,15 @@ impl Runtime {
     /// body streams into the guest and the response body streams out of it; the deadline covers
     /// both (a response cut by it ends with an error, so the client sees it incomplete). Only
     /// `inv`'s env, args, preopens, allow-list, stdout/stderr streams and timeout are used.
+    /// `held` (the pod's instance slot) is kept exactly as long as the instance: until the guest
+    /// returns or its deadline cuts it, not as long as a slow client takes to read the body.
+    /// Why a body was cut after its head is written to `inv.stderr` when that is a line sink.
     pub async fn serve_http<B>(
         &self,
         program: &Program,
         req: http::Request<B>,
         inv: Invocation,
+        held: impl Send + 'static,
     ) -> Result<http::Response<ComponentBody>, RunError>
     where
         B: http_body::Body<Data = Bytes> + Send + 'static,
@@ -318,6 +321,10 @@ impl Runtime {
             return Err(RunError::NotHttp(program.kind()));
         };
         let timeout = inv.timeout;
+        let late_log = match &inv.stderr {
+            Stream::Lines(sink) => Some(sink.clone()),
+            _ => None,
+        };
         let (mut store, pipes) = self.component_store(&inv)?;
         let (tx, rx) = tokio::sync::oneshot::channel();
         let setup = |e: wasmtime::Error| RunError::Setup(format!("{e:#}"));
@@ -347,53 +354,49 @@ impl Runtime {
             drop(store);
             result.map_err(|e| failure(e, refused, max_memory, pipes.stderr()))
         };
-        // The guest runs inside the request's own task, no task of its own: polled here until
-        // it sets the response, then by the response body each time hyper asks for data (its
-        // writes are what the body yields). That saves a spawn and a cross-thread wake-up per
-        // request; dropping the body (client gone, deadline) drops the store.
-        let mut guest: GuestFuture = Box::pin(async move {
-            match timeout {
+        // The guest runs in its own task: it may go on writing the body after the head is sent.
+        // Dropping the task's future (deadline, or the response dropped) drops the store.
+        let head_sent = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let sent = head_sent.clone();
+        let task = tokio::spawn(async move {
+            let _held = held;
+            let ended = match timeout {
                 Some(t) => tokio::time::timeout(t, guest)
                     .await
                     .unwrap_or(Err(RunError::Timeout(t))),
                 None => guest.await,
+            };
+            // The head is out, so the client only sees the body cut: the log says why.
+            if let (Err(e), Some(log)) = (&ended, &late_log)
+                && sent.load(std::sync::atomic::Ordering::Acquire)
+            {
+                log.line(
+                    format!("wasinode: the response was cut after its head was sent: {e}")
+                        .as_bytes(),
+                );
             }
+            ended
         });
-        let mut rx = rx;
-        let first = std::future::poll_fn(|cx| {
-            if let Poll::Ready(r) = Pin::new(&mut rx).poll(cx) {
-                return Poll::Ready(Ok(r));
-            }
-            guest.as_mut().poll(cx).map(Err)
-        })
-        .await;
-        match first {
-            Ok(Ok(Ok(resp))) => Ok(resp.map(|body| {
-                DrivenBody {
-                    body,
-                    guest: Some(guest),
-                }
-                .boxed_unsync()
+        let abort = task.abort_handle();
+        match rx.await {
+            Ok(Ok(resp)) => Ok(resp.map(|body| {
+                head_sent.store(true, std::sync::atomic::Ordering::Release);
+                // The response owns the task from now on: a client that goes away stops the guest.
+                AbortOnDrop { body, abort }.boxed_unsync()
             })),
-            Ok(Ok(Err(code))) => Err(RunError::GuestHttp(format!("{code:?}"))),
-            // The outparam was dropped unset: the guest has ended or is about to.
-            Ok(Err(_)) => match guest.await {
-                Ok(()) => Err(RunError::NoResponse),
-                Err(e) => Err(e),
-            },
-            // The guest ended first; it may still have set a response on its way out.
-            Err(ended) => match rx.try_recv() {
-                Ok(Ok(resp)) => {
-                    Ok(resp.map(|body| DrivenBody { body, guest: None }.boxed_unsync()))
-                }
-                Ok(Err(code)) => Err(RunError::GuestHttp(format!("{code:?}"))),
-                Err(_) => Err(ended.err().unwrap_or(RunError::NoResponse)),
+            Ok(Err(code)) => {
+                abort.abort();
+                Err(RunError::GuestHttp(format!("{code:?}")))
+            }
+            // No response: the guest ended (or failed) without setting one.
+            Err(_) => match task.await {
+                Ok(Ok(())) => Err(RunError::NoResponse),
+                Ok(Err(e)) => Err(e),
+                Err(e) => Err(RunError::Setup(format!("the request's task failed: {e}"))),
             },
         }
     }
 }
-
-type GuestFuture = Pin<Box<dyn Future<Output = Result<(), RunError>> + Send>>;
 
 /// Captured stdout/stderr of one component store, read once the store is gone.
 pub(crate) struct Pipes {
@@ -425,43 +428,27 @@ pub(crate) fn failure(e: wasmtime::Error, refused: bool, limit: usize, stderr: B
     RunError::Trap { message, stderr }
 }
 
-/// A component's response body that also drives the guest writing it: each poll gives the
-/// guest a turn first (its writes are what the body yields). Once the guest has ended, only the
-/// body is polled; dropping the body drops the guest and its store.
-struct DrivenBody {
+/// A response body that stops the guest task writing it when the body is dropped.
+struct AbortOnDrop {
     body: HyperOutgoingBody,
-    guest: Option<GuestFuture>,
+    abort: tokio::task::AbortHandle,
 }
 
-impl http_body::Body for DrivenBody {
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.abort.abort();
+    }
+}
+
+impl http_body::Body for AbortOnDrop {
     type Data = Bytes;
     type Error = wasmtime_wasi_http::Error;
 
     fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
-        if let Some(g) = self.guest.as_mut()
-            && let Poll::Ready(ended) = g.as_mut().poll(cx)
-        {
-            self.guest = None;
-            if let Err(e) = ended {
-                // The head is sent: the client sees the body cut; the reason is logged by the
-                // caller's sink only as far as the guest's own stderr goes.
-                tracing::debug!(error = %e, "component failed after its response head");
-            }
-        }
-        let frame = Pin::new(&mut self.body).poll_frame(cx);
-        if let Poll::Ready(None) = frame
-            && let Some(mut g) = self.guest.take()
-        {
-            // The body is complete but the guest is not done (work after `finish`): let it end
-            // on its own, within its deadline, instead of cutting it.
-            tokio::spawn(async move {
-                let _ = g.as_mut().await;
-            });
-        }
-        frame
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.body).poll_frame(cx)
     }
 
     fn is_end_stream(&self) -> bool {

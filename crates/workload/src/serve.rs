@@ -265,9 +265,15 @@ impl WagiApp {
             allowed_hosts: h.allowed_hosts.clone(),
             timeout: Some(self.timeout),
         };
-        let served = match &h.service {
-            Some(service) => service.handle(req).await,
-            None => self.runtime.serve_http(&h.program, req, inv).await,
+        // A 0.2 instance is the request's own: the runtime keeps the slot as long as the
+        // instance lives. A 0.3 instance is shared: the slot stands for this request until its
+        // body is done.
+        let (served, slot) = match &h.service {
+            Some(service) => (service.handle(req).await, Some(slot)),
+            None => (
+                self.runtime.serve_http(&h.program, req, inv, slot).await,
+                None,
+            ),
         };
         match served {
             Ok(resp) => resp.map(|body| Either::Right(Held { body, _slot: slot })),
@@ -309,7 +315,7 @@ impl WagiApp {
 /// A response body that keeps something (the pod's instance slot) until the body is done.
 pub struct Held<B> {
     body: B,
-    _slot: tokio::sync::OwnedSemaphorePermit,
+    _slot: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 impl<B: http_body::Body + Unpin> http_body::Body for Held<B> {
