@@ -40,6 +40,8 @@ pub struct Handler {
     pub mounts: Vec<Preopen>,
     pub allowed_hosts: Arc<AllowList>,
     pub log: ContainerLog,
+    /// `log` as the line sink components write stdout/stderr to, made once.
+    sink: Arc<dyn runtime::LineSink>,
     /// The reused instances of a WASI 0.3 service (`None` for other kinds).
     pub service: Option<runtime::Service>,
 }
@@ -60,9 +62,9 @@ impl Handler {
         allowed_hosts: Arc<AllowList>,
         log: ContainerLog,
     ) -> Result<Handler, RunError> {
+        let sink: Arc<dyn runtime::LineSink> = Arc::new(log.clone());
         let service = match program.kind() {
             ProgramKind::HttpService => {
-                let sink: Arc<dyn runtime::LineSink> = Arc::new(log.clone());
                 let inv = Invocation {
                     env: env.clone(),
                     stdout: Stream::Lines(sink.clone()),
@@ -71,7 +73,7 @@ impl Handler {
                     allowed_hosts: allowed_hosts.clone(),
                     ..Invocation::new("")
                 };
-                Some(runtime.service(&program, inv, limits, Some(sink))?)
+                Some(runtime.service(&program, inv, limits, Some(sink.clone()))?)
             }
             _ => None,
         };
@@ -84,6 +86,7 @@ impl Handler {
             mounts,
             allowed_hosts,
             log,
+            sink,
             service,
         })
     }
@@ -253,27 +256,26 @@ impl WagiApp {
         }
         let method = req.method().clone();
         let path = req.uri().path().to_string();
-        let log: Arc<dyn runtime::LineSink> = Arc::new(h.log.clone());
-        let inv = Invocation {
-            entrypoint: String::new(),
-            args: Vec::new(),
-            env: h.env.clone(),
-            stdin: Bytes::new(),
-            stdout: Stream::Lines(log.clone()),
-            stderr: Stream::Lines(log),
-            preopens: h.mounts.clone(),
-            allowed_hosts: h.allowed_hosts.clone(),
-            timeout: Some(self.timeout),
-        };
         // A 0.2 instance is the request's own: the runtime keeps the slot as long as the
         // instance lives. A 0.3 instance is shared: the slot stands for this request until its
         // body is done.
         let (served, slot) = match &h.service {
             Some(service) => (service.handle(req).await, Some(slot)),
-            None => (
-                self.runtime.serve_http(&h.program, req, inv, slot).await,
-                None,
-            ),
+            None => {
+                let inv = Invocation {
+                    entrypoint: String::new(),
+                    args: Vec::new(),
+                    env: h.env.clone(),
+                    stdin: Bytes::new(),
+                    stdout: Stream::Lines(h.sink.clone()),
+                    stderr: Stream::Lines(h.sink.clone()),
+                    preopens: h.mounts.clone(),
+                    allowed_hosts: h.allowed_hosts.clone(),
+                    timeout: Some(self.timeout),
+                };
+                let served = self.runtime.serve_http(&h.program, req, inv, slot).await;
+                (served, None)
+            }
         };
         match served {
             Ok(resp) => resp.map(|body| Either::Right(Held { body, _slot: slot })),
