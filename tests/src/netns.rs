@@ -1,0 +1,251 @@
+//! A network namespace joined to the root namespace by a veth pair, so that tests have real
+//! (non-loopback) addresses: the API server refuses loopback addresses in EndpointSlices, so a node
+//! that backs a Service needs one. Dummy interfaces are not available on these machines; veth pairs
+//! are. Needs root and iproute2 (`ip`), which tools/setup installs.
+//!
+//! ```no_run
+//! let net = e2e::netns::NetNs::new()?;
+//! // The host end, e.g. 10.213.0.1, is in the root namespace: give it to the node as --node-ip.
+//! println!("node ip {}", net.host_ip);
+//! // Inside the namespace, the other end (e.g. 10.213.0.2) reaches it over the veth.
+//! let out = net.run(&["curl", "-s", &format!("http://{}:8080/", net.host_ip)])?;
+//! # let _ = out;
+//! # anyhow::Ok(())
+//! ```
+//!
+//! Each [`NetNs`] takes a /30 of 10.213.0.0/16 that no interface in the root namespace holds (chosen
+//! under a lock file, so concurrent test processes never share one) and is removed on drop, panics
+//! included. A test process killed before its drop leaves its namespace and pair behind: every
+//! [`NetNs::new`] first removes those whose owning process (the PID in their names) is gone.
+//! Stop the processes you started inside a namespace (e.g. with `ip netns exec`) before dropping it.
+
+use std::fs::{File, OpenOptions};
+use std::net::Ipv4Addr;
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use anyhow::{Context, Result, bail};
+
+/// Every namespace this module creates is named `NS_PREFIX<pid>-<n>`.
+pub const NS_PREFIX: &str = "wasinode-";
+/// Every host-end interface this module creates is named `LINK_PREFIX<pid>-<n>h` (its peer
+/// `...p`); at most 15 characters.
+pub const LINK_PREFIX: &str = "wn";
+/// The range the pairs' /30s come from.
+pub const RANGE: (Ipv4Addr, u8) = (Ipv4Addr::new(10, 213, 0, 0), 16);
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// A network namespace and the veth pair joining it to the root namespace. Removed on drop.
+#[derive(Debug)]
+pub struct NetNs {
+    /// The namespace's name (`ip netns exec NAME ...`).
+    pub name: String,
+    /// The veth end in the root namespace.
+    pub host_if: String,
+    /// The veth end inside the namespace.
+    pub ns_if: String,
+    /// The host end's address (in the root namespace), e.g. 10.213.0.1.
+    pub host_ip: Ipv4Addr,
+    /// The namespace end's address, e.g. 10.213.0.2. The namespace's default route is via
+    /// `host_ip`.
+    pub ns_ip: Ipv4Addr,
+    /// The prefix length of both addresses (30).
+    pub prefix_len: u8,
+}
+
+/// Runs `ip ARGS...`; fails with its stderr unless it succeeds.
+fn ip(args: &[&str]) -> Result<String> {
+    let out = Command::new("ip")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running ip {}", args.join(" ")))?;
+    if !out.status.success() {
+        bail!(
+            "ip {} failed ({}): {}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The PID in a name made by this module (`<prefix><pid>-<n>...`), if it is one.
+fn owner_pid(name: &str, prefix: &str) -> Option<u32> {
+    name.strip_prefix(prefix)?.split('-').next()?.parse().ok()
+}
+
+fn process_alive(pid: u32) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Removes namespaces and host-end links made by processes that no longer run.
+fn sweep_stale() -> Result<()> {
+    for line in ip(&["-o", "link", "show"])?.lines() {
+        // "12: wn123-0h@if11: <...> ..."
+        let Some(name) = line.split(": ").nth(1) else {
+            continue;
+        };
+        let name = name.split('@').next().unwrap_or(name);
+        if let Some(pid) = owner_pid(name, LINK_PREFIX)
+            && name.ends_with('h')
+            && !process_alive(pid)
+        {
+            let _ = ip(&["link", "del", name]);
+        }
+    }
+    for line in ip(&["netns", "list"])?.lines() {
+        // "wasinode-123-0" or "wasinode-123-0 (id: 3)"
+        let name = line.split_whitespace().next().unwrap_or("");
+        if let Some(pid) = owner_pid(name, NS_PREFIX)
+            && !process_alive(pid)
+        {
+            let _ = ip(&["netns", "del", name]);
+        }
+    }
+    Ok(())
+}
+
+/// The IPv4 addresses held by interfaces of the root namespace.
+fn addresses_in_use() -> Result<Vec<Ipv4Addr>> {
+    let mut used = vec![];
+    for line in ip(&["-o", "-4", "addr", "show"])?.lines() {
+        // "4: eth0    inet 10.1.2.3/24 brd ... scope global eth0"
+        let mut words = line.split_whitespace();
+        while let Some(w) = words.next() {
+            if w == "inet"
+                && let Some(addr) = words.next().and_then(|a| a.split('/').next())
+                && let Ok(addr) = addr.parse()
+            {
+                used.push(addr);
+            }
+        }
+    }
+    Ok(used)
+}
+
+/// The lock that makes choosing and taking a /30 atomic across test processes.
+fn lock() -> Result<File> {
+    let path = std::env::temp_dir().join("wasinode-netns.lock");
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    file.lock()
+        .with_context(|| format!("locking {}", path.display()))?;
+    Ok(file)
+}
+
+impl NetNs {
+    /// Creates a namespace and a veth pair with a free /30: the host end (`.1` of the /30) in the
+    /// root namespace, the other (`.2`) in the namespace, both up, with `lo` up and a default route
+    /// via the host end inside the namespace.
+    pub fn new() -> Result<NetNs> {
+        let _lock = lock()?;
+        sweep_stale()?;
+        let used = addresses_in_use()?;
+        let base = u32::from(RANGE.0);
+        let blocks = 1u32 << (32 - RANGE.1 - 2);
+        let block = (0..blocks)
+            .map(|i| base + i * 4)
+            .find(|net| (0..4).all(|k| !used.contains(&Ipv4Addr::from(net + k))))
+            .context("no free /30 left in 10.213.0.0/16")?;
+        let pid = std::process::id();
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let net = NetNs {
+            name: format!("{NS_PREFIX}{pid}-{n}"),
+            host_if: format!("{LINK_PREFIX}{pid}-{n}h"),
+            ns_if: format!("{LINK_PREFIX}{pid}-{n}p"),
+            host_ip: Ipv4Addr::from(block + 1),
+            ns_ip: Ipv4Addr::from(block + 2),
+            prefix_len: 30,
+        };
+        // From here on, dropping `net` removes whatever was made.
+        net.create()?;
+        Ok(net)
+    }
+
+    fn create(&self) -> Result<()> {
+        let host = format!("{}/{}", self.host_ip, self.prefix_len);
+        let peer = format!("{}/{}", self.ns_ip, self.prefix_len);
+        let gw = self.host_ip.to_string();
+        let ns = self.name.as_str();
+        ip(&["netns", "add", ns])?;
+        ip(&[
+            "link",
+            "add",
+            &self.host_if,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &self.ns_if,
+        ])?;
+        ip(&["link", "set", &self.ns_if, "netns", ns])?;
+        ip(&["addr", "add", &host, "dev", &self.host_if])?;
+        ip(&["link", "set", &self.host_if, "up"])?;
+        ip(&["-n", ns, "addr", "add", &peer, "dev", &self.ns_if])?;
+        ip(&["-n", ns, "link", "set", &self.ns_if, "up"])?;
+        ip(&["-n", ns, "link", "set", "lo", "up"])?;
+        ip(&["-n", ns, "route", "add", "default", "via", &gw])?;
+        Ok(())
+    }
+
+    /// A command that runs `program` inside the namespace (`ip netns exec NAME program`); add
+    /// arguments, environment and stdio as usual.
+    pub fn command(&self, program: &str) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.name, program]);
+        cmd
+    }
+
+    /// Runs `argv` inside the namespace and returns its output, whatever its exit status.
+    pub fn output(&self, argv: &[&str]) -> Result<Output> {
+        let (program, args) = argv.split_first().context("empty command")?;
+        self.command(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .with_context(|| format!("running {} in netns {}", argv.join(" "), self.name))
+    }
+
+    /// Runs `argv` inside the namespace; its stdout, or an error with its stderr if it fails.
+    pub fn run(&self, argv: &[&str]) -> Result<String> {
+        let out = self.output(argv)?;
+        if !out.status.success() {
+            bail!(
+                "{} in netns {} failed ({}): {}",
+                argv.join(" "),
+                self.name,
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        // Deleting one end of a veth pair deletes both, wherever the other is.
+        let _ = ip(&["link", "del", &self.host_if]);
+        let _ = ip(&["netns", "del", &self.name]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn owner_pid_parses_only_our_names() {
+        assert_eq!(owner_pid("wasinode-123-0", NS_PREFIX), Some(123));
+        assert_eq!(owner_pid("wn77-3h", LINK_PREFIX), Some(77));
+        assert_eq!(owner_pid("wlan0", LINK_PREFIX), None);
+        assert_eq!(owner_pid("other-1-2", NS_PREFIX), None);
+    }
+}
