@@ -5,6 +5,7 @@
 pub mod agent;
 pub mod cluster;
 pub mod guests;
+pub mod metrics_server;
 pub mod netns;
 pub mod nginx;
 pub mod registry;
