@@ -167,8 +167,12 @@ pub async fn run(
         host,
         data_dir.clone(),
     ));
-    let (statuses, inbox) =
-        status::Statuses::new(client.clone(), cfg.node_name.clone(), cfg.node_ip);
+    let (statuses, inbox) = status::Statuses::new(
+        client.clone(),
+        cfg.node_name.clone(),
+        cfg.node_ip,
+        cfg.pod_address.unwrap_or(cfg.node_ip),
+    );
     let sink = tokio::spawn(statuses.clone().sink(reports, inbox));
     let slot = server::cert_slot(server::self_signed(&cfg.node_name, cfg.node_ip)?);
     let rotate = tokio::spawn(server::rotate_serving_cert(

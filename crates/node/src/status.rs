@@ -46,6 +46,8 @@ pub struct PodRecord {
     /// Restarts counted before this agent took the pod in hand (a restarted agent re-adopting
     /// it), per container; the Supervisor counts from 0 again.
     restarts_before: HashMap<String, u32>,
+    /// `spec.hostNetwork`: such a pod's IP is the node's, as the kubelet reports it.
+    host_network: bool,
 }
 
 const CONDITIONS: [&str; 4] = [
@@ -105,6 +107,11 @@ impl PodRecord {
             start_time,
             conditions,
             restarts_before,
+            host_network: pod
+                .spec
+                .as_ref()
+                .and_then(|s| s.host_network)
+                .unwrap_or(false),
         }
     }
 
@@ -235,8 +242,21 @@ impl PodRecord {
         c
     }
 
-    /// The `status` the kubelet would write now (a strategic merge patch body).
+    /// The `status` the kubelet would write now (a strategic merge patch body), for a node whose
+    /// pods serve on its own address.
     pub fn status(&mut self, uid: &str, node_ip: IpAddr, now: SystemTime) -> Value {
+        self.status_at(uid, node_ip, node_ip, now)
+    }
+
+    /// The `status` the kubelet would write now: `hostIP` the node's address, `podIP` the
+    /// address the pod's listeners serve on (`--pod-address`; the node's for a hostNetwork pod).
+    pub fn status_at(
+        &mut self,
+        uid: &str,
+        node_ip: IpAddr,
+        pod_ip: IpAddr,
+        now: SystemTime,
+    ) -> Value {
         let terminal = matches!(self.phase, Phase::Succeeded | Phase::Failed);
         let all_ready = !self.containers.is_empty()
             && self
@@ -282,6 +302,7 @@ impl PodRecord {
             })
             .collect();
         let ip = node_ip.to_string();
+        let pod_ip = if self.host_network { node_ip } else { pod_ip }.to_string();
         json!({
             "metadata": {"uid": uid},
             "status": {
@@ -290,8 +311,8 @@ impl PodRecord {
                 "message": self.message,
                 "hostIP": ip,
                 "hostIPs": [{"ip": ip}],
-                "podIP": ip,
-                "podIPs": [{"ip": ip}],
+                "podIP": pod_ip,
+                "podIPs": [{"ip": pod_ip}],
                 "startTime": time(self.start_time),
                 "conditions": conditions,
                 "containerStatuses": statuses,
@@ -346,6 +367,8 @@ pub struct Statuses {
     client: kube::Client,
     node_name: String,
     node_ip: IpAddr,
+    /// The address pods serve on (`--pod-address`, else `node_ip`): their `podIP`.
+    pod_ip: IpAddr,
     pods: Arc<Mutex<HashMap<PodKey, PodRecord>>>,
     to_sink: mpsc::Sender<SinkMsg>,
     events: mpsc::Sender<EventMsg>,
@@ -387,7 +410,12 @@ pub struct SinkInbox {
 }
 
 impl Statuses {
-    pub fn new(client: kube::Client, node_name: String, node_ip: IpAddr) -> (Statuses, SinkInbox) {
+    pub fn new(
+        client: kube::Client,
+        node_name: String,
+        node_ip: IpAddr,
+        pod_ip: IpAddr,
+    ) -> (Statuses, SinkInbox) {
         let (to_sink, requests) = mpsc::channel(SINK_QUEUE);
         let (events_tx, events) = mpsc::channel(EVENT_QUEUE);
         (
@@ -395,6 +423,7 @@ impl Statuses {
                 client,
                 node_name,
                 node_ip,
+                pod_ip,
                 pods: Arc::default(),
                 to_sink,
                 events: events_tx,
@@ -508,7 +537,7 @@ impl Statuses {
     /// Writes the pod's status to the API server. A pod that is gone is not an error.
     async fn write_now(&self, key: &PodKey) -> kube::Result<()> {
         let body = match self.lock().get_mut(key) {
-            Some(r) => r.status(&key.uid, self.node_ip, SystemTime::now()),
+            Some(r) => r.status_at(&key.uid, self.node_ip, self.pod_ip, SystemTime::now()),
             None => return Ok(()),
         };
         let pods: Api<Pod> = Api::namespaced(self.client.clone(), &key.namespace);
@@ -791,6 +820,25 @@ mod tests {
 
     fn key() -> PodKey {
         workload::plan::pod_key(&pod())
+    }
+
+    #[test]
+    fn pod_ip_is_the_pod_address_and_host_ip_the_node_address() {
+        let now = SystemTime::now();
+        let (node, pods): (IpAddr, IpAddr) =
+            ("10.213.0.1".parse().unwrap(), "10.214.0.7".parse().unwrap());
+        let s = PodRecord::new(&pod(), now).status_at("u1", node, pods, now);
+        assert_eq!(s["status"]["hostIP"], "10.213.0.1");
+        assert_eq!(s["status"]["hostIPs"], json!([{"ip": "10.213.0.1"}]));
+        assert_eq!(s["status"]["podIP"], "10.214.0.7");
+        assert_eq!(s["status"]["podIPs"], json!([{"ip": "10.214.0.7"}]));
+        // A hostNetwork pod has the node's address, as the kubelet reports it.
+        let mut host = pod();
+        if let Some(spec) = host.spec.as_mut() {
+            spec.host_network = Some(true);
+        }
+        let s = PodRecord::new(&host, now).status_at("u1", node, pods, now);
+        assert_eq!(s["status"]["podIP"], "10.213.0.1");
     }
 
     /// The supervisor's reports of container `c` running and the pod Running.
