@@ -143,7 +143,8 @@ fn lock() -> Result<File> {
 impl NetNs {
     /// Creates a namespace and a veth pair with a free /30: the host end (`.1` of the /30) in the
     /// root namespace, the other (`.2`) in the namespace, both up, with `lo` up and a default route
-    /// via the host end inside the namespace.
+    /// via the host end inside the namespace. The host end never forwards what it receives, so
+    /// the namespace reaches nothing beyond this host's own addresses.
     pub fn new() -> Result<NetNs> {
         let _lock = lock()?;
         sweep_stale()?;
@@ -187,6 +188,10 @@ impl NetNs {
         ])?;
         ip(&["link", "set", &self.ns_if, "netns", ns])?;
         ip(&["addr", "add", &host, "dev", &self.host_if])?;
+        // Nothing the namespace sends is forwarded beyond the host end, whatever the host's
+        // ip_forward: its traffic reaches this host's own addresses only.
+        let forwarding = format!("/proc/sys/net/ipv4/conf/{}/forwarding", self.host_if);
+        std::fs::write(&forwarding, "0").with_context(|| format!("writing {forwarding}"))?;
         ip(&["link", "set", &self.host_if, "up"])?;
         ip(&["-n", ns, "addr", "add", &peer, "dev", &self.ns_if])?;
         ip(&["-n", ns, "link", "set", &self.ns_if, "up"])?;

@@ -100,7 +100,13 @@ impl Shared {
 impl StallProxy {
     /// Listens on a free port of 127.0.0.1 and forwards each connection to `upstream`.
     pub fn start(upstream: SocketAddr) -> Result<StallProxy> {
-        let listener = TcpListener::bind("127.0.0.1:0").context("binding the stall proxy")?;
+        Self::start_on(std::net::Ipv4Addr::LOCALHOST.into(), upstream)
+    }
+
+    /// Listens on a free port of `ip` (an address of this host: loopback, or a veth end a test
+    /// made) and forwards each connection to `upstream`.
+    pub fn start_on(ip: std::net::IpAddr, upstream: SocketAddr) -> Result<StallProxy> {
+        let listener = TcpListener::bind((ip, 0)).context("binding the stall proxy")?;
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared {
             upstream,

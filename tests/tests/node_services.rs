@@ -6,12 +6,24 @@
 //! Needs root and iproute2 (tools/setup). Run:
 //! `cargo build --release -p wasinode && cargo test --release -p wasinode-e2e --test node_services`
 
+use std::collections::BTreeSet;
 use std::io::{Read, Write};
-use std::net::TcpListener;
-use std::process::Command;
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
 
-use anyhow::{Context, Result, ensure};
+use anyhow::{Context, Result, bail, ensure};
+use e2e::agent::{Agent, AgentOptions, TOLERATIONS};
+use e2e::cluster::{self, Cluster};
 use e2e::netns::NetNs;
+use e2e::registry::Registry;
+use e2e::stallproxy::StallProxy;
+use e2e::wasinode::free_port;
+use serde_json::{Value, json};
+
+const TIMEOUT: Duration = Duration::from_secs(120);
+const NODE: &str = "wasi-svc-node";
 
 /// Whether `ip` lists an interface or a namespace named `name`.
 fn exists(name: &str) -> Result<bool> {
@@ -90,5 +102,334 @@ fn netns_pairs_do_not_share_addresses() -> Result<()> {
     let a = NetNs::new()?;
     let b = NetNs::new().context("second NetNs")?;
     ensure!(a.host_ip != b.host_ip && a.ns_ip != b.host_ip && a.host_ip != b.ns_ip);
+    Ok(())
+}
+
+/// Builds (or finds in the cache) kube-proxy of the control plane's release
+/// (`tools/cluster kube-proxy`); returns its path.
+fn kube_proxy_binary() -> Result<PathBuf> {
+    let out = Command::new(cluster::script())
+        .arg("kube-proxy")
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit())
+        .output()
+        .context("running tools/cluster kube-proxy")?;
+    ensure!(
+        out.status.success(),
+        "tools/cluster kube-proxy failed ({})",
+        out.status
+    );
+    Ok(PathBuf::from(String::from_utf8(out.stdout)?.trim()))
+}
+
+/// A real kube-proxy (iptables mode) running inside `net`'s namespace as `system:kube-proxy`,
+/// for node `node`. The API server listens on the root namespace's loopback only, which the
+/// namespace cannot reach: kube-proxy reaches it through a forwarder on the veth's host end
+/// (the kubeconfig names that address, and `localhost` as the server name the certificate holds).
+/// Killed on drop.
+struct KubeProxy {
+    child: Child,
+    log: PathBuf,
+    _forward: StallProxy,
+    _dir: tempfile::TempDir,
+}
+
+impl KubeProxy {
+    fn start(net: &NetNs, cluster: &Cluster, node: &str) -> Result<KubeProxy> {
+        let bin = kube_proxy_binary()?;
+        let api: SocketAddr = cluster
+            .api_server
+            .trim_start_matches("https://")
+            .parse()
+            .context("the API server's address")?;
+        let forward = StallProxy::start_on(net.host_ip.into(), api)?;
+        let dir = tempfile::Builder::new()
+            .prefix("wasinode-kube-proxy-")
+            .tempdir()?;
+        let original = std::fs::read_to_string(cluster.dir.join("kube-proxy.kubeconfig"))?;
+        let server = format!("    server: {}\n", cluster.api_server);
+        ensure!(
+            original.contains(&server),
+            "unexpected kubeconfig:\n{original}"
+        );
+        let kubeconfig = dir.path().join("kubeconfig");
+        std::fs::write(
+            &kubeconfig,
+            original.replace(
+                &server,
+                &format!(
+                    "    server: https://{}\n    tls-server-name: localhost\n",
+                    forward.addr()
+                ),
+            ),
+        )?;
+        let log = dir.path().join("kube-proxy.log");
+        let out = std::fs::File::create(&log)?;
+        let child = net
+            .command(&bin.to_string_lossy())
+            .arg("--kubeconfig")
+            .arg(&kubeconfig)
+            .args(["--proxy-mode", "iptables", "--hostname-override", node])
+            // Leave the host-wide conntrack table and timeouts alone.
+            .args(["--conntrack-max-per-core", "0"])
+            .args(["--conntrack-tcp-timeout-established", "0s"])
+            .args(["--conntrack-tcp-timeout-close-wait", "0s"])
+            .args(["--healthz-bind-address", "127.0.0.1:10256"])
+            .args(["--metrics-bind-address", "127.0.0.1:10249"])
+            .args(["--iptables-min-sync-period", "0s", "-v", "2"])
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .context("starting kube-proxy")?;
+        Ok(KubeProxy {
+            child,
+            log,
+            _forward: forward,
+            _dir: dir,
+        })
+    }
+
+    fn output(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Fails (with its log) if kube-proxy has exited.
+    fn check_running(&mut self) -> Result<()> {
+        if let Some(status) = self.child.try_wait()? {
+            bail!("kube-proxy exited ({status}):\n{}", self.output());
+        }
+        Ok(())
+    }
+}
+
+impl Drop for KubeProxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A WAGI pod serving `cgi_echo` on `/echo` at `:port` (its default-host), labelled
+/// `group=<group>` and `who=<who>`, with `WHO=<who>` in its environment (so a response says which
+/// pod answered). With `container_port`, the container declares `port` as containerPort `http`.
+fn echo_pod(
+    name: &str,
+    who: &str,
+    group: &str,
+    port: u16,
+    image: &str,
+    container_port: bool,
+) -> Result<Value> {
+    let mut container = json!({
+        "name": "echo",
+        "image": image,
+        "env": [{"name": "WHO", "value": who}],
+    });
+    if container_port {
+        container["ports"] = json!([{"name": "http", "containerPort": port}]);
+    }
+    Ok(json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": name,
+            "namespace": "default",
+            "labels": {"group": group, "who": who},
+            "annotations": {
+                "alpha.wagi.krustlet.dev/default-host": format!(":{port}"),
+                "alpha.wagi.krustlet.dev/modules": r#"{"echo": {"route": "/echo"}}"#,
+            },
+        },
+        "spec": {
+            "nodeSelector": {"kubernetes.io/arch": "wasm32-wagi"},
+            "tolerations": serde_json::from_str::<Value>(TOLERATIONS)?,
+            "terminationGracePeriodSeconds": 2,
+            "containers": [container],
+        },
+    }))
+}
+
+fn service(name: &str, selector: Value, port: u16, target_port: Value) -> Value {
+    json!({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {
+            "selector": selector,
+            "ports": [{"name": "http", "port": port, "targetPort": target_port, "protocol": "TCP"}],
+        },
+    })
+}
+
+/// One endpoint of a Service's EndpointSlices: (pod, address, port, ready).
+type Endpoint = (String, String, u64, bool);
+
+/// The endpoints of Service `svc`'s EndpointSlices (from kube-controller-manager's
+/// endpointslice controller), sorted.
+fn endpoints(cluster: &Cluster, svc: &str) -> Result<Vec<Endpoint>> {
+    let label = format!("kubernetes.io/service-name={svc}");
+    let slices = cluster.kubectl_json(&["get", "endpointslices", "-n", "default", "-l", &label])?;
+    let mut out = vec![];
+    for slice in slices["items"].as_array().into_iter().flatten() {
+        ensure!(
+            slice["metadata"]["labels"]["endpointslice.kubernetes.io/managed-by"]
+                == "endpointslice-controller.k8s.io",
+            "{slice}"
+        );
+        let port = slice["ports"][0]["port"].as_u64().unwrap_or(0);
+        for ep in slice["endpoints"].as_array().into_iter().flatten() {
+            for addr in ep["addresses"].as_array().into_iter().flatten() {
+                out.push((
+                    ep["targetRef"]["name"].as_str().unwrap_or("").to_string(),
+                    addr.as_str().unwrap_or("").to_string(),
+                    port,
+                    ep["conditions"]["ready"] == true,
+                ));
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Waits until Service `svc`'s EndpointSlices hold exactly `want`.
+fn wait_endpoints(cluster: &Cluster, svc: &str, want: &[Endpoint]) -> Result<()> {
+    let mut want = want.to_vec();
+    want.sort();
+    let mut last = vec![];
+    cluster
+        .wait_for(&format!("the EndpointSlices of {svc}"), TIMEOUT, || {
+            last = endpoints(cluster, svc)?;
+            Ok(last == want)
+        })
+        .with_context(|| format!("last seen: {last:?}; wanted {want:?}"))
+}
+
+/// The ClusterIP of Service `svc`.
+fn cluster_ip(cluster: &Cluster, svc: &str) -> Result<String> {
+    let s = cluster.kubectl_json(&["get", "service", svc, "-n", "default"])?;
+    s["spec"]["clusterIP"]
+        .as_str()
+        .map(str::to_string)
+        .context("no clusterIP")
+}
+
+/// `GET url` from inside the namespace: the `WHO` of the pod that answered, or an error.
+fn who_answers(net: &NetNs, url: &str) -> Result<String> {
+    let body = net.run(&["curl", "-sS", "--fail", "--max-time", "5", url])?;
+    body.lines()
+        .find_map(|l| l.strip_prefix("WHO="))
+        .map(str::to_string)
+        .with_context(|| format!("no WHO in {body}"))
+}
+
+/// Which pods answer `requests` GETs of `url` from inside the namespace.
+fn who_answers_all(net: &NetNs, url: &str, requests: usize) -> Result<BTreeSet<String>> {
+    (0..requests).map(|_| who_answers(net, url)).collect()
+}
+
+/// A node whose address is the host end of a veth pair: its pods report that address as podIP,
+/// a Service selecting them gets EndpointSlices from the real controller-manager with the
+/// containerPort (named) or the WAGI default-host port (numbered) as targetPort, and a real
+/// kube-proxy in the namespace carries the Service's ClusterIP traffic over the veth to both pods.
+#[test]
+fn services_reach_wasm_pods_through_kube_proxy() -> Result<()> {
+    let net = NetNs::new()?;
+    let host = net.host_ip.to_string();
+    kube_proxy_binary()?;
+    let registry = Registry::start();
+    let cluster = Cluster::up()?;
+    let opts = AgentOptions::new(NODE)
+        .ip(&host)
+        .args(&["--pod-address", &host]);
+    let agent = Agent::start_ready(&cluster, opts, TIMEOUT)?;
+    let result = services(&net, &cluster, &registry, &host);
+    result.with_context(|| agent.output())?;
+    drop(agent);
+    cluster.down()
+}
+
+fn services(net: &NetNs, cluster: &Cluster, registry: &Registry, host: &str) -> Result<()> {
+    let node = cluster.kubectl_json(&["get", "node", NODE])?;
+    let addresses = &node["status"]["addresses"];
+    ensure!(
+        addresses
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|a| a["type"] == "InternalIP" && a["address"] == host),
+        "{addresses}"
+    );
+
+    let image = registry.push_guest("cgi_echo")?;
+    let (pa, pb, pc) = (free_port(), free_port(), free_port());
+    ensure!(pa != pb && pb != pc && pa != pc);
+    cluster.apply(&json!({"apiVersion": "v1", "kind": "List", "items": [
+        echo_pod("echo-a", "a", "named", pa, &image, true)?,
+        echo_pod("echo-b", "b", "named", pb, &image, true)?,
+        // A WAGI pod with no containerPort: its default-host port is the numbered targetPort.
+        echo_pod("echo-c", "c", "numbered", pc, &image, false)?,
+        service("svc-named", json!({"group": "named"}), 80, json!("http")),
+        service("svc-numbered", json!({"group": "numbered"}), 8080, json!(pc)),
+    ]}))?;
+    for name in ["echo-a", "echo-b", "echo-c"] {
+        cluster.wait_for(&format!("{name} Ready"), TIMEOUT, || {
+            let pod = cluster.pod(name)?;
+            Ok(pod["status"]["conditions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|c| c["type"] == "Ready" && c["status"] == "True"))
+        })?;
+        let status = &cluster.pod(name)?["status"];
+        ensure!(status["podIP"] == host, "{name}: {status}");
+        ensure!(
+            status["podIPs"] == json!([{"ip": host}]),
+            "{name}: {status}"
+        );
+        ensure!(status["hostIP"] == host, "{name}: {status}");
+    }
+
+    let ep = |pod: &str, port: u16, ready: bool| {
+        (pod.to_string(), host.to_string(), u64::from(port), ready)
+    };
+    wait_endpoints(
+        cluster,
+        "svc-named",
+        &[ep("echo-a", pa, true), ep("echo-b", pb, true)],
+    )?;
+    wait_endpoints(cluster, "svc-numbered", &[ep("echo-c", pc, true)])?;
+
+    let named = format!("http://{}:80/echo", cluster_ip(cluster, "svc-named")?);
+    let numbered = format!("http://{}:8080/echo", cluster_ip(cluster, "svc-numbered")?);
+    // Nothing answers on a ClusterIP before kube-proxy runs (the host end forwards nothing).
+    ensure!(who_answers(net, &numbered).is_err());
+
+    let mut proxy = KubeProxy::start(net, cluster, NODE)?;
+    // kube-proxy has written its rules once the ClusterIP answers.
+    cluster
+        .wait_for(
+            "the ClusterIP to answer through kube-proxy",
+            TIMEOUT,
+            || {
+                proxy.check_running()?;
+                who_answers(net, &numbered).map(|w| w == "c")
+            },
+        )
+        .with_context(|| proxy.output())?;
+    // Both endpoints are in the rotation (each request picks one at random: 40 requests all
+    // to one of two would happen once in 2^39 runs).
+    let seen = who_answers_all(net, &named, 40)?;
+    ensure!(
+        seen == BTreeSet::from(["a".into(), "b".into()]),
+        "answered by {seen:?}"
+    );
+    // Through kube-proxy's rules: its chains DNAT the ClusterIP to the pods' address and ports.
+    let rules = net.run(&["iptables-save", "-t", "nat"])?;
+    for port in [pa, pb, pc] {
+        let dnat = format!("--to-destination {host}:{port}");
+        ensure!(rules.contains(&dnat), "no {dnat} in:\n{rules}");
+    }
     Ok(())
 }
