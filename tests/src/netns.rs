@@ -13,9 +13,9 @@
 //! # anyhow::Ok(())
 //! ```
 //!
-//! Each [`NetNs`] takes a /30 of 10.213.0.0/16 that no interface in the root namespace holds (chosen
-//! under a lock file, so concurrent test processes never share one) and is removed on drop, panics
-//! included. A test process killed before its drop leaves its namespace and pair behind: every
+//! Each [`NetNs`] takes a block of 10.213.0.0/16 (a /30, or larger for [`NetNs::with_hosts`]) that
+//! no interface in the root namespace holds (chosen under a lock file, so concurrent test processes
+//! never share one) and is removed on drop, panics included. A test process killed before its drop leaves its namespace and pair behind: every
 //! [`NetNs::new`] first removes those whose owning process (the PID in their names) is gone.
 //! Stop the processes you started inside a namespace (e.g. with `ip netns exec`) before dropping it.
 
@@ -45,12 +45,15 @@ pub struct NetNs {
     pub host_if: String,
     /// The veth end inside the namespace.
     pub ns_if: String,
-    /// The host end's address (in the root namespace), e.g. 10.213.0.1.
+    /// The host end's (first) address (in the root namespace), e.g. 10.213.0.1.
     pub host_ip: Ipv4Addr,
-    /// The namespace end's address, e.g. 10.213.0.2. The namespace's default route is via
-    /// `host_ip`.
+    /// Every address of the host end, consecutive from `host_ip` (one unless
+    /// [`NetNs::with_hosts`] asked for more).
+    pub host_ips: Vec<Ipv4Addr>,
+    /// The namespace end's address, the block's last usable one (e.g. 10.213.0.2 in a /30). The
+    /// namespace's default route is via `host_ip`.
     pub ns_ip: Ipv4Addr,
-    /// The prefix length of both addresses (30).
+    /// The prefix length of every address (30 for one host address).
     pub prefix_len: u8,
 }
 
@@ -108,18 +111,22 @@ fn sweep_stale() -> Result<()> {
     Ok(())
 }
 
-/// The IPv4 addresses held by interfaces of the root namespace.
-fn addresses_in_use() -> Result<Vec<Ipv4Addr>> {
+/// The subnets (first and last address) of the IPv4 addresses held by interfaces of the root
+/// namespace.
+fn subnets_in_use() -> Result<Vec<(u32, u32)>> {
     let mut used = vec![];
     for line in ip(&["-o", "-4", "addr", "show"])?.lines() {
         // "4: eth0    inet 10.1.2.3/24 brd ... scope global eth0"
         let mut words = line.split_whitespace();
         while let Some(w) = words.next() {
             if w == "inet"
-                && let Some(addr) = words.next().and_then(|a| a.split('/').next())
-                && let Ok(addr) = addr.parse()
+                && let Some((addr, len)) = words.next().and_then(|a| a.split_once('/'))
+                && let (Ok(addr), Ok(len)) = (addr.parse::<Ipv4Addr>(), len.parse::<u32>())
+                && len <= 32
             {
-                used.push(addr);
+                let mask = u32::MAX.checked_shl(32 - len).unwrap_or(0);
+                let first = u32::from(addr) & mask;
+                used.push((first, first | !mask));
             }
         }
     }
@@ -146,15 +153,29 @@ impl NetNs {
     /// via the host end inside the namespace. The host end never forwards what it receives, so
     /// the namespace reaches nothing beyond this host's own addresses.
     pub fn new() -> Result<NetNs> {
+        NetNs::with_hosts(1)
+    }
+
+    /// Like [`NetNs::new`], with `hosts` consecutive addresses on the host end (e.g. one per node
+    /// of a node pool: `--address-base` the first), in the smallest block that holds them, the
+    /// namespace's address, the network and the broadcast address.
+    pub fn with_hosts(hosts: u32) -> Result<NetNs> {
+        let size = (hosts.max(1) + 3).next_power_of_two();
+        if size > 256 {
+            bail!("{hosts} host addresses: at most 253");
+        }
         let _lock = lock()?;
         sweep_stale()?;
-        let used = addresses_in_use()?;
+        let used = subnets_in_use()?;
         let base = u32::from(RANGE.0);
-        let blocks = 1u32 << (32 - RANGE.1 - 2);
+        let blocks = (1u32 << (32 - RANGE.1)) / size;
         let block = (0..blocks)
-            .map(|i| base + i * 4)
-            .find(|net| (0..4).all(|k| !used.contains(&Ipv4Addr::from(net + k))))
-            .context("no free /30 left in 10.213.0.0/16")?;
+            .map(|i| base + i * size)
+            .find(|net| {
+                let last = net + size - 1;
+                used.iter().all(|&(a, b)| b < *net || a > last)
+            })
+            .context("no free block left in 10.213.0.0/16")?;
         let pid = std::process::id();
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let net = NetNs {
@@ -162,8 +183,11 @@ impl NetNs {
             host_if: format!("{LINK_PREFIX}{pid}-{n}h"),
             ns_if: format!("{LINK_PREFIX}{pid}-{n}p"),
             host_ip: Ipv4Addr::from(block + 1),
-            ns_ip: Ipv4Addr::from(block + 2),
-            prefix_len: 30,
+            host_ips: (1..=hosts.max(1))
+                .map(|k| Ipv4Addr::from(block + k))
+                .collect(),
+            ns_ip: Ipv4Addr::from(block + size - 2),
+            prefix_len: (32 - size.trailing_zeros()) as u8,
         };
         // From here on, dropping `net` removes whatever was made.
         net.create()?;
@@ -171,7 +195,6 @@ impl NetNs {
     }
 
     fn create(&self) -> Result<()> {
-        let host = format!("{}/{}", self.host_ip, self.prefix_len);
         let peer = format!("{}/{}", self.ns_ip, self.prefix_len);
         let gw = self.host_ip.to_string();
         let ns = self.name.as_str();
@@ -187,7 +210,10 @@ impl NetNs {
             &self.ns_if,
         ])?;
         ip(&["link", "set", &self.ns_if, "netns", ns])?;
-        ip(&["addr", "add", &host, "dev", &self.host_if])?;
+        for addr in &self.host_ips {
+            let host = format!("{addr}/{}", self.prefix_len);
+            ip(&["addr", "add", &host, "dev", &self.host_if])?;
+        }
         // Nothing the namespace sends is forwarded beyond the host end, whatever the host's
         // ip_forward: its traffic reaches this host's own addresses only.
         let forwarding = format!("/proc/sys/net/ipv4/conf/{}/forwarding", self.host_if);

@@ -96,12 +96,34 @@ fn netns_reaches_the_host_end_and_is_removed() -> Result<()> {
     Ok(())
 }
 
-/// Two NetNs in one process get different /30s.
+/// NetNs in one process get blocks that do not overlap, whatever their sizes, and every host
+/// address of a larger one is reachable from its namespace.
 #[test]
 fn netns_pairs_do_not_share_addresses() -> Result<()> {
     let a = NetNs::new()?;
-    let b = NetNs::new().context("second NetNs")?;
-    ensure!(a.host_ip != b.host_ip && a.ns_ip != b.host_ip && a.host_ip != b.ns_ip);
+    let b = NetNs::with_hosts(3).context("a second NetNs")?;
+    let c = NetNs::new().context("a third NetNs")?;
+    let block = |n: &NetNs| {
+        let mask = u32::MAX << (32 - n.prefix_len);
+        let first = u32::from(n.host_ip) & mask;
+        (first, first | !mask)
+    };
+    let blocks = [block(&a), block(&b), block(&c)];
+    for (i, x) in blocks.iter().enumerate() {
+        for y in &blocks[i + 1..] {
+            ensure!(x.1 < y.0 || y.1 < x.0, "{blocks:?} overlap");
+        }
+    }
+    ensure!(b.host_ips.len() == 3 && b.prefix_len == 29, "{b:?}");
+    for addr in &b.host_ips {
+        let listener = TcpListener::bind((*addr, 0))?;
+        let port = listener.local_addr()?.port();
+        let url = format!("telnet://{addr}:{port}");
+        // curl connects, then gives up on the silent server; the accept is what counts.
+        let _ = b.output(&["curl", "-s", "--max-time", "1", &url])?;
+        listener.set_nonblocking(true)?;
+        ensure!(listener.accept().is_ok(), "nothing reached {addr}:{port}");
+    }
     Ok(())
 }
 
@@ -432,4 +454,165 @@ fn services(net: &NetNs, cluster: &Cluster, registry: &Registry, host: &str) -> 
         ensure!(rules.contains(&dnat), "no {dnat} in:\n{rules}");
     }
     Ok(())
+}
+
+/// `wasinode nodepool ARGS --kubeconfig <admin> --state-dir DIR` to completion; its stdout.
+fn nodepool(cluster: &Cluster, state: &std::path::Path, args: &[&str]) -> Result<String> {
+    let out = Command::new(e2e::wasinode::binary())
+        .arg("nodepool")
+        .args(args)
+        .arg("--kubeconfig")
+        .arg(cluster.kubeconfig())
+        .arg("--state-dir")
+        .arg(state)
+        .stdin(Stdio::null())
+        .output()
+        .context("running wasinode nodepool")?;
+    ensure!(
+        out.status.success(),
+        "nodepool {} failed ({}):\n{}",
+        args.join(" "),
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Deletes the pool when the test ends, passed or failed (its provisioner drains and stops the
+/// agents), and then kills whatever of it still runs.
+struct PoolGuard<'a> {
+    cluster: &'a Cluster,
+    state: &'a std::path::Path,
+    pool: &'a str,
+}
+
+impl Drop for PoolGuard<'_> {
+    fn drop(&mut self) {
+        let _ = nodepool(
+            self.cluster,
+            self.state,
+            &["delete", self.pool, "--timeout", "60s"],
+        );
+        let pid_file = self.state.join(self.pool).join("provisioner.pid");
+        if let Ok(pid) = std::fs::read_to_string(pid_file) {
+            let _ = Command::new("kill").args(["-KILL", pid.trim()]).status();
+        }
+    }
+}
+
+/// A node pool whose nodes have real addresses (`nodepool add --address-base`: the host end's
+/// addresses of a veth pair) backs a Service: the Deployment's two pods, one per node on the same
+/// port, are the Service's endpoints at their nodes' addresses, and kube-proxy in the namespace
+/// reaches both.
+#[test]
+fn node_pool_nodes_with_real_addresses_back_a_service() -> Result<()> {
+    let net = NetNs::with_hosts(2)?;
+    kube_proxy_binary()?;
+    let registry = Registry::start();
+    let cluster = Cluster::up()?;
+    let image = registry.push_guest("cgi_echo")?;
+    let state = tempfile::tempdir()?;
+    let base = net.host_ips[0].to_string();
+    let kubelet_port = free_port().to_string();
+    let pool = PoolGuard {
+        cluster: &cluster,
+        state: state.path(),
+        pool: "svcpool",
+    };
+    nodepool(
+        &cluster,
+        state.path(),
+        &[
+            "add",
+            "--name",
+            "svcpool",
+            "--node-count",
+            "2",
+            "--address-base",
+            &base,
+            "--kubelet-port",
+            &kubelet_port,
+        ],
+    )?;
+    let addrs: Vec<String> = net.host_ips.iter().map(|a| a.to_string()).collect();
+    for (i, addr) in addrs.iter().enumerate() {
+        let node = cluster.kubectl_json(&["get", "node", &format!("svcpool-00000{i}")])?;
+        let a = &node["status"]["addresses"];
+        ensure!(
+            a.as_array()
+                .into_iter()
+                .flatten()
+                .any(|a| a["type"] == "InternalIP" && a["address"] == addr.as_str()),
+            "{a}"
+        );
+    }
+
+    let port = free_port();
+    let mut pod = echo_pod("unused", "", "pool", port, &image, false)?;
+    pod["spec"]["containers"][0]["env"] =
+        json!([{"name": "WHO", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}}]);
+    pod["spec"]["affinity"] = json!({"podAntiAffinity": {
+        "requiredDuringSchedulingIgnoredDuringExecution": [{
+            "topologyKey": "kubernetes.io/hostname",
+            "labelSelector": {"matchLabels": {"group": "pool"}},
+        }],
+    }});
+    let template = json!({"metadata": {
+        "labels": {"group": "pool"},
+        "annotations": pod["metadata"]["annotations"].clone(),
+    }, "spec": pod["spec"].clone()});
+    cluster.apply(&json!({"apiVersion": "v1", "kind": "List", "items": [
+        {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": {"name": "pool-echo", "namespace": "default"},
+            "spec": {
+                "replicas": 2,
+                "selector": {"matchLabels": {"group": "pool"}},
+                "template": template,
+            },
+        },
+        service("svc-pool", json!({"group": "pool"}), 80, json!(port)),
+    ]}))?;
+    let mut last = vec![];
+    cluster
+        .wait_for(
+            "two ready endpoints at the pool nodes' addresses",
+            TIMEOUT,
+            || {
+                last = endpoints(&cluster, "svc-pool")?;
+                let mut seen: Vec<(String, u64, bool)> = last
+                    .iter()
+                    .map(|(_, a, p, r)| (a.clone(), *p, *r))
+                    .collect();
+                seen.sort();
+                Ok(seen
+                    == addrs
+                        .iter()
+                        .map(|a| (a.clone(), u64::from(port), true))
+                        .collect::<Vec<_>>())
+            },
+        )
+        .with_context(|| format!("last seen: {last:?}"))?;
+
+    let mut proxy = KubeProxy::start(&net, &cluster, "svcpool-000000")?;
+    let url = format!("http://{}:80/echo", cluster_ip(&cluster, "svc-pool")?);
+    cluster
+        .wait_for(
+            "the ClusterIP to answer through kube-proxy",
+            TIMEOUT,
+            || {
+                proxy.check_running()?;
+                who_answers(&net, &url).map(|_| true)
+            },
+        )
+        .with_context(|| proxy.output())?;
+    let seen = who_answers_all(&net, &url, 40)?;
+    ensure!(
+        seen == BTreeSet::from(["svcpool-000000".into(), "svcpool-000001".into()]),
+        "answered by {seen:?}"
+    );
+    drop(proxy);
+    drop(pool);
+    cluster.down()
 }
