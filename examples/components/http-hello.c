@@ -246,6 +246,63 @@ static void route_echo(wasi_http_types_borrow_incoming_request_t req, outparam_t
   finish(resp, &trailers);
 }
 
+// Reads at most `cap` bytes of the request's body into `buf`; returns how many (or -1).
+static long read_request_body(wasi_http_types_borrow_incoming_request_t req, uint8_t *buf,
+                              size_t cap) {
+  wasi_http_types_own_incoming_body_t body;
+  if (!wasi_http_types_method_incoming_request_consume(req, &body)) return -1;
+  istream_t in;
+  long got = -1;
+  if (wasi_http_types_method_incoming_body_stream(wasi_http_types_borrow_incoming_body(body), &in)) {
+    got = 0;
+    for (;;) {
+      http_hello_list_u8_t chunk;
+      wasi_io_streams_stream_error_t err;
+      if (!wasi_io_streams_method_input_stream_blocking_read(wasi_io_streams_borrow_input_stream(in),
+                                                             CHUNK, &chunk, &err)) {
+        drop_stream_error(&err);
+        break;
+      }
+      size_t take = chunk.len < cap - (size_t)got ? chunk.len : cap - (size_t)got;
+      memcpy(buf + got, chunk.ptr, take);
+      got += (long)take;
+      http_hello_list_u8_free(&chunk);
+    }
+    wasi_io_streams_input_stream_drop_own(in);
+  }
+  wasi_http_types_future_trailers_drop_own(wasi_http_types_static_incoming_body_finish(body));
+  return got;
+}
+
+// grpc.health.v1.Health/Check (what a kubelet's gRPC probe calls): the HealthCheckRequest's
+// service "" (the server) is SERVING, "down" is NOT_SERVING, any other is unknown (NOT_FOUND).
+static void route_grpc_health(wasi_http_types_borrow_incoming_request_t req, outparam_t outparam) {
+  uint8_t in[256];
+  long n = read_request_body(req, in, sizeof in);
+  const char *service = "";
+  size_t service_len = 0;
+  // A gRPC frame (flag, 4-byte length) holding field 1 (tag 0x0a), a short string.
+  if (n >= 7 && in[5] == 0x0a && in[6] < 0x80 && 7 + (long)in[6] <= n) {
+    service = (const char *)in + 7;
+    service_len = in[6];
+  }
+  wasi_http_types_own_fields_t headers = wasi_http_types_constructor_fields();
+  add_header(headers, "content-type", "application/grpc", 16);
+  add_header(headers, "trailer", "grpc-status", 11);
+  response_t resp = respond_with(outparam, 200, headers);
+  wasi_http_types_own_trailers_t trailers = wasi_http_types_constructor_fields();
+  if (service_len == 0 || (service_len == 4 && memcmp(service, "down", 4) == 0)) {
+    uint8_t status = service_len == 0 ? 1 : 2; // SERVING, NOT_SERVING
+    uint8_t msg[] = {0, 0, 0, 0, 2, 0x08, status};
+    write_all(resp.stream, msg, sizeof msg);
+    add_header(trailers, "grpc-status", "0", 1);
+  } else {
+    add_header(trailers, "grpc-status", "5", 1);
+    add_header(trailers, "grpc-message", "unknown service", 15);
+  }
+  finish(resp, &trailers);
+}
+
 static void route_big(outparam_t outparam, const char *arg) {
   char *end;
   unsigned long long total = strtoull(arg, &end, 10);
@@ -473,6 +530,7 @@ void exports_wasi_http_incoming_handler_handle(
 
   if (strcmp(path, "/env") == 0) route_env(outparam, query);
   else if (strcmp(path, "/echo") == 0) route_echo(req, outparam);
+  else if (strcmp(path, "/grpc.health.v1.Health/Check") == 0) route_grpc_health(req, outparam);
   else if (strcmp(path, "/big") == 0) route_big(outparam, query);
   else if (strcmp(path, "/stderr") == 0) route_stderr(outparam, query);
   else if (strcmp(path, "/trap") == 0) __builtin_trap();

@@ -212,6 +212,8 @@ async fn print_reports(
                 message,
                 ..
             } => tracing::info!(%pod, %reason, "{message}"),
+            // Probes run in node mode only.
+            Report::Probe { .. } => {}
         }
     }
 }

@@ -17,6 +17,7 @@ pub mod host;
 pub mod labels;
 pub mod logs;
 pub mod pods;
+pub mod probe;
 pub mod register;
 pub mod resolve;
 pub mod server;
@@ -214,8 +215,11 @@ pub async fn run(
         },
         handled: Mutex::default(),
         max_pods: cfg.max_pods as usize,
+        prober: probe::Prober::new(statuses.clone(), sup.clone(), cfg.node_ip),
     });
+    let prober = ctx.prober.clone();
     pods::run(&cfg.node_name, ctx, shutdown).await;
+    prober.stop_all();
     sup.stop_all(cfg.shutdown_grace).await;
     heartbeat.abort();
     rotate.abort();

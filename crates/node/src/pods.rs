@@ -32,6 +32,8 @@ pub struct Context {
     pub handled: Mutex<Handled>,
     /// The node's `pods` capacity: admission rejects a pod beyond it (`OutOfpods`).
     pub max_pods: usize,
+    /// The probes of the pods this node runs.
+    pub prober: crate::probe::Prober,
 }
 
 /// Uids of the pods this agent has taken in hand (started or tried to), and the image pull
@@ -189,6 +191,7 @@ async fn reconcile(pod: Arc<Pod>, ctx: Arc<Context>) -> Result<Action, Error> {
         Ok(s) => {
             ctx.handled().pulls.remove(&key.uid);
             tracing::info!(pod = %key, listen = ?s.listen, "pod started");
+            ctx.prober.add(&key, &resolved.pod, s.listen);
         }
         Err(e) if e.is_image_pull() => {
             tracing::warn!(pod = %key, "image pull failed: {e}");
@@ -360,6 +363,8 @@ pub fn without_service_account_token(pod: &Pod) -> Pod {
 /// status, then delete with grace 0 and a UID precondition.
 async fn delete(pod: &Pod, key: &PodKey, ctx: &Context) -> Result<(), Error> {
     let grace = grace_of(pod);
+    // As the kubelet's: no liveness restart of a pod being deleted.
+    ctx.prober.remove(key);
     ctx.sup.stop(key, grace).await;
     ctx.statuses.track(key, pod);
     ctx.statuses.terminate(key);
@@ -388,6 +393,7 @@ async fn delete(pod: &Pod, key: &PodKey, ctx: &Context) -> Result<(), Error> {
 /// record, pull back-off, logs and volumes. The one cleanup of graceful deletion, force
 /// deletion (grace 0) and pods deleted while the agent was away.
 async fn forget_pod(ctx: &Context, key: &PodKey) {
+    ctx.prober.remove(key);
     ctx.sup.stop(key, Duration::ZERO).await;
     ctx.statuses.forget(key);
     {

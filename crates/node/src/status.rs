@@ -29,6 +29,32 @@ struct ContainerRecord {
     ready: bool,
     restart_count: u32,
     image_id: Option<String>,
+    /// The prober's last verdict (about the run that started at its `since`).
+    probe: Option<ProbeView>,
+}
+
+#[derive(Debug, Clone)]
+struct ProbeView {
+    since: SystemTime,
+    started: bool,
+    ready: bool,
+    note: Option<String>,
+}
+
+/// Which probes gate a container: a startup probe gates `started` (and so readiness), a
+/// readiness probe gates `ready` (the container starts unready, as the kubelet's).
+#[derive(Debug, Clone, Copy, Default)]
+struct Gates {
+    startup: bool,
+    readiness: bool,
+}
+
+/// What the prober reads of a container: when its current run started (`None` while it does
+/// not run), and whether the pod is done (Succeeded or Failed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ContainerRun {
+    pub running_since: Option<SystemTime>,
+    pub pod_terminal: bool,
 }
 
 /// What the node knows of one pod's status.
@@ -46,6 +72,8 @@ pub struct PodRecord {
     /// Restarts counted before this agent took the pod in hand (a restarted agent re-adopting
     /// it), per container; the Supervisor counts from 0 again.
     restarts_before: HashMap<String, u32>,
+    /// The probes of each container that gate its `started` and `ready`.
+    gates: HashMap<String, Gates>,
     /// `spec.hostNetwork`: such a pod's IP is the node's, as the kubelet reports it.
     host_network: bool,
 }
@@ -107,6 +135,18 @@ impl PodRecord {
             start_time,
             conditions,
             restarts_before,
+            gates: pod
+                .spec
+                .iter()
+                .flat_map(|s| &s.containers)
+                .map(|c| {
+                    let gates = Gates {
+                        startup: c.startup_probe.is_some(),
+                        readiness: c.readiness_probe.is_some(),
+                    };
+                    (c.name.clone(), gates)
+                })
+                .collect(),
             host_network: pod
                 .spec
                 .as_ref()
@@ -135,6 +175,7 @@ impl PodRecord {
                             ready: false,
                             restart_count: 0,
                             image_id: None,
+                            probe: None,
                         });
                 if matches!(rec.state, ContainerState::Terminated { .. })
                     && !matches!(state, ContainerState::Terminated { .. })
@@ -172,6 +213,23 @@ impl PodRecord {
                     }
                 }
             }
+            Report::Probe {
+                container,
+                since,
+                started,
+                ready,
+                note,
+                ..
+            } => {
+                if let Some(rec) = self.records.get_mut(container) {
+                    rec.probe = Some(ProbeView {
+                        since: *since,
+                        started: *started,
+                        ready: *ready,
+                        note: note.clone(),
+                    });
+                }
+            }
             Report::Event { .. } => {}
         }
     }
@@ -191,6 +249,7 @@ impl PodRecord {
                     ready: false,
                     restart_count: 0,
                     image_id: None,
+                    probe: None,
                 });
             rec.ready = false;
             match &rec.state {
@@ -220,6 +279,69 @@ impl PodRecord {
         }
     }
 
+    /// The prober's verdict about the container's current run, if it has one.
+    fn verdict(&self, name: &str) -> Option<&ProbeView> {
+        let rec = self.records.get(name)?;
+        match rec.state {
+            ContainerState::Running { started_at } => {
+                rec.probe.as_ref().filter(|p| p.since == started_at)
+            }
+            _ => None,
+        }
+    }
+
+    /// Running, and past its startup probe if it has one (the status's `started`).
+    fn started(&self, name: &str) -> bool {
+        let running = self
+            .records
+            .get(name)
+            .is_some_and(|r| matches!(r.state, ContainerState::Running { .. }));
+        let gates = self.gates.get(name).copied().unwrap_or_default();
+        running && (!gates.startup || self.verdict(name).is_some_and(|p| p.started))
+    }
+
+    /// Serving, started, and passing its readiness probe if it has one (the status's `ready`).
+    fn ready(&self, name: &str) -> bool {
+        let serving = self.records.get(name).is_some_and(|r| r.ready);
+        let gates = self.gates.get(name).copied().unwrap_or_default();
+        serving
+            && self.started(name)
+            && (!gates.readiness || self.verdict(name).is_some_and(|p| p.ready))
+    }
+
+    /// What the prober reads of container `name`.
+    pub fn run_of(&self, name: &str) -> ContainerRun {
+        let running_since = match self.records.get(name).map(|r| &r.state) {
+            Some(ContainerState::Running { started_at }) => Some(*started_at),
+            _ => None,
+        };
+        ContainerRun {
+            running_since,
+            pod_terminal: matches!(self.phase, Phase::Succeeded | Phase::Failed),
+        }
+    }
+
+    /// The kubelet's message on a false Ready condition: the unready containers, and what the
+    /// prober said of them.
+    fn unready_message(&self) -> Option<String> {
+        let unready: Vec<&str> = self
+            .containers
+            .iter()
+            .map(|(n, _)| n.as_str())
+            .filter(|n| !self.ready(n))
+            .collect();
+        if unready.is_empty() {
+            return None;
+        }
+        let mut m = format!("containers with unready status: [{}]", unready.join(" "));
+        for n in &unready {
+            if let Some(note) = self.verdict(n).and_then(|p| p.note.as_deref()) {
+                m.push_str(&format!("; {n}: {note}"));
+            }
+        }
+        Some(m)
+    }
+
     fn condition(&mut self, type_: &'static str, status: bool, now: SystemTime) -> Value {
         let entry = self.conditions.entry(type_).or_insert((status, now));
         if entry.0 != status {
@@ -238,6 +360,11 @@ impl PodRecord {
                 _ => "ContainersNotReady",
             };
             c["reason"] = json!(reason);
+            if reason == "ContainersNotReady"
+                && let Some(m) = self.unready_message()
+            {
+                c["message"] = json!(m);
+            }
         }
         c
     }
@@ -258,11 +385,8 @@ impl PodRecord {
         now: SystemTime,
     ) -> Value {
         let terminal = matches!(self.phase, Phase::Succeeded | Phase::Failed);
-        let all_ready = !self.containers.is_empty()
-            && self
-                .containers
-                .iter()
-                .all(|(n, _)| self.records.get(n).is_some_and(|r| r.ready));
+        let all_ready =
+            !self.containers.is_empty() && self.containers.iter().all(|(n, _)| self.ready(n));
         let ready = all_ready && self.phase == Phase::Running;
         let conditions = vec![
             self.condition("PodReadyToStartContainers", !terminal, now),
@@ -288,8 +412,8 @@ impl PodRecord {
                     "name": name,
                     "image": image,
                     "imageID": image_id,
-                    "ready": rec.is_some_and(|r| r.ready),
-                    "started": rec.is_some_and(|r| matches!(r.state, ContainerState::Running { .. })),
+                    "ready": self.ready(name),
+                    "started": self.started(name),
                     "restartCount": rec.map_or(0, |r| r.restart_count)
                         + self.restarts_before.get(name).copied().unwrap_or(0),
                     "state": state,
@@ -452,6 +576,11 @@ impl Statuses {
             .cloned()
     }
 
+    /// What the prober reads of one container of a kept pod (`None`: the pod is not kept).
+    pub fn run_of(&self, key: &PodKey, container: &str) -> Option<ContainerRun> {
+        self.lock().get(key).map(|r| r.run_of(container))
+    }
+
     /// Every pod whose status is kept.
     pub fn keys(&self) -> Vec<PodKey> {
         self.lock().keys().cloned().collect()
@@ -553,7 +682,9 @@ impl Statuses {
 
     /// Records a report; returns the pod whose status changed.
     fn apply(&self, report: &Report) -> Option<PodKey> {
-        let (Report::Container { pod, .. } | Report::Pod { pod, .. }) = report else {
+        let (Report::Container { pod, .. } | Report::Pod { pod, .. } | Report::Probe { pod, .. }) =
+            report
+        else {
             return None;
         };
         let mut pods = self.lock();

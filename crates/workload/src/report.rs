@@ -62,6 +62,18 @@ pub enum Report {
         reason: String,
         message: String,
     },
+    /// What the node's prober concluded about one run of a container (the run that started at
+    /// `since`; a verdict about an earlier run is ignored): whether its startup probe has passed
+    /// (`started`) and its readiness probe says it is `ready`, and why not, when the prober
+    /// knows (`note`, e.g. a probe kind this node cannot run).
+    Probe {
+        pod: PodKey,
+        container: String,
+        since: SystemTime,
+        started: bool,
+        ready: bool,
+        note: Option<String>,
+    },
 }
 
 /// Sends reports; a sink that went away is not an error for the workload.

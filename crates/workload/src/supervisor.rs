@@ -130,6 +130,8 @@ pub struct Supervisor {
     reports: Reporter,
     config: SupervisorConfig,
     pods: Pods,
+    /// Where to ask a running pod's servers to restart one of its containers.
+    restarts: Restarts,
 }
 
 impl Supervisor {
@@ -147,6 +149,7 @@ impl Supervisor {
             reports,
             config,
             pods: Arc::default(),
+            restarts: Arc::default(),
         }
     }
 
@@ -401,6 +404,7 @@ impl Supervisor {
         let key = &plan.key;
         let mut table = RouteTable::new();
         let mut served = Vec::new();
+        let mut recipes = Vec::new();
         for r in routes {
             let c = plan.containers.iter().find(|c| c.name == r.container);
             let (Some(c), Some(program)) = (c, programs.get(&r.container)) else {
@@ -435,23 +439,28 @@ impl Supervisor {
                 message: format!("container {}: {e}", c.name),
                 container: Some(c.name.clone()),
             };
-            table
-                .insert(r.pattern.clone(), handler(r.entrypoint.clone())?)
-                .map_err(clash)?;
+            let h = handler(r.entrypoint.clone())?;
+            recipes.push(Route::new(r, &r.pattern, &r.entrypoint, &h));
+            table.insert(r.pattern.clone(), h).map_err(clash)?;
             served.push(r.pattern.as_declared());
             if program.exports_func("_routes") {
                 for sub in self.sub_routes(c, program).await? {
                     let pattern = join(&r.pattern, &sub.pattern).map_err(clash)?;
                     served.push(pattern.as_declared());
-                    table
-                        .insert(pattern, handler(sub.entrypoint)?)
-                        .map_err(clash)?;
+                    let h = handler(sub.entrypoint.clone())?;
+                    recipes.push(Route::new(r, &pattern, &sub.entrypoint, &h));
+                    table.insert(pattern, h).map_err(clash)?;
                 }
             }
         }
         let listener = bind(listen).await?;
         let bound = listener.local_addr().unwrap_or(listen);
-        let task = self.spawn_server(key, listener, table, stop);
+        let unit = Unit {
+            addr: bound,
+            routes: recipes,
+            server: None,
+        };
+        let task = self.spawn_units(plan, programs, vec![(unit, listener, table)], stop);
         let now = SystemTime::now();
         for c in &plan.containers {
             let image_id = programs.get(&c.name).map(|p| p.digest().to_string());
@@ -598,6 +607,7 @@ impl Supervisor {
         }
         let mut listen = None;
         let mut routes = Vec::new();
+        let mut units = Vec::new();
         for (c, listener) in listeners {
             let Some(program) = programs.get(&c.name) else {
                 continue;
@@ -618,6 +628,14 @@ impl Supervisor {
                 c.allowed_hosts.clone(),
                 &key,
             )?);
+            let route = Route {
+                container: c.name.clone(),
+                pattern: everything.clone(),
+                entrypoint: String::new(),
+                argv: None,
+                allowed_hosts: c.allowed_hosts.clone(),
+                handler: handler.clone(),
+            };
             table.insert(everything, handler).map_err(|e| StartError {
                 reason: "CreateContainerError".into(),
                 message: e.to_string(),
@@ -626,7 +644,19 @@ impl Supervisor {
             if let Some(b) = bound {
                 routes.push(format!("http://{b}/ ({})", c.name));
             }
-            servers.push(self.spawn_server(&key, listener, table, stop.clone()));
+            let addr = bound.unwrap_or(std::net::SocketAddr::from(([0, 0, 0, 0], 0)));
+            units.push((
+                Unit {
+                    addr,
+                    routes: vec![route],
+                    server: None,
+                },
+                listener,
+                table,
+            ));
+        }
+        if !units.is_empty() {
+            servers.push(self.spawn_units(plan, programs, units, stop.clone()));
         }
         let now = SystemTime::now();
         for c in &plan.containers {
@@ -783,5 +813,405 @@ impl Supervisor {
     /// Where a pod's emptyDir volumes go under `data_dir`.
     pub fn volume_dir(data_dir: &std::path::Path) -> PathBuf {
         data_dir.join("volumes")
+    }
+}
+
+/// A request to restart one container of a running pod, as the kubelet restarts a container
+/// whose liveness or startup probe failed: its routes stop serving (in-flight requests get
+/// `grace`), it waits out the restart back-off, and its handlers are made again.
+#[derive(Debug, Clone)]
+pub struct Restart {
+    pub container: String,
+    /// The `startedAt` of the run that failed: a request about an earlier run is stale.
+    pub since: SystemTime,
+    /// The `Killing` Event's message (and the terminated state's).
+    pub message: String,
+    pub grace: Duration,
+}
+
+/// Restart requests queued per pod at most; beyond it a request is refused (the prober asks
+/// again about the next run).
+const RESTART_QUEUE: usize = 16;
+
+/// Per running pod: where its servers take restart requests, and the containers they serve.
+type Restarts = Arc<Mutex<HashMap<PodKey, (tokio::sync::mpsc::Sender<Restart>, Vec<String>)>>>;
+
+/// One route of a served pod, kept so that its container's handler can be made again.
+struct Route {
+    container: String,
+    pattern: wagi::routes::RoutePattern,
+    entrypoint: String,
+    argv: Option<String>,
+    allowed_hosts: Arc<runtime::AllowList>,
+    handler: Arc<Handler>,
+}
+
+impl Route {
+    fn new(
+        r: &crate::plan::RoutePlan,
+        pattern: &wagi::routes::RoutePattern,
+        entrypoint: &str,
+        handler: &Arc<Handler>,
+    ) -> Route {
+        Route {
+            container: r.container.clone(),
+            pattern: pattern.clone(),
+            entrypoint: entrypoint.to_string(),
+            argv: r.argv.clone(),
+            allowed_hosts: r.allowed_hosts.clone(),
+            handler: handler.clone(),
+        }
+    }
+}
+
+/// A listener address of a pod, the routes served there, and the server serving them now.
+struct Unit {
+    addr: SocketAddr,
+    routes: Vec<Route>,
+    server: Option<Server>,
+}
+
+impl Unit {
+    fn serves(&self, container: &str) -> bool {
+        self.routes.iter().any(|r| r.container == container)
+    }
+}
+
+/// A running server task; cut when dropped (so that nothing outlives the pod's task).
+struct Server {
+    task: JoinHandle<()>,
+    stop: CancellationToken,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Server {
+    /// Stops accepting at once; in-flight requests get `grace`, then are cut.
+    async fn shut(mut self, grace: Duration) {
+        self.stop.cancel();
+        if tokio::time::timeout(grace, &mut self.task).await.is_err() {
+            self.task.abort();
+            let _ = (&mut self.task).await;
+        }
+    }
+}
+
+/// One container's runs under its pod's servers.
+struct ContainerRuns {
+    /// When the current run started (`None`: the first run, started with the pod).
+    started_at: Option<SystemTime>,
+    began: std::time::Instant,
+    restarts: u32,
+    delay: Duration,
+}
+
+/// The servers of one pod, which restart a container on request.
+struct PodServers {
+    sup: Supervisor,
+    plan: Plan,
+    programs: HashMap<String, Arc<Program>>,
+    units: Vec<Unit>,
+    runs: HashMap<String, ContainerRuns>,
+    stop: CancellationToken,
+}
+
+/// Removes a pod's restart queue when its servers end.
+struct Deregister {
+    restarts: Restarts,
+    key: PodKey,
+    tx: tokio::sync::mpsc::Sender<Restart>,
+}
+
+impl Drop for Deregister {
+    fn drop(&mut self) {
+        let mut map = self.restarts.lock().unwrap_or_else(|p| p.into_inner());
+        if map
+            .get(&self.key)
+            .is_some_and(|(tx, _)| tx.same_channel(&self.tx))
+        {
+            map.remove(&self.key);
+        }
+    }
+}
+
+impl Supervisor {
+    /// Serves each unit on its bound listener until `stop`, under one task that also restarts
+    /// a container when [`Supervisor::restart_container`] asks.
+    fn spawn_units(
+        &self,
+        plan: &Plan,
+        programs: &HashMap<String, Arc<Program>>,
+        units: Vec<(Unit, TcpListener, RouteTable<Arc<Handler>>)>,
+        stop: CancellationToken,
+    ) -> JoinHandle<()> {
+        let key = plan.key.clone();
+        let mut live = Vec::new();
+        let mut containers: Vec<String> = Vec::new();
+        for (mut u, listener, table) in units {
+            let token = stop.child_token();
+            u.server = Some(Server {
+                task: self.spawn_server(&key, listener, table, token.clone()),
+                stop: token,
+            });
+            for r in &u.routes {
+                if !containers.contains(&r.container) {
+                    containers.push(r.container.clone());
+                }
+            }
+            live.push(u);
+        }
+        let (tx, rx) = tokio::sync::mpsc::channel(RESTART_QUEUE);
+        self.restarts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key.clone(), (tx.clone(), containers));
+        let gone = Deregister {
+            restarts: self.restarts.clone(),
+            key,
+            tx,
+        };
+        let pod = PodServers {
+            sup: self.clone(),
+            plan: plan.clone(),
+            programs: programs.clone(),
+            units: live,
+            runs: HashMap::new(),
+            stop,
+        };
+        tokio::spawn(pod.run(rx, gone))
+    }
+
+    /// Asks the pod's servers to restart `r.container` (its liveness or startup probe failed).
+    /// False when the pod does not run, the container serves nothing that the supervisor can
+    /// restart (a command), or too many requests are queued.
+    pub fn restart_container(&self, key: &PodKey, r: Restart) -> bool {
+        let tx = {
+            let map = self.restarts.lock().unwrap_or_else(|p| p.into_inner());
+            match map.get(key) {
+                Some((tx, containers)) if containers.contains(&r.container) => tx.clone(),
+                _ => return false,
+            }
+        };
+        tx.try_send(r).is_ok()
+    }
+}
+
+impl PodServers {
+    async fn run(mut self, mut rx: tokio::sync::mpsc::Receiver<Restart>, _gone: Deregister) {
+        let stop = self.stop.clone();
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                r = rx.recv() => match r {
+                    Some(r) => self.restart(r).await,
+                    None => {
+                        stop.cancelled().await;
+                        break;
+                    }
+                },
+            }
+        }
+        // Every server was told to stop (its token is a child of `stop`): wait until they end.
+        for u in &mut self.units {
+            if let Some(s) = u.server.as_mut() {
+                let _ = (&mut s.task).await;
+            }
+        }
+    }
+
+    /// Serves unit `i` again with its routes, except `without`'s (nothing when no route is
+    /// left); the server serving it now is shut first (in-flight requests get `grace`).
+    async fn swap(
+        &mut self,
+        i: usize,
+        without: Option<&str>,
+        grace: Duration,
+    ) -> Result<(), StartError> {
+        let key = self.plan.key.clone();
+        let u = &mut self.units[i];
+        if let Some(old) = u.server.take() {
+            old.shut(grace).await;
+        }
+        let mut table = RouteTable::new();
+        for r in u
+            .routes
+            .iter()
+            .filter(|r| Some(r.container.as_str()) != without)
+        {
+            table
+                .insert(r.pattern.clone(), r.handler.clone())
+                .map_err(|e| StartError {
+                    reason: "RouteConflict".into(),
+                    message: format!("container {}: {e}", r.container),
+                    container: Some(r.container.clone()),
+                })?;
+        }
+        if table.is_empty() {
+            return Ok(());
+        }
+        let listener = bind(u.addr).await?;
+        let token = self.stop.child_token();
+        u.server = Some(Server {
+            task: self.sup.spawn_server(&key, listener, table, token.clone()),
+            stop: token,
+        });
+        Ok(())
+    }
+
+    /// Makes the handlers of `name`'s routes again (fresh instances, a 0.3 service's pool).
+    fn recreate(&mut self, name: &str) -> Result<(), StartError> {
+        let key = self.plan.key.clone();
+        let (Some(c), Some(program)) = (
+            self.plan.containers.iter().find(|c| c.name == name),
+            self.programs.get(name),
+        ) else {
+            return Ok(());
+        };
+        for u in &mut self.units {
+            for r in u.routes.iter_mut().filter(|r| r.container == name) {
+                r.handler = Arc::new(self.sup.handler(
+                    c,
+                    program,
+                    r.entrypoint.clone(),
+                    r.argv.clone(),
+                    r.allowed_hosts.clone(),
+                    &key,
+                )?);
+            }
+        }
+        Ok(())
+    }
+
+    /// Kills the container's routes, waits out its back-off, serves them again with new
+    /// handlers; reported as the kubelet reports a restarted container.
+    async fn restart(&mut self, r: Restart) {
+        let name = r.container.clone();
+        if !self.units.iter().any(|u| u.serves(&name)) {
+            return;
+        }
+        let backoff = self.sup.config.restart_backoff;
+        let run = self
+            .runs
+            .entry(name.clone())
+            .or_insert_with(|| ContainerRuns {
+                started_at: None,
+                began: std::time::Instant::now(),
+                restarts: 0,
+                delay: backoff.initial,
+            });
+        if run.started_at.is_some_and(|t| r.since < t) {
+            return; // about a run that is already gone
+        }
+        let started_at = run.started_at.unwrap_or(r.since);
+        if run.began.elapsed() > Duration::from_secs(600) {
+            run.delay = backoff.initial;
+        }
+        let mut restarts = run.restarts;
+        let key = self.plan.key.clone();
+        let reports = self.sup.reports.clone();
+        let image_id = self.programs.get(&name).map(|p| p.digest().to_string());
+        reports.event(&key, EventType::Normal, "Killing", r.message.clone());
+        for i in 0..self.units.len() {
+            if self.units[i].serves(&name)
+                && let Err(e) = self.swap(i, Some(&name), r.grace).await
+            {
+                tracing::warn!(pod = %key, "serving the other containers of the pod: {e}");
+            }
+        }
+        reports.container(
+            &key,
+            &name,
+            ContainerState::Terminated {
+                exit_code: 137,
+                reason: "Error".into(),
+                message: r.message.clone(),
+                started_at,
+                finished_at: SystemTime::now(),
+            },
+            false,
+            restarts,
+            image_id.clone(),
+        );
+        // The next run writes a new log; this one becomes the previous one.
+        self.sup.logs.rotate(&key, &name).await;
+        loop {
+            let delay = self.runs.get(&name).map_or(backoff.initial, |r| r.delay);
+            let pod = format!("{}_{}({})", key.name, key.namespace, key.uid);
+            reports.event(
+                &key,
+                EventType::Warning,
+                "BackOff",
+                format!("Back-off restarting failed container {name} in pod {pod}"),
+            );
+            reports.container(
+                &key,
+                &name,
+                ContainerState::Waiting {
+                    reason: "CrashLoopBackOff".into(),
+                    message: format!(
+                        "back-off {}s restarting failed container={name} pod={pod}",
+                        delay.as_secs_f32()
+                    ),
+                },
+                false,
+                restarts,
+                image_id.clone(),
+            );
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = self.stop.cancelled() => return,
+            }
+            if let Some(run) = self.runs.get_mut(&name) {
+                run.delay = (run.delay * 2).min(backoff.max);
+            }
+            let mut failed = self.recreate(&name).err();
+            if failed.is_none() {
+                for i in 0..self.units.len() {
+                    if self.units[i].serves(&name)
+                        && let Err(e) = self.swap(i, None, r.grace).await
+                    {
+                        failed = Some(e);
+                    }
+                }
+            }
+            let Some(e) = failed else { break };
+            reports.event(&key, EventType::Warning, "Failed", e.message.clone());
+            reports.container(
+                &key,
+                &name,
+                ContainerState::Waiting {
+                    reason: e.reason.clone(),
+                    message: e.message.clone(),
+                },
+                false,
+                restarts,
+                image_id.clone(),
+            );
+        }
+        restarts += 1;
+        let now = SystemTime::now();
+        if let Some(run) = self.runs.get_mut(&name) {
+            run.restarts = restarts;
+            run.started_at = Some(now);
+            run.began = std::time::Instant::now();
+        }
+        reports.container(
+            &key,
+            &name,
+            ContainerState::Running { started_at: now },
+            true,
+            restarts,
+            image_id,
+        );
+        reports.event(
+            &key,
+            EventType::Normal,
+            "Started",
+            format!("Started container {name}"),
+        );
     }
 }
