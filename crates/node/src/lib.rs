@@ -16,11 +16,14 @@ pub mod drain;
 pub mod host;
 pub mod labels;
 pub mod logs;
+pub mod podapi;
 pub mod pods;
+pub mod portforward;
 pub mod probe;
 pub mod register;
 pub mod resolve;
 pub mod server;
+pub mod spdy;
 pub mod status;
 pub mod volume;
 
@@ -187,19 +190,6 @@ pub async fn run(
         .client_renewal
         .clone()
         .map(|r| tokio::spawn(bootstrap::keep_client_cert_renewed(r)));
-    let api = tokio::spawn(server::serve(
-        listener,
-        slot,
-        cfg.client_ca.clone(),
-        Arc::new(server::State {
-            client: client.clone(),
-            node_name: cfg.node_name.clone(),
-            logs_root: sup.logs().root().to_path_buf(),
-            statuses: statuses.clone(),
-            auth: authcache::AuthCache::default(),
-        }),
-        cfg.conn_limits,
-    ));
     let ctx = Arc::new(pods::Context {
         client,
         sup: sup.clone(),
@@ -216,7 +206,22 @@ pub async fn run(
         handled: Mutex::default(),
         max_pods: cfg.max_pods as usize,
         prober: probe::Prober::new(statuses.clone(), sup.clone(), cfg.node_ip),
+        store: Default::default(),
     });
+    let api = tokio::spawn(server::serve(
+        listener,
+        slot,
+        cfg.client_ca.clone(),
+        Arc::new(server::State {
+            client: ctx.client.clone(),
+            node_name: cfg.node_name.clone(),
+            logs_root: sup.logs().root().to_path_buf(),
+            statuses: statuses.clone(),
+            auth: authcache::AuthCache::default(),
+            pods: ctx.clone(),
+        }),
+        cfg.conn_limits,
+    ));
     let prober = ctx.prober.clone();
     pods::run(&cfg.node_name, ctx, shutdown).await;
     prober.stop_all();

@@ -34,6 +34,9 @@ pub struct Context {
     pub max_pods: usize,
     /// The probes of the pods this node runs.
     pub prober: crate::probe::Prober,
+    /// The pods bound to this node as the pod watch sees them, once [`run`] has started (the
+    /// kubelet API's `/pods` and port-forward read it).
+    pub store: std::sync::OnceLock<Store<Pod>>,
 }
 
 /// Uids of the pods this agent has taken in hand (started or tried to), and the image pull
@@ -509,6 +512,7 @@ pub async fn run(
     let sweeper = tokio::spawn(sweep_orphans(controller.store(), ctx.clone()));
     let gone = ctx.clone();
     let store = controller.store();
+    let _ = ctx.store.set(store.clone());
     controller
         .run(reconcile, error_policy, ctx)
         .for_each(|r| {

@@ -104,6 +104,8 @@ pub struct State {
     pub statuses: Statuses,
     /// TokenReview and SubjectAccessReview answers, kept as the kubelet keeps them.
     pub auth: crate::authcache::AuthCache,
+    /// The node's pods: their store, plans and supervisor (`/pods`, port-forward).
+    pub pods: Arc<crate::pods::Context>,
 }
 
 fn text(status: StatusCode, body: impl Into<String>) -> Response<Body> {
@@ -270,6 +272,25 @@ async fn handle(state: Arc<State>, peer: Option<Caller>, req: Request<Incoming>)
         ["containerLogs", ns, pod, container] if req.method() == Method::GET => {
             let query = req.uri().query().unwrap_or("");
             container_logs(&state, ns, pod, container, query).await
+        }
+        ["pods"] if req.method() == Method::GET => crate::podapi::list(&state.pods),
+        [kind @ ("exec" | "attach" | "run"), ns, pod, _]
+        | [kind @ ("exec" | "attach" | "run"), ns, pod, _, _] => {
+            use crate::podapi::Streaming;
+            let what = match *kind {
+                "exec" => Streaming::Exec,
+                "attach" => Streaming::Attach,
+                _ => Streaming::Run,
+            };
+            crate::podapi::refuse(&state.pods, &state.node_name, what, ns, pod)
+        }
+        ["portForward", ns, pod] | ["portForward", ns, pod, _] => {
+            let (ns, pod, uid) = (
+                ns.to_string(),
+                pod.to_string(),
+                parts.get(3).map(|u| u.to_string()),
+            );
+            crate::portforward::handle(&state.pods, req, &ns, &pod, uid.as_deref()).await
         }
         _ => text(StatusCode::NOT_FOUND, format!("404 page not found: {path}")),
     }
@@ -454,7 +475,8 @@ pub async fn serve(
             let served = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(limits.header_timeout)
-                .serve_connection(TokioIo::new(tls), svc);
+                .serve_connection(TokioIo::new(tls), svc)
+                .with_upgrades();
             tokio::select! {
                 r = served => if let Err(e) = r {
                     tracing::debug!(%peer_addr, "kubelet API connection: {e}");
