@@ -385,11 +385,13 @@ fn services(net: &NetNs, cluster: &Cluster, registry: &Registry, host: &str) -> 
     );
 
     let image = registry.push_guest("cgi_echo")?;
+    // echo-b is ready while this gate accepts connections (its readinessProbe's tcpSocket).
+    let mut gate = Gate::open(net.host_ip)?;
     let (pa, pb, pc) = (free_port(), free_port(), free_port());
     ensure!(pa != pb && pb != pc && pa != pc);
     cluster.apply(&json!({"apiVersion": "v1", "kind": "List", "items": [
         echo_pod("echo-a", "a", "named", pa, &image, true)?,
-        echo_pod("echo-b", "b", "named", pb, &image, true)?,
+        with_readiness(echo_pod("echo-b", "b", "named", pb, &image, true)?, gate.port),
         // A WAGI pod with no containerPort: its default-host port is the numbered targetPort.
         echo_pod("echo-c", "c", "numbered", pc, &image, false)?,
         service("svc-named", json!({"group": "named"}), 80, json!("http")),
@@ -453,7 +455,124 @@ fn services(net: &NetNs, cluster: &Cluster, registry: &Registry, host: &str) -> 
         let dnat = format!("--to-destination {host}:{port}");
         ensure!(rules.contains(&dnat), "no {dnat} in:\n{rules}");
     }
+
+    // echo-b's readiness fails: it is not Ready, its endpoint stays in the slice but not ready,
+    // and the ClusterIP's rotation is echo-a alone.
+    gate.close();
+    wait_endpoints(
+        cluster,
+        "svc-named",
+        &[ep("echo-a", pa, true), ep("echo-b", pb, false)],
+    )?;
+    ensure!(!pod_ready(cluster, "echo-b")?, "echo-b still Ready");
+    let running = &cluster.pod("echo-b")?["status"];
+    ensure!(running["phase"] == "Running", "{running}");
+    // kube-proxy applies the change within its sync: wait until a request reaches only echo-a
+    // 40 times in a row (bounded), then check that no request of the next 40 reaches echo-b.
+    cluster
+        .wait_for("echo-b out of the ClusterIP's rotation", TIMEOUT, || {
+            proxy.check_running()?;
+            Ok(who_answers_all(net, &named, 40)? == BTreeSet::from(["a".into()]))
+        })
+        .with_context(|| proxy.output())?;
+    let seen = who_answers_all(net, &named, 40)?;
+    ensure!(seen == BTreeSet::from(["a".into()]), "answered by {seen:?}");
+
+    // Ready again: back in the slice and in the rotation.
+    gate.reopen()?;
+    wait_endpoints(
+        cluster,
+        "svc-named",
+        &[ep("echo-a", pa, true), ep("echo-b", pb, true)],
+    )?;
+    cluster
+        .wait_for("echo-b back in the ClusterIP's rotation", TIMEOUT, || {
+            Ok(who_answers_all(net, &named, 40)?.contains("b"))
+        })
+        .with_context(|| proxy.output())?;
     Ok(())
+}
+
+fn pod_ready(cluster: &Cluster, name: &str) -> Result<bool> {
+    let pod = cluster.pod(name)?;
+    Ok(pod["status"]["conditions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|c| c["type"] == "Ready" && c["status"] == "True"))
+}
+
+/// `pod` with a readinessProbe that connects to `port` every second (one failure or success
+/// counts).
+fn with_readiness(mut pod: Value, port: u16) -> Value {
+    pod["spec"]["containers"][0]["readinessProbe"] = json!({
+        "tcpSocket": {"port": port},
+        "periodSeconds": 1,
+        "timeoutSeconds": 1,
+        "failureThreshold": 1,
+        "successThreshold": 1,
+    });
+    pod
+}
+
+/// A TCP listener on the node's address that a readinessProbe's tcpSocket connects to: open, the
+/// probe passes; closed, it is refused. A thread accepts (and drops) connections while open.
+struct Gate {
+    ip: std::net::Ipv4Addr,
+    port: u16,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Gate {
+    fn open(ip: std::net::Ipv4Addr) -> Result<Gate> {
+        let mut gate = Gate {
+            ip,
+            port: 0,
+            stop: Default::default(),
+            thread: None,
+        };
+        gate.start(TcpListener::bind((ip, 0))?)?;
+        Ok(gate)
+    }
+
+    fn start(&mut self, listener: TcpListener) -> Result<()> {
+        use std::sync::atomic::Ordering;
+        self.port = listener.local_addr()?.port();
+        listener.set_nonblocking(true)?;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        self.stop = stop.clone();
+        self.thread = Some(std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((conn, _)) => drop(conn),
+                    Err(_) => std::thread::sleep(Duration::from_millis(50)),
+                }
+            }
+        }));
+        Ok(())
+    }
+
+    /// Stops accepting and closes the listener (connections are refused from now on).
+    fn close(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+
+    /// Listens on the same port again.
+    fn reopen(&mut self) -> Result<()> {
+        self.close();
+        let listener = TcpListener::bind((self.ip, self.port))?;
+        self.start(listener)
+    }
+}
+
+impl Drop for Gate {
+    fn drop(&mut self) {
+        self.close();
+    }
 }
 
 /// `wasinode nodepool ARGS --kubeconfig <admin> --state-dir DIR` to completion; its stdout.
