@@ -84,9 +84,28 @@ impl Drop for Forward {
     }
 }
 
+/// How kubectl reaches the API server.
+#[derive(Debug, Clone, Copy)]
+enum Via {
+    /// WebSocket (`SPDY/3.1+portforward.k8s.io`, kubectl's default), which the API server
+    /// tunnels to the node as SPDY/3.1.
+    WebSocket,
+    /// SPDY/3.1 (`KUBECTL_PORT_FORWARD_WEBSOCKETS=false`), which the API server proxies as it is.
+    Spdy,
+}
+
 /// Starts `kubectl port-forward <target> :<remote>` and waits for the local port it prints.
 fn port_forward(cluster: &Cluster, target: &str, remote: u16) -> Result<Forward> {
+    port_forward_via(cluster, target, remote, Via::WebSocket)
+}
+
+fn port_forward_via(cluster: &Cluster, target: &str, remote: u16, via: Via) -> Result<Forward> {
+    let websockets = match via {
+        Via::WebSocket => "true",
+        Via::Spdy => "false",
+    };
     let mut child = Command::new(&cluster.kubectl_path)
+        .env("KUBECTL_PORT_FORWARD_WEBSOCKETS", websockets)
         .arg("--kubeconfig")
         .arg(cluster.kubeconfig())
         .args([
@@ -354,14 +373,17 @@ fn port_forward_exec_and_pods_on_a_wasm_node() -> Result<()> {
         .context("after kubectl port-forward went away")?;
     drop(open);
 
-    // An HTTP component's containerPort.
-    let fwd = port_forward(&cluster, "pod/pf-component", comp_port)?;
-    let r = get(&fwd.addr(), "/")?;
-    ensure!(
-        (r.status, r.body.as_str()) == (200, "Hello from a wasi:http component\n"),
-        "component through the forward: {r:?}"
-    );
-    drop(fwd);
+    // An HTTP component's containerPort, with kubectl speaking SPDY to the API server too.
+    for via in [Via::WebSocket, Via::Spdy] {
+        let fwd = port_forward_via(&cluster, "pod/pf-component", comp_port, via)?;
+        for _ in 0..2 {
+            let r = get(&fwd.addr(), "/").with_context(|| format!("{via:?}: {}", fwd.output()))?;
+            ensure!(
+                (r.status, r.body.as_str()) == (200, "Hello from a wasi:http component\n"),
+                "component through the forward ({via:?}): {r:?}"
+            );
+        }
+    }
 
     // A port the pod does not serve: the connection closes with nothing, and kubectl says why
     // and exits.
@@ -378,6 +400,10 @@ fn port_forward_exec_and_pods_on_a_wasm_node() -> Result<()> {
         String::from_utf8_lossy(&got)
     );
     let out = fwd.wait_exit(TIMEOUT)?;
+    eprintln!(
+        "kubectl port-forward to an unserved port says: {}",
+        out.trim()
+    );
     ensure!(
         out.contains(&format!(
             "pod default/pf-wagi does not serve port {unserved}"
