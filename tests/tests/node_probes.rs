@@ -453,6 +453,53 @@ fn tcp_grpc_and_exec_probes() -> Result<()> {
     )?;
     ensure!(ready_column(&cluster, "grpc-down")? == "0/1");
 
+    // grpc liveness on a component: NOT_SERVING restarts it under restartPolicy Always (its
+    // listener re-made: it serves again), and kills it for good under Never (the pod fails).
+    let live_pod = |name: &str, port: u16, policy: &str| {
+        let mut p = grpc_pod(name, port, None);
+        p["spec"]["restartPolicy"] = json!(policy);
+        p["spec"]["containers"][0]
+            .as_object_mut()
+            .map(|c| c.remove("readinessProbe"));
+        p["spec"]["containers"][0]["livenessProbe"] = json!({
+            "grpc": {"port": port, "service": "down"},
+            "periodSeconds": 1,
+            "failureThreshold": 1,
+        });
+        p
+    };
+    let (p3, p4) = (free_port(), free_port());
+    cluster.apply(&live_pod("grpc-live", p3, "Always"))?;
+    cluster.apply(&live_pod("grpc-never", p4, "Never"))?;
+    wait_event(
+        &cluster,
+        "grpc-live",
+        "Normal",
+        "Killing",
+        &["Container web failed liveness probe, will be restarted"],
+    )?;
+    cluster
+        .wait_for("grpc-live restarted and serving", TIMEOUT, || {
+            let p = cluster.pod("grpc-live")?;
+            Ok(restart_count(&p) >= 1
+                && p["status"]["containerStatuses"][0]["state"]["running"].is_object()
+                && get(&format!("127.0.0.1:{p3}"), "/env?HOSTNAME").is_ok_and(|r| r.status < 500))
+        })
+        .with_context(|| agent.output())?;
+    cluster.wait_for("grpc-never Failed", TIMEOUT, || {
+        Ok(cluster.pod("grpc-never")?["status"]["phase"] == "Failed")
+    })?;
+    let p = cluster.pod("grpc-never")?;
+    let c = &p["status"]["containerStatuses"][0];
+    ensure!(
+        c["restartCount"] == 0 && c["state"]["terminated"]["exitCode"] == 137,
+        "{c}"
+    );
+    ensure!(
+        !e2e::wasinode::listening(&format!("127.0.0.1:{p4}")),
+        "the killed container's port still accepts"
+    );
+
     // exec: cannot run here; the pod says so and stays unready.
     let addr3 = format!("127.0.0.1:{}", free_port());
     cluster.apply(&health_pod(

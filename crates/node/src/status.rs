@@ -991,6 +991,62 @@ mod tests {
     }
 
     #[test]
+    fn probes_gate_started_and_ready_for_the_current_run_only() {
+        let pod: Pod = serde_json::from_value(json!({
+            "metadata": {"name": "p", "namespace": "default", "uid": "u1"},
+            "spec": {"containers": [{"name": "c", "image": "file:///x.wasm",
+                "startupProbe": {"tcpSocket": {"port": 80}},
+                "readinessProbe": {"exec": {"command": ["true"]}}}]},
+        }))
+        .unwrap();
+        let ip: IpAddr = "10.0.0.1".parse().unwrap();
+        let now = SystemTime::now();
+        let mut r = PodRecord::new(&pod, now);
+        start_running(&mut r, now);
+        let cs = |r: &mut PodRecord| r.status("u1", ip, now)["status"].clone();
+        let s = cs(&mut r);
+        let c = &s["containerStatuses"][0];
+        assert_eq!(
+            (c["started"].clone(), c["ready"].clone()),
+            (json!(false), json!(false))
+        );
+        let probe = |since, started, ready, note: Option<&str>| Report::Probe {
+            pod: key(),
+            container: "c".into(),
+            since,
+            started,
+            ready,
+            note: note.map(String::from),
+        };
+        r.apply(&probe(now, true, false, Some("readinessProbe: cannot run")));
+        let s = cs(&mut r);
+        assert_eq!(s["containerStatuses"][0]["started"], true);
+        assert_eq!(s["containerStatuses"][0]["ready"], false);
+        let ready = s["conditions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["type"] == "Ready")
+            .unwrap()
+            .clone();
+        assert_eq!(ready["reason"], "ContainersNotReady");
+        assert_eq!(
+            ready["message"],
+            "containers with unready status: [c]; c: readinessProbe: cannot run"
+        );
+        r.apply(&probe(now, true, true, None));
+        assert_eq!(cs(&mut r)["containerStatuses"][0]["ready"], true);
+        // A new run: the verdict about the last one no longer counts, nor does a late one.
+        let later = now + Duration::from_secs(5);
+        start_running(&mut r, later);
+        assert_eq!(cs(&mut r)["containerStatuses"][0]["ready"], false);
+        r.apply(&probe(now, true, true, None));
+        assert_eq!(cs(&mut r)["containerStatuses"][0]["ready"], false);
+        r.apply(&probe(later, true, true, None));
+        assert_eq!(cs(&mut r)["containerStatuses"][0]["ready"], true);
+    }
+
+    #[test]
     fn running_and_ready_after_start() {
         let now = SystemTime::now();
         let mut r = PodRecord::new(&pod(), now);

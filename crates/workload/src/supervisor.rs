@@ -907,6 +907,8 @@ struct ContainerRuns {
     began: std::time::Instant,
     restarts: u32,
     delay: Duration,
+    /// Killed under `restartPolicy: Never`: it does not run again.
+    dead: bool,
 }
 
 /// The servers of one pod, which restart a container on request.
@@ -1102,8 +1104,9 @@ impl PodServers {
                 began: std::time::Instant::now(),
                 restarts: 0,
                 delay: backoff.initial,
+                dead: false,
             });
-        if run.started_at.is_some_and(|t| r.since < t) {
+        if run.dead || run.started_at.is_some_and(|t| r.since < t) {
             return; // about a run that is already gone
         }
         let started_at = run.started_at.unwrap_or(r.since);
@@ -1136,6 +1139,33 @@ impl PodServers {
             restarts,
             image_id.clone(),
         );
+        // A killed container exits non-zero: only `restartPolicy: Never` keeps it down, and the
+        // pod fails once nothing of it runs.
+        if matches!(
+            self.plan.kind,
+            PlanKind::Wasi {
+                restart: crate::plan::RestartPolicy::Never
+            }
+        ) {
+            if let Some(run) = self.runs.get_mut(&name) {
+                run.dead = true;
+            }
+            let all_dead = self.plan.containers.iter().all(|c| {
+                self.units.iter().any(|u| u.serves(&c.name))
+                    && self.runs.get(&c.name).is_some_and(|r| r.dead)
+            });
+            if all_dead {
+                reports.phase(
+                    &key,
+                    Phase::Failed,
+                    Some("Error"),
+                    Some(format!(
+                        "container {name} failed its probe under restartPolicy Never"
+                    )),
+                );
+            }
+            return;
+        }
         // The next run writes a new log; this one becomes the previous one.
         self.sup.logs.rotate(&key, &name).await;
         loop {
