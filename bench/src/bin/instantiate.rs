@@ -84,6 +84,26 @@ fn main() -> anyhow::Result<()> {
         let local: SocketAddr = "127.0.0.1:18081".parse()?;
         let allowed = Arc::new(AllowList::deny_all());
         let pod_env = [("POD_NAME".to_string(), "bench".to_string())];
+        // INSTANTIATE_METER=1: every run charged to a container's meter, as pods are.
+        let meter = std::env::var_os("INSTANTIATE_METER").map(|_| runtime::Meter::new());
+        if meter.is_some() {
+            let n = 1_000_000;
+            let t = Instant::now();
+            let mut x = 0;
+            for _ in 0..n {
+                x ^= std::hint::black_box(runtime::usage::thread_cpu_ns());
+            }
+            std::hint::black_box(x);
+            let cpu_clock = t.elapsed().as_secs_f64() * 1e9 / n as f64;
+            let t = Instant::now();
+            for _ in 0..n {
+                std::hint::black_box(Instant::now());
+            }
+            println!(
+                "clock reads: thread CPU {cpu_clock:.0} ns, monotonic {:.0} ns",
+                t.elapsed().as_secs_f64() * 1e9 / n as f64
+            );
+        }
 
         let mut env_t = Vec::with_capacity(runs);
         let mut run_t = Vec::with_capacity(runs);
@@ -117,6 +137,7 @@ fn main() -> anyhow::Result<()> {
                 preopens: Vec::new(),
                 allowed_hosts: allowed.clone(),
                 timeout: Some(Duration::from_secs(30)),
+                meter: meter.clone(),
             };
             let t1 = Instant::now();
             let out = rt.run(&program, inv).await?;
@@ -158,6 +179,13 @@ fn main() -> anyhow::Result<()> {
             println!(
                 "  {:<34} {:>9.1} {:>9.1} {:>9.1} {:>9.1}",
                 name, s.mean, s.p50, s.p99, s.min
+            );
+        }
+        if let Some(m) = &meter {
+            println!(
+                "meter: {:.1} µs CPU per run, {} bytes held after the runs",
+                m.cpu_ns() as f64 / 1e3 / (WARMUP + runs) as f64,
+                m.instances_bytes()
             );
         }
         let s = stats(&mut run_t);

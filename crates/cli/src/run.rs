@@ -23,11 +23,26 @@ pub struct RunArgs {
     /// 8080 when it declares none. WAGI pods keep their `default-host` annotation.
     #[arg(long, default_value = "127.0.0.1", value_name = "IP")]
     pub pod_address: std::net::IpAddr,
+    /// Serve Prometheus metrics at http://ADDR/metrics (plain HTTP; not served without it).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_address: Option<std::net::SocketAddr>,
 }
 
 pub async fn run(args: RunArgs) -> anyhow::Result<i32> {
     let data_dir = args.engine.data_dir();
     let (sup, reports) = crate::engine::start(&data_dir, &args.engine, !args.quiet)?;
+    let _metrics = match args.metrics_address {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot listen on {addr} (--metrics-address): {e}"))?;
+            let bound = listener.local_addr().unwrap_or(addr);
+            eprintln!("wasinode: metrics on http://{bound}/metrics");
+            let task = tokio::spawn(workload::metrics::serve(listener, sup.metrics().clone()));
+            Some(AbortOnDrop(task))
+        }
+        None => None,
+    };
     let phases: Arc<Mutex<HashMap<PodKey, Phase>>> = Arc::default();
     let printer = tokio::spawn(print_reports(reports, phases.clone()));
 
@@ -123,6 +138,15 @@ pub async fn run(args: RunArgs) -> anyhow::Result<i32> {
         });
     }
     Ok(0)
+}
+
+/// Stops a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 pub async fn shutdown_signal() {

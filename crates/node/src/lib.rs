@@ -24,6 +24,7 @@ pub mod register;
 pub mod resolve;
 pub mod server;
 pub mod spdy;
+pub mod stats;
 pub mod status;
 pub mod volume;
 
@@ -218,6 +219,8 @@ pub async fn run(
             logs_root: sup.logs().root().to_path_buf(),
             statuses: statuses.clone(),
             auth: authcache::AuthCache::default(),
+            stats: stats::Stats::new(cfg.node_name.clone(), sup.usage().clone()),
+            metrics: sup.metrics().clone(),
             pods: ctx.clone(),
         }),
         cfg.conn_limits,

@@ -106,6 +106,10 @@ pub struct State {
     pub auth: crate::authcache::AuthCache,
     /// The node's pods: their store, plans and supervisor (`/pods`, port-forward).
     pub pods: Arc<crate::pods::Context>,
+    /// Resource usage for `/stats/summary` and `/metrics/resource`.
+    pub stats: Arc<crate::stats::Stats>,
+    /// The agent's Prometheus metrics, for `/metrics`.
+    pub metrics: workload::metrics::Metrics,
 }
 
 fn text(status: StatusCode, body: impl Into<String>) -> Response<Body> {
@@ -272,6 +276,20 @@ async fn handle(state: Arc<State>, peer: Option<Caller>, req: Request<Incoming>)
         ["containerLogs", ns, pod, container] if req.method() == Method::GET => {
             let query = req.uri().query().unwrap_or("");
             container_logs(&state, ns, pod, container, query).await
+        }
+        ["stats", "summary"] if req.method() == Method::GET => {
+            crate::stats::summary_response(&state.stats).await
+        }
+        ["metrics", "resource"] if req.method() == Method::GET => {
+            crate::stats::resource_response(&state.stats).await
+        }
+        ["metrics"] if req.method() == Method::GET => {
+            let mut r = text(StatusCode::OK, state.metrics.encode());
+            r.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static(workload::metrics::CONTENT_TYPE),
+            );
+            r
         }
         ["pods"] if req.method() == Method::GET => crate::podapi::list(&state.pods),
         [kind @ ("exec" | "attach" | "run"), ns, pod, _]

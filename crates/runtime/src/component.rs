@@ -254,7 +254,7 @@ impl Runtime {
                 deadline,
                 bound: self.inner.config.outbound_timeout,
             },
-            limiter: InstanceLimiter::new(self.inner.config.max_memory),
+            limiter: InstanceLimiter::new(self.inner.config.max_memory).metered(inv.meter.clone()),
         };
         let mut store = Store::new(&self.inner.engine, host);
         store.limiter(|h| &mut h.limiter);
@@ -340,6 +340,7 @@ impl Runtime {
             .map_err(setup)?;
         let pre = pre.clone();
         let max_memory = self.inner.config.max_memory;
+        let meter = inv.meter.clone();
         let guest = async move {
             let result = match pre.instantiate_async(&mut store).await {
                 Ok(proxy) => {
@@ -354,6 +355,7 @@ impl Runtime {
             drop(store);
             result.map_err(|e| failure(e, refused, max_memory, pipes.stderr()))
         };
+        let guest = crate::usage::Metered::new(guest, meter);
         // The guest runs in its own task: it may go on writing the body after the head is sent.
         // Dropping the task's future (deadline, or the response dropped) drops the store.
         let head_sent = Arc::new(std::sync::atomic::AtomicBool::new(false));

@@ -100,6 +100,18 @@ impl Program {
         }
     }
 
+    /// Bytes of compiled code the program keeps mapped (what a container running it holds
+    /// between requests).
+    pub fn code_bytes(&self) -> usize {
+        let r = match &self.compiled {
+            Compiled::Module { module, .. } => module.image_range(),
+            Compiled::Http(pre) => pre.instance_pre().component().image_range(),
+            Compiled::Service(pre) => pre.instance_pre().component().image_range(),
+            Compiled::Command(pre) => pre.instance_pre().component().image_range(),
+        };
+        (r.end as usize).saturating_sub(r.start as usize)
+    }
+
     /// Whether the program is a core module exporting a function of this name.
     pub fn exports_func(&self, name: &str) -> bool {
         match &self.compiled {

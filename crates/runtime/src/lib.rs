@@ -19,6 +19,7 @@ mod outbound;
 mod output;
 mod run;
 mod service;
+pub mod usage;
 mod writev;
 
 pub use component::{ComponentBody, ProgramKind};
@@ -27,3 +28,4 @@ pub use outbound::{AllowList, AllowListError};
 pub use output::{LineSink, STDERR_CAPTURE_LIMIT, STDOUT_CAPTURE_LIMIT, Stream};
 pub use run::{Invocation, Outcome, Preopen, RunError};
 pub use service::{Service, ServiceLimits};
+pub use usage::Meter;

@@ -2,7 +2,11 @@
 //! limit per memory (a module with two memories gets the same budget as one with one), plus what
 //! the host holds for the instance (outbound HTTP responses not yet closed).
 
+use std::sync::Arc;
+
 use wasmtime::ResourceLimiter;
+
+use crate::usage::Meter;
 
 #[derive(Debug)]
 pub(crate) struct InstanceLimiter {
@@ -10,6 +14,17 @@ pub(crate) struct InstanceLimiter {
     used: usize,
     /// Set when a grow was refused, so a trap that follows is reported as the limit it was.
     pub(crate) refused: bool,
+    /// The container's usage: what this instance holds is counted there while it lives.
+    meter: Option<Arc<Meter>>,
+}
+
+impl Drop for InstanceLimiter {
+    fn drop(&mut self) {
+        if let Some(m) = &self.meter {
+            m.shrank(self.used);
+            m.instance_ended();
+        }
+    }
 }
 
 impl InstanceLimiter {
@@ -18,7 +33,24 @@ impl InstanceLimiter {
             limit,
             used: 0,
             refused: false,
+            meter: None,
         }
+    }
+
+    /// Counts what this instance holds in `meter` while it lives.
+    pub(crate) fn metered(mut self, meter: Option<Arc<Meter>>) -> Self {
+        if let Some(m) = &meter {
+            m.instance_started();
+        }
+        self.meter = meter;
+        self
+    }
+
+    fn take(&mut self, total: usize) {
+        if let Some(m) = &self.meter {
+            m.grew(total - self.used);
+        }
+        self.used = total;
     }
 
     /// Bytes of the budget not yet used.
@@ -32,7 +64,7 @@ impl InstanceLimiter {
     pub(crate) fn reserve(&mut self, bytes: usize) -> bool {
         match self.used.checked_add(bytes) {
             Some(total) if total <= self.limit => {
-                self.used = total;
+                self.take(total);
                 true
             }
             _ => false,
@@ -41,14 +73,18 @@ impl InstanceLimiter {
 
     /// Gives back what `reserve` took.
     pub(crate) fn release(&mut self, bytes: usize) {
-        self.used = self.used.saturating_sub(bytes);
+        let left = self.used.saturating_sub(bytes);
+        if let Some(m) = &self.meter {
+            m.shrank(self.used - left);
+        }
+        self.used = left;
     }
 
     fn grow(&mut self, current: usize, desired: usize) -> bool {
         let extra = desired.saturating_sub(current);
         match self.used.checked_add(extra) {
             Some(total) if total <= self.limit => {
-                self.used = total;
+                self.take(total);
                 true
             }
             _ => {
@@ -125,5 +161,21 @@ mod tests {
         l.release(50);
         assert!(l.grow(40, 60));
         assert_eq!(l.available(), 40);
+    }
+
+    #[test]
+    fn the_meter_holds_what_the_instance_holds_while_it_lives() {
+        let m = Meter::new();
+        let mut l = InstanceLimiter::new(100).metered(Some(m.clone()));
+        assert!(l.grow(0, 40));
+        assert!(l.reserve(20));
+        assert_eq!(m.instances_bytes(), 60);
+        l.release(20);
+        assert!(!l.grow(40, 200), "refused grows are not counted");
+        assert_eq!(m.instances_bytes(), 40);
+        assert_eq!(m.instances(), 1);
+        drop(l);
+        assert_eq!(m.instances_bytes(), 0);
+        assert_eq!(m.instances(), 0);
     }
 }

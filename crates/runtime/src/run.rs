@@ -47,6 +47,8 @@ pub struct Invocation {
     pub allowed_hosts: Arc<AllowList>,
     /// Wall-clock limit for the whole invocation; `None` runs until the guest returns.
     pub timeout: Option<Duration>,
+    /// The container's usage, charged with this invocation's CPU time and memory.
+    pub meter: Option<Arc<crate::Meter>>,
 }
 
 impl Invocation {
@@ -65,6 +67,7 @@ impl Invocation {
             preopens: Vec::new(),
             allowed_hosts: Arc::new(AllowList::deny_all()),
             timeout: None,
+            meter: None,
         }
     }
 }
@@ -165,7 +168,9 @@ impl Runtime {
     /// memory limit ends only this invocation.
     pub async fn run(&self, program: &Program, inv: Invocation) -> Result<Outcome, RunError> {
         let timeout = inv.timeout;
-        let fut = self.run_inner(program, inv);
+        // Every poll (set-up, instantiation, the guest, the store's drop) is the container's CPU.
+        let meter = inv.meter.clone();
+        let fut = crate::usage::Metered::new(self.run_inner(program, inv), meter);
         match timeout {
             // Guests yield at every epoch tick, so dropping the future on timeout stops the guest
             // even in a tight loop, and stops it too while it waits on an outbound request.
@@ -194,7 +199,7 @@ impl Runtime {
         preopen_all(&mut b, &inv.preopens)?;
         let host = Host {
             wasi: b.build_p1(),
-            limiter: InstanceLimiter::new(self.inner.config.max_memory),
+            limiter: InstanceLimiter::new(self.inner.config.max_memory).metered(inv.meter.clone()),
             outbound: OutboundState::new(
                 inv.allowed_hosts.clone(),
                 self.inner.http.clone(),

@@ -21,6 +21,10 @@ pub struct CommandSpec {
     pub env: Vec<(String, String)>,
     pub mounts: Vec<Preopen>,
     pub log: ContainerLog,
+    /// The container's usage.
+    pub meter: Option<Arc<crate::usage::ContainerUsage>>,
+    /// The container's trap, timeout and memory-limit counters.
+    pub metrics: Option<crate::metrics::ContainerMetrics>,
 }
 
 /// Back-off between restarts: `initial`, doubling up to `max`; reset after a run of 10 minutes.
@@ -58,6 +62,9 @@ pub async fn run_container(
     loop {
         let started = SystemTime::now();
         let began = Instant::now();
+        if let Some(u) = &spec.meter {
+            u.set_started(started);
+        }
         reports.container(
             &spec.pod,
             &spec.container,
@@ -86,6 +93,7 @@ pub async fn run_container(
             preopens: spec.mounts.clone(),
             allowed_hosts: Arc::new(AllowList::deny_all()),
             timeout: None,
+            meter: spec.meter.as_ref().map(|u| u.meter.clone()),
         };
         let result = tokio::select! {
             r = rt.run(&spec.program, inv) => r,
@@ -97,6 +105,9 @@ pub async fn run_container(
                 return None;
             }
         };
+        if let (Err(e), Some(m)) = (&result, &spec.metrics) {
+            m.failed(e);
+        }
         let (code, message) = match result {
             Ok(o) => (o.exit_code, String::new()),
             Err(RunError::Trap { message, .. }) => (1, format!("trap: {message}")),

@@ -12,10 +12,12 @@ pub mod image;
 pub mod listen;
 pub mod logs;
 pub mod manifest;
+pub mod metrics;
 pub mod plan;
 pub mod report;
 pub mod serve;
 pub mod supervisor;
+pub mod usage;
 
 pub use image::{Images, PullRetry};
 pub use logs::LogStore;

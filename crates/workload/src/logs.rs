@@ -30,7 +30,7 @@ use std::fs::File;
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -123,6 +123,8 @@ struct Sink {
     dir: PathBuf,
     prefix: Option<Box<str>>,
     pending: Mutex<Pending>,
+    /// Lines dropped since the container's log was opened (for metrics).
+    dropped_total: AtomicU64,
 }
 
 #[derive(Default)]
@@ -237,6 +239,7 @@ impl LogStore {
                             format!("[{}/{}/{}] ", pod.namespace, pod.name, container).into()
                         }),
                         pending: Mutex::new(Pending::default()),
+                        dropped_total: AtomicU64::new(0),
                     })
                 })
                 .clone();
@@ -280,6 +283,15 @@ impl LogStore {
             p.dropped = 0;
         }
         self.shared.call(|tx| Control::RemovePod(dir, tx)).await;
+    }
+
+    /// Lines of a container's log dropped because the writer was behind, if its log is open.
+    pub fn lines_dropped(&self, pod: &PodKey, container: &str) -> Option<u64> {
+        let path = self.path(pod, container);
+        let sinks = lock(&self.shared.sinks);
+        sinks
+            .get(&path)
+            .map(|s| s.dropped_total.load(Ordering::Relaxed))
     }
 
     /// Bytes waiting for the writer (all containers).
@@ -335,6 +347,7 @@ impl runtime::LineSink for ContainerLog {
             || self.shared.queued.load(Ordering::Relaxed) + cost > cfg.total_buffer
         {
             p.dropped += 1;
+            self.sink.dropped_total.fetch_add(1, Ordering::Relaxed);
         } else {
             let before = p.data.len();
             let stamp = humantime::format_rfc3339_nanos(at);

@@ -44,6 +44,10 @@ pub struct Handler {
     sink: Arc<dyn runtime::LineSink>,
     /// The reused instances of a WASI 0.3 service (`None` for other kinds).
     pub service: Option<runtime::Service>,
+    /// The container's usage (CPU and memory of its instances).
+    pub meter: Option<Arc<runtime::Meter>>,
+    /// What the route this handler serves counts (set by the supervisor).
+    pub metrics: Option<Arc<crate::metrics::RouteMetrics>>,
 }
 
 impl Handler {
@@ -61,6 +65,7 @@ impl Handler {
         mounts: Vec<Preopen>,
         allowed_hosts: Arc<AllowList>,
         log: ContainerLog,
+        meter: Option<Arc<runtime::Meter>>,
     ) -> Result<Handler, RunError> {
         let sink: Arc<dyn runtime::LineSink> = Arc::new(log.clone());
         let service = match program.kind() {
@@ -71,6 +76,7 @@ impl Handler {
                     stderr: Stream::Lines(sink.clone()),
                     preopens: mounts.clone(),
                     allowed_hosts: allowed_hosts.clone(),
+                    meter: meter.clone(),
                     ..Invocation::new("")
                 };
                 Some(runtime.service(&program, inv, limits, Some(sink.clone()))?)
@@ -88,6 +94,8 @@ impl Handler {
             log,
             sink,
             service,
+            meter,
+            metrics: None,
         })
     }
 }
@@ -109,6 +117,10 @@ pub struct WagiApp {
     /// Instances this pod may have in flight at once, so that a pod whose requests hang holds
     /// only its share of the runtime's slots; past it a request is answered 503 at once.
     pub slots: Arc<tokio::sync::Semaphore>,
+    /// The pod's in-flight requests gauge.
+    pub in_flight: Option<crate::metrics::InFlight>,
+    /// What requests no route matched count under.
+    pub unrouted: Option<crate::metrics::RouteMetrics>,
 }
 
 /// A WAGI response (whole, parsed from stdout) or a component's (streamed while the instance
@@ -130,11 +142,34 @@ fn text(status: StatusCode, msg: &str) -> Response<Body> {
 }
 
 impl WagiApp {
+    /// Serves one request, counted under the route that matched it.
     async fn handle(
         &self,
         req: Request<Incoming>,
         remote: SocketAddr,
         local: SocketAddr,
+    ) -> Response<Body> {
+        let began = std::time::Instant::now();
+        let _in_flight = self.in_flight.as_ref().map(|g| g.enter());
+        // `None` while no route matched; a route's own counters once one did.
+        let mut route = None;
+        let resp = self.dispatch(req, remote, local, &mut route).await;
+        let counted = match &route {
+            None => self.unrouted.as_ref(),
+            Some(r) => r.as_deref(),
+        };
+        if let Some(r) = counted {
+            r.answered(resp.status(), began.elapsed());
+        }
+        resp
+    }
+
+    async fn dispatch(
+        &self,
+        req: Request<Incoming>,
+        remote: SocketAddr,
+        local: SocketAddr,
+        route: &mut Option<Option<Arc<crate::metrics::RouteMetrics>>>,
     ) -> Response<Body> {
         let (parts, body) = req.into_parts();
         let path = parts.uri.path();
@@ -142,6 +177,7 @@ impl WagiApp {
             return text(StatusCode::NOT_FOUND, "not found");
         };
         let h = m.value;
+        *route = Some(h.metrics.clone());
         if h.program.kind().serves_http() {
             let (h, pattern) = (h.clone(), m.pattern.clone());
             let req = Request::from_parts(parts, body);
@@ -192,6 +228,7 @@ impl WagiApp {
             preopens: h.mounts.clone(),
             allowed_hosts: h.allowed_hosts.clone(),
             timeout: Some(self.timeout),
+            meter: h.meter.clone(),
         };
         match self.runtime.run(&h.program, inv).await {
             Ok(out) => {
@@ -272,6 +309,7 @@ impl WagiApp {
                     preopens: h.mounts.clone(),
                     allowed_hosts: h.allowed_hosts.clone(),
                     timeout: Some(self.timeout),
+                    meter: h.meter.clone(),
                 };
                 let served = self.runtime.serve_http(&h.program, req, inv, slot).await;
                 (served, None)
@@ -302,6 +340,9 @@ impl WagiApp {
         };
         if let Some(s) = stderr {
             h.log.lines(s);
+        }
+        if let Some(m) = h.metrics.as_ref().and_then(|m| m.container.as_ref()) {
+            m.failed(e);
         }
         h.log.note(&format!("wasinode: {method} {path}: {e}"));
         tracing::debug!(pod = %self.pod, route = %pattern, error = %e, "request failed");

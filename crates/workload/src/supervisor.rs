@@ -19,9 +19,11 @@ use crate::command::{CommandSpec, RestartBackoff, run_container};
 use crate::image::Images;
 use crate::listen::{ConnLimits, Conns};
 use crate::logs::LogStore;
+use crate::metrics::Metrics;
 use crate::plan::{ContainerPlan, Plan, PlanContext, PlanKind, PodKey, plan};
 use crate::report::{ContainerState, EventType, Phase, Reporter};
 use crate::serve::{Handler, WagiApp, serve};
+use crate::usage::Usage;
 
 /// Binds a pod's listener; a port in use is `PortInUse`, as the kubelet's port conflicts say.
 async fn bind(listen: SocketAddr) -> Result<TcpListener, StartError> {
@@ -111,6 +113,8 @@ type Pods = Arc<Mutex<HashMap<PodKey, Running>>>;
 struct Reservation {
     pods: Pods,
     key: PodKey,
+    usage: Usage,
+    metrics: Metrics,
 }
 
 impl Drop for Reservation {
@@ -118,6 +122,8 @@ impl Drop for Reservation {
         let mut pods = self.pods.lock().unwrap_or_else(|p| p.into_inner());
         if pods.get(&self.key).is_some_and(|r| r.task.is_none()) {
             pods.remove(&self.key);
+            self.usage.remove(&self.key);
+            self.metrics.remove_pod(&self.key);
         }
     }
 }
@@ -132,6 +138,8 @@ pub struct Supervisor {
     pods: Pods,
     /// Where to ask a running pod's servers to restart one of its containers.
     restarts: Restarts,
+    usage: Usage,
+    metrics: Metrics,
 }
 
 impl Supervisor {
@@ -142,6 +150,8 @@ impl Supervisor {
         reports: Reporter,
         config: SupervisorConfig,
     ) -> Self {
+        let usage = Usage::default();
+        let metrics = Metrics::new(usage.clone(), logs.clone());
         Self {
             runtime,
             images,
@@ -150,7 +160,19 @@ impl Supervisor {
             config,
             pods: Arc::default(),
             restarts: Arc::default(),
+            metrics,
+            usage,
         }
+    }
+
+    /// CPU and memory of the pods that run, per container.
+    pub fn usage(&self) -> &Usage {
+        &self.usage
+    }
+
+    /// The agent's Prometheus metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
     }
 
     pub fn logs(&self) -> &LogStore {
@@ -265,14 +287,25 @@ impl Supervisor {
         let _reservation = Reservation {
             pods: self.pods.clone(),
             key: key.clone(),
+            usage: self.usage.clone(),
+            metrics: self.metrics.clone(),
         };
+        let usage = self
+            .usage
+            .insert(&key, plan.containers.iter().map(|c| c.name.as_str()));
         for w in &plan.warnings {
             self.reports
                 .event(&key, EventType::Warning, "PodSpecWarning", w.clone());
         }
         let mut programs = HashMap::new();
         for c in &plan.containers {
-            let program = self.load_container(&key, c, ctx, creds).await?;
+            // What the node spends getting the container ready is the container's CPU too.
+            let meter = usage.container(&c.name).map(|u| u.meter.clone());
+            let loading = self.load_container(&key, c, ctx, creds);
+            let program = runtime::usage::Metered::new(loading, meter.clone()).await?;
+            if let Some(m) = meter {
+                m.set_resident(program.code_bytes() as u64);
+            }
             programs.insert(c.name.clone(), program);
         }
         for c in &plan.containers {
@@ -346,6 +379,7 @@ impl Supervisor {
             "Pulling",
             format!("Pulling image {:?}", c.image),
         );
+        let pull_began = std::time::Instant::now();
         let fetched = self
             .images
             .fetch(
@@ -361,6 +395,7 @@ impl Supervisor {
                 message: format!("container {}: {e}", c.name),
                 container: Some(c.name.clone()),
             })?;
+        self.metrics.pulled(pull_began.elapsed());
         self.reports.event(
             key,
             EventType::Normal,
@@ -377,9 +412,13 @@ impl Supervisor {
         }
         let rt = self.runtime.clone();
         let digest = fetched.digest.clone();
+        let compile_began = std::time::Instant::now();
         let loaded = tokio::task::spawn_blocking(move || rt.load(&digest, &fetched.bytes)).await;
         match loaded {
-            Ok(Ok(p)) => Ok(p),
+            Ok(Ok(p)) => {
+                self.metrics.compiled(compile_began.elapsed());
+                Ok(p)
+            }
             Ok(Err(e)) => Err(StartError {
                 reason: "CreateContainerError".into(),
                 message: format!("container {}: {e}", c.name),
@@ -423,7 +462,7 @@ impl Supervisor {
                     container: Some(c.name.clone()),
                 });
             }
-            let handler = |entrypoint: String| {
+            let handler = |entrypoint: String, route: String| {
                 self.handler(
                     c,
                     program,
@@ -432,14 +471,17 @@ impl Supervisor {
                     r.allowed_hosts.clone(),
                     key,
                 )
-                .map(Arc::new)
+                .map(|mut h| {
+                    h.metrics = Some(Arc::new(self.metrics.route(key, &route, Some(&c.name))));
+                    Arc::new(h)
+                })
             };
             let clash = |e: wagi::routes::RouteError| StartError {
                 reason: "RouteConflict".into(),
                 message: format!("container {}: {e}", c.name),
                 container: Some(c.name.clone()),
             };
-            let h = handler(r.entrypoint.clone())?;
+            let h = handler(r.entrypoint.clone(), r.pattern.as_declared())?;
             recipes.push(Route::new(r, &r.pattern, &r.entrypoint, &h));
             table.insert(r.pattern.clone(), h).map_err(clash)?;
             served.push(r.pattern.as_declared());
@@ -447,7 +489,7 @@ impl Supervisor {
                 for sub in self.sub_routes(c, program).await? {
                     let pattern = join(&r.pattern, &sub.pattern).map_err(clash)?;
                     served.push(pattern.as_declared());
-                    let h = handler(sub.entrypoint.clone())?;
+                    let h = handler(sub.entrypoint.clone(), pattern.as_declared())?;
                     recipes.push(Route::new(r, &pattern, &sub.entrypoint, &h));
                     table.insert(pattern, h).map_err(clash)?;
                 }
@@ -462,7 +504,11 @@ impl Supervisor {
         };
         let task = self.spawn_units(plan, programs, vec![(unit, listener, table)], stop);
         let now = SystemTime::now();
+        let usage = self.usage.pod(key);
         for c in &plan.containers {
+            if let Some(u) = usage.as_ref().and_then(|u| u.container(&c.name)) {
+                u.set_started(now);
+            }
             let image_id = programs.get(&c.name).map(|p| p.digest().to_string());
             self.reports.container(
                 key,
@@ -515,6 +561,7 @@ impl Supervisor {
             c.mounts.clone(),
             allowed_hosts,
             self.logs.container(key, &c.name),
+            self.usage.meter(key, &c.name),
         )
         .map_err(|e| StartError {
             reason: "CreateContainerError".into(),
@@ -542,6 +589,8 @@ impl Supervisor {
             slots: Arc::new(tokio::sync::Semaphore::new(
                 self.config.max_instances_per_pod.max(1) as usize,
             )),
+            in_flight: Some(self.metrics.in_flight(key)),
+            unrouted: Some(self.metrics.route(key, "", None)),
         });
         tokio::spawn(serve(
             listener,
@@ -620,14 +669,16 @@ impl Supervisor {
                 message: e.to_string(),
                 container: None,
             })?;
-            let handler = Arc::new(self.handler(
+            let mut handler = self.handler(
                 c,
                 program,
                 String::new(),
                 None,
                 c.allowed_hosts.clone(),
                 &key,
-            )?);
+            )?;
+            handler.metrics = Some(Arc::new(self.metrics.route(&key, "/...", Some(&c.name))));
+            let handler = Arc::new(handler);
             let route = Route {
                 container: c.name.clone(),
                 pattern: everything.clone(),
@@ -659,11 +710,16 @@ impl Supervisor {
             servers.push(self.spawn_units(plan, programs, units, stop.clone()));
         }
         let now = SystemTime::now();
+        let usage = self.usage.pod(&key);
         for c in &plan.containers {
             let Some(program) = programs.get(&c.name) else {
                 continue;
             };
+            let container_usage = usage.as_ref().and_then(|u| u.container(&c.name)).cloned();
             if program.kind().serves_http() {
+                if let Some(u) = &container_usage {
+                    u.set_started(now);
+                }
                 self.reports.container(
                     &key,
                     &c.name,
@@ -694,6 +750,8 @@ impl Supervisor {
                 env: c.env.clone(),
                 mounts: c.mounts.clone(),
                 log: self.logs.container(&key, &c.name),
+                meter: container_usage,
+                metrics: Some(self.metrics.container(&key, &c.name)),
             };
             handles.push(tokio::spawn(run_container(
                 self.runtime.clone(),
@@ -709,6 +767,8 @@ impl Supervisor {
         let reports = self.reports.clone();
         let pod = key.clone();
         let pods = self.pods.clone();
+        let usage = self.usage.clone();
+        let metrics = self.metrics.clone();
         let task = tokio::spawn(async move {
             let serving = !servers.is_empty();
             let mut codes = Vec::new();
@@ -724,6 +784,8 @@ impl Supervisor {
             }
             // Finished: nothing of the pod runs, so the supervisor forgets it.
             pods.lock().unwrap_or_else(|p| p.into_inner()).remove(&pod);
+            usage.remove(&pod);
+            metrics.remove_pod(&pod);
             let failed = codes.iter().flatten().filter(|c| **c != 0).count();
             if failed == 0 {
                 reports.phase(&pod, Phase::Succeeded, Some("Completed"), None);
@@ -782,6 +844,8 @@ impl Supervisor {
             task.abort();
             let _ = task.await;
         }
+        self.usage.remove(key);
+        self.metrics.remove_pod(key);
         true
     }
 
@@ -1075,14 +1139,17 @@ impl PodServers {
         };
         for u in &mut self.units {
             for r in u.routes.iter_mut().filter(|r| r.container == name) {
-                r.handler = Arc::new(self.sup.handler(
+                let mut h = self.sup.handler(
                     c,
                     program,
                     r.entrypoint.clone(),
                     r.argv.clone(),
                     r.allowed_hosts.clone(),
                     &key,
-                )?);
+                )?;
+                // The route keeps its series across restarts.
+                h.metrics = r.handler.metrics.clone();
+                r.handler = Arc::new(h);
             }
         }
         Ok(())
@@ -1224,6 +1291,11 @@ impl PodServers {
         }
         restarts += 1;
         let now = SystemTime::now();
+        if let Some(u) = self.sup.usage.pod(&key)
+            && let Some(c) = u.container(&name)
+        {
+            c.set_started(now);
+        }
         if let Some(run) = self.runs.get_mut(&name) {
             run.restarts = restarts;
             run.started_at = Some(now);
