@@ -6,6 +6,8 @@
 //!   kubectl spoke WebSocket or SPDY to it), several connections through one forward, at once
 //!   too; once kubectl is gone the node holds no connection to the pod;
 //! - a forward to a port the pod does not serve fails with the reason, and kubectl exits;
+//! - the kubelet's WebSocket protocol (`v4.channel.k8s.io`, as non-kubectl clients speak it)
+//!   through the API server serves a request too;
 //! - deleting the pod ends a running forward;
 //! - `kubectl exec` and `kubectl attach` fail at once, saying why (a WebAssembly pod has no
 //!   shell or TTY) and naming the pod;
@@ -293,6 +295,138 @@ fn two_on_one_connection(addr: &str, path: &str) -> Result<Vec<String>> {
     Ok(bodies)
 }
 
+/// The kubelet's WebSocket port-forward protocol (`v4.channel.k8s.io`), as clients other than
+/// kubectl speak it (the API server passes it to the node as it is): one GET of `path` through
+/// the pod's `port`, over TLS to the API server with `openssl s_client`, `token` as the caller.
+/// Returns the pod's answer, read from data channel 0.
+fn websocket_forward(
+    cluster: &Cluster,
+    token: &str,
+    pod: &str,
+    port: u16,
+    path: &str,
+) -> Result<String> {
+    let host = cluster
+        .api_server
+        .trim_start_matches("https://")
+        .to_string();
+    let mut ssl = Command::new("openssl")
+        .args(["s_client", "-quiet", "-connect", &host])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let mut w = ssl.stdin.take().context("stdin")?;
+    let mut r = ssl.stdout.take().context("stdout")?;
+    let (tx, rx) = mpsc::channel::<Vec<u8>>();
+    std::thread::spawn(move || {
+        let mut b = [0u8; 4096];
+        while let Ok(n) = r.read(&mut b) {
+            if n == 0 || tx.send(b[..n].to_vec()).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + TIMEOUT;
+    let more = |buf: &mut Vec<u8>| -> Result<bool> {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(b) => {
+                buf.extend_from_slice(&b);
+                Ok(true)
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => Ok(false),
+            Err(mpsc::RecvTimeoutError::Timeout) => bail!("no answer in {TIMEOUT:?}"),
+        }
+    };
+    let mut buf: Vec<u8> = Vec::new();
+    write!(
+        w,
+        "GET /api/v1/namespaces/default/pods/{pod}/portforward?ports={port} HTTP/1.1\r\n\
+         Host: {host}\r\nAuthorization: Bearer {token}\r\nConnection: Upgrade\r\n\
+         Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+         Sec-WebSocket-Protocol: v4.channel.k8s.io\r\n\r\n"
+    )?;
+    w.flush()?;
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        ensure!(more(&mut buf)?, "connection closed in the handshake");
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+    ensure!(
+        head.starts_with("HTTP/1.1 101") && head.to_ascii_lowercase().contains("v4.channel.k8s.io"),
+        "WebSocket handshake: {head}"
+    );
+    buf.drain(..head_end);
+    // Server frames are not masked: (channel, payload) of each binary message, None at the end.
+    let frame = |buf: &mut Vec<u8>| -> Result<Option<(u8, Vec<u8>)>> {
+        loop {
+            if buf.len() >= 2 {
+                let header = match buf[1] & 0x7f {
+                    127 => bail!("a frame over 64 KiB"),
+                    126 if buf.len() >= 4 => {
+                        Some((usize::from(u16::from_be_bytes([buf[2], buf[3]])), 4))
+                    }
+                    126 => None,
+                    n => Some((usize::from(n), 2)),
+                };
+                if let Some((len, at)) = header
+                    && buf.len() >= at + len
+                {
+                    let opcode = buf[0] & 0x0f;
+                    let payload: Vec<u8> = buf[at..at + len].to_vec();
+                    buf.drain(..at + len);
+                    if opcode == 8 {
+                        return Ok(None);
+                    }
+                    if opcode == 2 && !payload.is_empty() {
+                        return Ok(Some((payload[0], payload[1..].to_vec())));
+                    }
+                    continue;
+                }
+            }
+            if !more(buf)? {
+                return Ok(None);
+            }
+        }
+    };
+    // The port first, on the data and the error channel.
+    for ch in [0u8, 1] {
+        let got = frame(&mut buf)?;
+        ensure!(
+            got == Some((ch, port.to_le_bytes().to_vec())),
+            "first message on channel {ch}: {got:?}"
+        );
+    }
+    // A masked binary frame on data channel 0.
+    let mut payload = vec![0u8];
+    payload.extend_from_slice(
+        format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+    );
+    ensure!(payload.len() < 126, "request too long for this client");
+    let mask = [0x12u8, 0x34, 0x56, 0x78];
+    let mut f = vec![0x82, 0x80 | payload.len() as u8];
+    f.extend_from_slice(&mask);
+    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    w.write_all(&f)?;
+    w.flush()?;
+    let mut answer = Vec::new();
+    while let Some((ch, data)) = frame(&mut buf)? {
+        ensure!(
+            ch == 0,
+            "channel {ch}: {:?}",
+            String::from_utf8_lossy(&data)
+        );
+        answer.extend_from_slice(&data);
+    }
+    let _ = ssl.kill();
+    let _ = ssl.wait();
+    Ok(String::from_utf8_lossy(&answer).into_owned())
+}
+
 #[test]
 fn port_forward_exec_and_pods_on_a_wasm_node() -> Result<()> {
     // The API server proxies to no node at a loopback address (`/api/v1/nodes/N/proxy/...`
@@ -495,6 +629,23 @@ fn port_forward_exec_and_pods_on_a_wasm_node() -> Result<()> {
             "{method} {path} without nodes/proxy: HTTP {code}"
         );
     }
+
+    // The kubelet's WebSocket protocol, as a client other than kubectl speaks it through the
+    // API server (which hands it to the node unchanged), with a caller allowed to forward.
+    cluster.kubectl(&["create", "serviceaccount", "forwarder", "-n", "default"])?;
+    cluster.kubectl(&[
+        "create",
+        "clusterrolebinding",
+        "forwarder",
+        "--clusterrole=cluster-admin",
+        "--serviceaccount=default:forwarder",
+    ])?;
+    let admin = cluster.kubectl(&["create", "token", "forwarder", "-n", "default"])?;
+    let answer = websocket_forward(&cluster, admin.trim(), "pf-wagi", wagi_port, "/hello")?;
+    ensure!(
+        answer.starts_with("HTTP/1.1 200") && answer.ends_with("hello world\n"),
+        "through the WebSocket protocol: {answer:?}"
+    );
 
     cluster.kubectl(&[
         "delete",

@@ -13,6 +13,11 @@
 //! bytes of one TCP connection to `port` of the pod), as the kubelet's
 //! pkg/cri/streaming/portforward/httpstream.go pairs them.
 //!
+//! A client that upgrades to WebSocket with another protocol than the tunneling one (e.g.
+//! `v4.channel.k8s.io`, as the Python client does) reaches the node unchanged, and is served
+//! the kubelet's WebSocket protocol (pkg/cri/streaming/portforward/websocket.go: `?port=`, a
+//! data and an error channel per port), see [`WS_BINARY`].
+//!
 //! The pod's port: a WAGI pod's listener (`default-host`), or an HTTP component's
 //! `containerPort`s (8080 without one), as the pod's plan says; any other port is refused on the
 //! error stream with the ports the pod does serve. Flow control: like spdystream (which never
@@ -42,6 +47,10 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{Semaphore, mpsc};
 use tokio::task::{AbortHandle, JoinSet};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use workload::PodKey;
 use workload::plan::PlanKind;
 
@@ -193,8 +202,9 @@ fn offered<B>(req: &Request<B>) -> Vec<String> {
         .collect()
 }
 
-/// Answers `/portForward/{ns}/{name}[/{uid}]`: checks the upgrade, finds the pod among those
-/// this node runs, answers 101 and serves the SPDY session on the upgraded connection.
+/// Answers `/portForward/{ns}/{name}[/{uid}]`: checks the upgrade (SPDY/3.1, or the kubelet's
+/// WebSocket protocol), finds the pod among those this node runs, answers 101 and serves the
+/// session on the upgraded connection.
 pub async fn handle(
     pods: &Arc<crate::pods::Context>,
     req: Request<Incoming>,
@@ -202,11 +212,14 @@ pub async fn handle(
     name: &str,
     uid: Option<&str>,
 ) -> Response<Body> {
+    if is_websocket_upgrade(&req) {
+        return handle_websocket(pods, req, ns, name, uid);
+    }
     if !is_spdy_upgrade(&req) {
         return text(
             StatusCode::BAD_REQUEST,
             "unable to upgrade: port-forward needs a SPDY/3.1 upgrade (Connection: Upgrade, \
-             Upgrade: SPDY/3.1)",
+             Upgrade: SPDY/3.1) or a WebSocket one",
         );
     }
     let protocols = offered(&req);
@@ -230,35 +243,9 @@ pub async fn handle(
         );
         return r;
     }
-    let pod = pods.store.get().and_then(|s| {
-        s.state().into_iter().find(|p| {
-            p.metadata.namespace.as_deref() == Some(ns)
-                && p.metadata.name.as_deref() == Some(name)
-                && uid.is_none_or(|u| p.metadata.uid.as_deref() == Some(u))
-        })
-    });
-    let Some(pod) = pod else {
-        return text(
-            StatusCode::NOT_FOUND,
-            format!("pod {ns}/{name} does not exist on this node"),
-        );
-    };
-    let key = workload::plan::pod_key(&pod);
-    if !pods.sup.running().contains(&key) {
-        return text(
-            StatusCode::BAD_REQUEST,
-            format!("pod {ns}/{name} is not running on this node"),
-        );
-    }
-    let Ok(permit) = SESSIONS.try_acquire() else {
-        return text(
-            StatusCode::TOO_MANY_REQUESTS,
-            format!("this node serves {MAX_SESSIONS} port-forward connections at most; try again"),
-        );
-    };
-    let target = Target {
-        addrs: served(&pod, &pods.plan),
-        key,
+    let (target, permit) = match admit(pods, ns, name, uid) {
+        Ok(t) => t,
+        Err(r) => return r,
     };
     let upgrade = hyper::upgrade::on(req);
     let pods = pods.clone();
@@ -266,7 +253,7 @@ pub async fn handle(
         let _permit = permit;
         match upgrade.await {
             Ok(io) => {
-                tracing::debug!(pod = %target.key, "port-forward session");
+                tracing::debug!(pod = %target.key, "port-forward session (SPDY/3.1)");
                 let running = move |k: &PodKey| pods.sup.running().contains(k);
                 serve(TokioIo::new(io), target, running).await;
             }
@@ -286,6 +273,49 @@ pub async fn handle(
         HeaderValue::from_static(PROTOCOL),
     );
     r
+}
+
+/// The pod `ns/name` (of `uid` if given) among those this node runs, and a session slot.
+#[allow(clippy::result_large_err)]
+fn admit(
+    pods: &crate::pods::Context,
+    ns: &str,
+    name: &str,
+    uid: Option<&str>,
+) -> Result<(Target, tokio::sync::SemaphorePermit<'static>), Response<Body>> {
+    let pod = pods.store.get().and_then(|s| {
+        s.state().into_iter().find(|p| {
+            p.metadata.namespace.as_deref() == Some(ns)
+                && p.metadata.name.as_deref() == Some(name)
+                && uid.is_none_or(|u| p.metadata.uid.as_deref() == Some(u))
+        })
+    });
+    let Some(pod) = pod else {
+        return Err(text(
+            StatusCode::NOT_FOUND,
+            format!("pod {ns}/{name} does not exist on this node"),
+        ));
+    };
+    let key = workload::plan::pod_key(&pod);
+    if !pods.sup.running().contains(&key) {
+        return Err(text(
+            StatusCode::BAD_REQUEST,
+            format!("pod {ns}/{name} is not running on this node"),
+        ));
+    }
+    let Ok(permit) = SESSIONS.try_acquire() else {
+        return Err(text(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!("this node serves {MAX_SESSIONS} port-forward connections at most; try again"),
+        ));
+    };
+    Ok((
+        Target {
+            addrs: served(&pod, &pods.plan),
+            key,
+        },
+        permit,
+    ))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -592,7 +622,7 @@ impl Session {
             let addr = self.target.addr(port);
             let out = self.out.clone();
             let task = self.tasks.spawn(async move {
-                let r = forward(addr, data, rx, out).await;
+                let r = forward(addr, rx, Out::Spdy { out, stream: data }).await;
                 (rid, r)
             });
             pair.task = Some(task);
@@ -660,9 +690,8 @@ impl Session {
 /// said on the error stream; a connection that ends with an error later is only closed.
 async fn forward(
     addr: Result<SocketAddr, String>,
-    data: u32,
     mut from_client: mpsc::Receiver<Bytes>,
-    out: mpsc::Sender<Frame>,
+    out: Out,
 ) -> Result<(), String> {
     let addr = addr?;
     let tcp = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
@@ -691,34 +720,384 @@ async fn forward(
             match from_pod.read(&mut buf).await {
                 Ok(0) | Err(_) => break,
                 Ok(n) => {
-                    let f = Frame::Data {
-                        stream_id: data,
-                        flags: 0,
-                        data: Bytes::copy_from_slice(&buf[..n]),
-                    };
-                    if out.send(f).await.is_err() {
+                    if !out.data(Bytes::copy_from_slice(&buf[..n])).await {
                         return;
                     }
                 }
             }
         }
-        let _ = out
-            .send(Frame::Data {
-                stream_id: data,
-                flags: FLAG_FIN,
-                data: Bytes::new(),
-            })
-            .await;
+        out.end().await;
     };
     tokio::select! {
-        _ = up => {
-            let _ = reset
-                .send(Frame::RstStream { stream_id: data, status: spdy::rst::CANCEL })
-                .await;
-        }
+        _ = up => reset.reset().await,
         _ = down => {}
     }
     Ok(())
+}
+
+/// Where a forwarded connection's bytes from the pod go.
+#[derive(Clone)]
+enum Out {
+    /// A SPDY data stream.
+    Spdy {
+        out: mpsc::Sender<Frame>,
+        stream: u32,
+    },
+    /// A WebSocket data channel.
+    WebSocket {
+        out: mpsc::Sender<(u8, Bytes)>,
+        channel: u8,
+    },
+}
+
+impl Out {
+    /// False once the session is gone.
+    async fn data(&self, data: Bytes) -> bool {
+        match self {
+            Out::Spdy { out, stream } => out
+                .send(Frame::Data {
+                    stream_id: *stream,
+                    flags: 0,
+                    data,
+                })
+                .await
+                .is_ok(),
+            Out::WebSocket { out, channel } => out.send((*channel, data)).await.is_ok(),
+        }
+    }
+
+    /// The pod closed its side (FIN on a SPDY stream; a WebSocket channel has no such thing).
+    async fn end(&self) {
+        if let Out::Spdy { out, stream } = self {
+            let _ = out
+                .send(Frame::Data {
+                    stream_id: *stream,
+                    flags: FLAG_FIN,
+                    data: Bytes::new(),
+                })
+                .await;
+        }
+    }
+
+    /// The connection to the pod broke while the client still sends.
+    async fn reset(&self) {
+        if let Out::Spdy { out, stream } = self {
+            let _ = out
+                .send(Frame::RstStream {
+                    stream_id: *stream,
+                    status: spdy::rst::CANCEL,
+                })
+                .await;
+        }
+    }
+}
+
+// --- The kubelet's WebSocket port-forward protocol -------------------------------------------
+//
+// A client that upgrades to WebSocket with a protocol other than the tunneling one (for example
+// `v4.channel.k8s.io`, as the Python client does) is proxied to the node as it is, and the
+// kubelet serves it (pkg/cri/streaming/portforward/websocket.go): the ports come from `?port=`,
+// port i has data channel 2i and error channel 2i+1, each message starts with its channel
+// number (one byte; a '0'-based digit and base64 text under `v4.base64.channel.k8s.io`), and the
+// first message on each channel is the port, 2 bytes little-endian. One TCP connection per port
+// for the session's life; the session ends when every port's connection has ended.
+
+/// Binary channels.
+pub const WS_BINARY: &str = "v4.channel.k8s.io";
+/// Base64 text channels.
+pub const WS_BASE64: &str = "v4.base64.channel.k8s.io";
+/// Ports of one WebSocket session at most (channel numbers are one byte).
+pub const MAX_WS_PORTS: usize = MAX_STREAMS / 2;
+/// Largest WebSocket message accepted from a client.
+const MAX_WS_MESSAGE: usize = 1 << 20;
+
+fn is_websocket_upgrade<B>(req: &Request<B>) -> bool {
+    let has = |name: http::header::HeaderName, want: &str| {
+        req.headers()
+            .get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .any(|v| v.to_ascii_lowercase().contains(want))
+    };
+    has(http::header::CONNECTION, "upgrade") && has(http::header::UPGRADE, "websocket")
+}
+
+/// The ports of `?port=A&port=B,C`, as the kubelet's `NewV4Options` reads them.
+fn ws_ports(query: &str) -> Result<Vec<u16>, String> {
+    let mut ports = Vec::new();
+    for (k, v) in query
+        .split('&')
+        .filter_map(|kv| kv.split_once('=').or(Some((kv, ""))))
+    {
+        if k != "port" {
+            continue;
+        }
+        if v.is_empty() {
+            return Err("query parameter \"port\" cannot be empty".into());
+        }
+        let v = v.replace("%2C", ",").replace("%2c", ",");
+        for p in v.split(',') {
+            let port: u16 = p
+                .parse()
+                .map_err(|_| format!("unable to parse {v:?} as a port"))?;
+            if port == 0 {
+                return Err(format!("port {v:?} must be > 0"));
+            }
+            ports.push(port);
+        }
+    }
+    if ports.is_empty() {
+        return Err("query parameter \"port\" is required".into());
+    }
+    if ports.len() > MAX_WS_PORTS {
+        return Err(format!(
+            "{} ports asked for; one connection forwards {MAX_WS_PORTS} at most",
+            ports.len()
+        ));
+    }
+    Ok(ports)
+}
+
+/// The protocol to answer with: none when the client offers none (binary channels), else the
+/// first offered that the kubelet speaks.
+fn ws_protocol<B>(req: &Request<B>) -> Result<Option<&'static str>, String> {
+    let offered: Vec<String> = req
+        .headers()
+        .get_all(http::header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|p| p.trim().to_string())
+        .filter(|p| !p.is_empty())
+        .collect();
+    if offered.is_empty() {
+        return Ok(None);
+    }
+    offered
+        .iter()
+        .find_map(|p| [WS_BINARY, WS_BASE64].into_iter().find(|s| s == p))
+        .map(Some)
+        .ok_or_else(|| {
+            format!(
+                "requested protocol(s) are not supported: {offered:?}; supports [\"{WS_BINARY}\", \"{WS_BASE64}\"]"
+            )
+        })
+}
+
+fn handle_websocket(
+    pods: &Arc<crate::pods::Context>,
+    req: Request<Incoming>,
+    ns: &str,
+    name: &str,
+    uid: Option<&str>,
+) -> Response<Body> {
+    let Some(key) = req
+        .headers()
+        .get(http::header::SEC_WEBSOCKET_KEY)
+        .map(|k| k.as_bytes().to_vec())
+    else {
+        return text(
+            StatusCode::BAD_REQUEST,
+            "unable to upgrade: no Sec-WebSocket-Key",
+        );
+    };
+    let ports = match ws_ports(req.uri().query().unwrap_or("")) {
+        Ok(p) => p,
+        Err(e) => return text(StatusCode::BAD_REQUEST, e),
+    };
+    let protocol = match ws_protocol(&req) {
+        Ok(p) => p,
+        Err(e) => return text(StatusCode::BAD_REQUEST, e),
+    };
+    let (target, permit) = match admit(pods, ns, name, uid) {
+        Ok(t) => t,
+        Err(r) => return r,
+    };
+    let upgrade = hyper::upgrade::on(req);
+    let pods = pods.clone();
+    let base64 = protocol == Some(WS_BASE64);
+    tokio::spawn(async move {
+        let _permit = permit;
+        match upgrade.await {
+            Ok(io) => {
+                tracing::debug!(pod = %target.key, ?ports, "port-forward session (WebSocket)");
+                let config = WebSocketConfig::default()
+                    .max_message_size(Some(MAX_WS_MESSAGE))
+                    .max_frame_size(Some(MAX_WS_MESSAGE));
+                let ws =
+                    WebSocketStream::from_raw_socket(TokioIo::new(io), Role::Server, Some(config))
+                        .await;
+                let running = move |k: &PodKey| pods.sup.running().contains(k);
+                serve_websocket(ws, target, ports, base64, running).await;
+            }
+            Err(e) => tracing::debug!("port-forward upgrade: {e}"),
+        }
+    });
+    let mut r = Response::new(Empty::new().boxed());
+    *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = r.headers_mut();
+    h.insert(
+        http::header::CONNECTION,
+        HeaderValue::from_static("Upgrade"),
+    );
+    h.insert(http::header::UPGRADE, HeaderValue::from_static("websocket"));
+    if let Ok(accept) = HeaderValue::from_str(&derive_accept_key(&key)) {
+        h.insert(http::header::SEC_WEBSOCKET_ACCEPT, accept);
+    }
+    if let Some(p) = protocol {
+        h.insert(
+            http::header::SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_static(p),
+        );
+    }
+    r
+}
+
+/// One message on `channel`, framed as the negotiated protocol wants.
+fn ws_message(channel: u8, data: &[u8], base64: bool) -> Message {
+    if base64 {
+        use base64::Engine as _;
+        let mut t = String::with_capacity(1 + data.len() * 4 / 3 + 4);
+        t.push(char::from(b'0' + channel));
+        t.push_str(&base64::engine::general_purpose::STANDARD.encode(data));
+        Message::text(t)
+    } else {
+        let mut b = Vec::with_capacity(1 + data.len());
+        b.push(channel);
+        b.extend_from_slice(data);
+        Message::binary(b)
+    }
+}
+
+/// A channel and its payload from a client message, if it carries one.
+fn ws_payload(m: Message, base64: bool) -> Option<(u8, Bytes)> {
+    match m {
+        Message::Binary(b) if !base64 && !b.is_empty() => Some((b[0], b.slice(1..))),
+        Message::Text(t) if base64 && !t.is_empty() => {
+            use base64::Engine as _;
+            let t = t.as_str();
+            let channel = t.as_bytes()[0].checked_sub(b'0')?;
+            let data = base64::engine::general_purpose::STANDARD
+                .decode(&t[1..])
+                .ok()?;
+            Some((channel, Bytes::from(data)))
+        }
+        _ => None,
+    }
+}
+
+/// Serves one WebSocket port-forward session: a connection to each port, until every one has
+/// ended, the client goes away, the session is idle, or the pod stops.
+async fn serve_websocket<S>(
+    ws: WebSocketStream<S>,
+    target: Target,
+    ports: Vec<u16>,
+    base64: bool,
+    running: impl Fn(&PodKey) -> bool,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    use futures::{SinkExt, StreamExt};
+    let (mut sink, mut stream) = ws.split();
+    let (out, mut queue) = mpsc::channel::<(u8, Bytes)>(WRITE_QUEUE);
+    let activity = Activity {
+        epoch: Instant::now(),
+        last: Arc::default(),
+    };
+    let wrote = activity.clone();
+    let writer = tokio::spawn(async move {
+        while let Some((channel, data)) = queue.recv().await {
+            let m = ws_message(channel, &data, base64);
+            match tokio::time::timeout(WRITE_STALL, sink.send(m)).await {
+                Ok(Ok(())) => wrote.touch(),
+                _ => return,
+            }
+        }
+        let _ = tokio::time::timeout(WRITE_STALL, sink.close()).await;
+    });
+    let mut to_pod = Vec::with_capacity(ports.len());
+    let mut tasks: JoinSet<(usize, Result<(), String>)> = JoinSet::new();
+    for (i, port) in ports.iter().enumerate() {
+        let data = (2 * i) as u8;
+        // As the kubelet: the port first, on both channels.
+        let _ = out
+            .send((data, Bytes::copy_from_slice(&port.to_le_bytes())))
+            .await;
+        let _ = out
+            .send((data + 1, Bytes::copy_from_slice(&port.to_le_bytes())))
+            .await;
+        let (tx, rx) = mpsc::channel(TO_POD_QUEUE);
+        to_pod.push(Some(tx));
+        let addr = target.addr(*port);
+        let sink = Out::WebSocket {
+            out: out.clone(),
+            channel: data,
+        };
+        tasks.spawn(async move { (i, forward(addr, rx, sink).await) });
+    }
+    let mut left = ports.len();
+    let mut tick = tokio::time::interval(TICK);
+    let why: String = loop {
+        tokio::select! {
+            m = stream.next() => {
+                let m = match m {
+                    Some(Ok(Message::Close(_))) | None => break "the client closed the connection".into(),
+                    Some(Err(e)) => break format!("reading from the client: {e}"),
+                    Some(Ok(m)) => m,
+                };
+                activity.touch();
+                let Some((channel, data)) = ws_payload(m, base64) else { continue };
+                // Only data channels carry bytes to the pod.
+                let i = usize::from(channel / 2);
+                if channel % 2 == 0
+                    && !data.is_empty()
+                    && let Some(Some(tx)) = to_pod.get(i)
+                    && tx.send(data).await.is_err()
+                {
+                    to_pod[i] = None;
+                }
+            }
+            Some(done) = tasks.join_next() => {
+                if let Ok((i, result)) = done {
+                    if let Err(msg) = result {
+                        let text = format!(
+                            "error forwarding port {} to pod {}, uid {}: {msg}",
+                            ports[i], target.key.name, target.key.uid
+                        );
+                        let _ = out.send(((2 * i + 1) as u8, Bytes::from(text))).await;
+                    }
+                    to_pod[i] = None;
+                }
+                left -= 1;
+                if left == 0 {
+                    break "every port's connection ended".into();
+                }
+            }
+            _ = tick.tick() => {
+                if !running(&target.key) {
+                    let msg = format!("pod {}/{} stopped", target.key.namespace, target.key.name);
+                    for (i, p) in ports.iter().enumerate() {
+                        let text = format!(
+                            "error forwarding port {p} to pod {}, uid {}: {msg}",
+                            target.key.name, target.key.uid
+                        );
+                        let _ = out.send(((2 * i + 1) as u8, Bytes::from(text))).await;
+                    }
+                    break msg;
+                }
+                if activity.idle() >= IDLE_TIMEOUT {
+                    break format!("idle for {IDLE_TIMEOUT:?}");
+                }
+                if writer.is_finished() {
+                    break "writing to the client failed".into();
+                }
+            }
+        }
+    };
+    tracing::debug!(pod = %target.key, "port-forward session ends: {why}");
+    tasks.abort_all();
+    drop(out);
+    let _ = tokio::time::timeout(WRITE_STALL, writer).await;
 }
 
 #[cfg(test)]
@@ -990,6 +1369,104 @@ mod tests {
         let over = 2 * MAX_STREAMS as u32 + 1;
         c.open(over, "error", addr.port(), "over").await;
         c.until(|f| matches!(f, Frame::RstStream { stream_id, status: spdy::rst::REFUSED_STREAM } if *stream_id == over)).await;
+    }
+
+    #[test]
+    fn websocket_ports_and_channels_as_the_kubelet_reads_them() {
+        assert_eq!(ws_ports("port=80&port=81%2C82"), Ok(vec![80, 81, 82]));
+        assert_eq!(ws_ports("port=80,81"), Ok(vec![80, 81]));
+        assert!(ws_ports("").is_err());
+        assert!(ws_ports("port=0").is_err());
+        assert!(ws_ports("port=x").is_err());
+        let many = vec!["port=1"; MAX_WS_PORTS + 1].join("&");
+        assert!(ws_ports(&many).is_err());
+        for base64 in [false, true] {
+            let m = ws_message(3, b"\x00\x01hi", base64);
+            assert_eq!(
+                ws_payload(m, base64),
+                Some((3, Bytes::from_static(b"\x00\x01hi")))
+            );
+        }
+        assert_eq!(ws_message(1, b"hi", true), Message::text("1aGk="));
+        assert_eq!(
+            ws_message(1, b"hi", false),
+            Message::binary(b"\x01hi".to_vec())
+        );
+    }
+
+    #[tokio::test]
+    async fn websocket_sessions_forward_each_port_and_say_why_one_is_refused() {
+        use futures::{SinkExt, StreamExt};
+        // A pod that answers the first bytes it reads, then closes.
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut c, _)) = l.accept().await {
+                let mut b = [0u8; 64];
+                let n = c.read(&mut b).await.unwrap_or(0);
+                let _ = c.write_all(b"echo:").await;
+                let _ = c.write_all(&b[..n]).await;
+            }
+        });
+        let (client, server) = tokio::io::duplex(1 << 16);
+        let target = Target {
+            key: PodKey {
+                namespace: "default".into(),
+                name: "p".into(),
+                uid: "u1".into(),
+            },
+            addrs: vec![addr],
+        };
+        let server = WebSocketStream::from_raw_socket(server, Role::Server, None).await;
+        let task = tokio::spawn(serve_websocket(
+            server,
+            target,
+            vec![addr.port(), 1],
+            false,
+            |_| true,
+        ));
+        let mut c = WebSocketStream::from_raw_socket(client, Role::Client, None).await;
+        let mut next = async || {
+            let m = tokio::time::timeout(Duration::from_secs(10), c.next()).await;
+            match m.expect("a message within 10 s") {
+                Some(Ok(Message::Binary(b))) => Some((b[0], b.slice(1..))),
+                Some(Ok(Message::Close(_))) | None => None,
+                other => panic!("{other:?}"),
+            }
+        };
+        // The ports first, on every channel.
+        let le = |p: u16| Bytes::copy_from_slice(&p.to_le_bytes());
+        assert_eq!(next().await, Some((0, le(addr.port()))));
+        assert_eq!(next().await, Some((1, le(addr.port()))));
+        assert_eq!(next().await, Some((2, le(1))));
+        assert_eq!(next().await, Some((3, le(1))));
+        let (ch, said) = next().await.unwrap();
+        assert_eq!(ch, 3);
+        let said = String::from_utf8(said.to_vec()).unwrap();
+        assert!(
+            said.contains("pod default/p does not serve port 1"),
+            "{said}"
+        );
+        c.send(ws_message(0, b"GET /", false)).await.unwrap();
+        let mut got = Vec::new();
+        loop {
+            let m = tokio::time::timeout(Duration::from_secs(10), c.next())
+                .await
+                .unwrap();
+            match m {
+                Some(Ok(Message::Binary(b))) => {
+                    assert_eq!(b[0], 0);
+                    got.extend_from_slice(&b[1..]);
+                }
+                _ => break,
+            }
+        }
+        assert_eq!(got, b"echo:GET /");
+        // Every port's connection ended: so does the session.
+        tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .unwrap()
+            .unwrap();
     }
 
     #[test]
