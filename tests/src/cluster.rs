@@ -263,6 +263,39 @@ impl Cluster {
             .collect())
     }
 
+    /// Waits until the pod `default/<name>` is Running with its Ready condition True.
+    pub fn wait_pod_running(&self, name: &str, timeout: Duration) -> Result<()> {
+        self.wait_for(&format!("{name} Running and Ready"), timeout, || {
+            let p = self.pod(name)?;
+            let ready = p["status"]["conditions"].as_array().is_some_and(|cs| {
+                cs.iter()
+                    .any(|c| c["type"] == "Ready" && c["status"] == "True")
+            });
+            Ok(p["status"]["phase"] == "Running" && ready)
+        })
+    }
+
+    /// Waits until the pod `default/<name>` has an Event of type `kind` and `reason` whose
+    /// message contains every one of `words`.
+    pub fn wait_pod_event(
+        &self,
+        pod: &str,
+        kind: &str,
+        reason: &str,
+        words: &[&str],
+        timeout: Duration,
+    ) -> Result<()> {
+        self.wait_for(
+            &format!("a {kind} {reason} Event about {pod} with {words:?}"),
+            timeout,
+            || {
+                Ok(self.pod_events(pod)?.iter().any(|(t, r, m)| {
+                    t == kind && r == reason && words.iter().all(|w| m.contains(w))
+                }))
+            },
+        )
+    }
+
     /// `spec.renewTime` of the node's Lease in `kube-node-lease` (RFC 3339 with microseconds, so
     /// later renewals compare greater as text).
     pub fn lease_renew_time(&self, node: &str) -> Result<String> {

@@ -49,17 +49,6 @@ fn node(opts: AgentOptions) -> Result<(Cluster, Agent, Registry)> {
     Ok((cluster, agent, registry))
 }
 
-fn wait_running(cluster: &Cluster, name: &str) -> Result<()> {
-    cluster.wait_for(&format!("{name} Running and Ready"), TIMEOUT, || {
-        let p = cluster.pod(name)?;
-        let ready = p["status"]["conditions"].as_array().is_some_and(|cs| {
-            cs.iter()
-                .any(|c| c["type"] == "Ready" && c["status"] == "True")
-        });
-        Ok(p["status"]["phase"] == "Running" && ready)
-    })
-}
-
 /// The STATUS column of `kubectl get pod <name>`.
 fn status_column(cluster: &Cluster, name: &str) -> Result<String> {
     let table = cluster.kubectl(&["get", "pod", name, "-n", "default", "--no-headers"])?;
@@ -88,27 +77,6 @@ fn hello_answers(addr: &str) -> Result<()> {
     Ok(())
 }
 
-/// Waits until the pod has an Event of type `kind` and `reason` whose message contains every one
-/// of `words`.
-fn wait_event(
-    cluster: &Cluster,
-    pod: &str,
-    kind: &str,
-    reason: &str,
-    words: &[&str],
-) -> Result<()> {
-    cluster.wait_for(
-        &format!("a {kind} {reason} Event about {pod} with {words:?}"),
-        TIMEOUT,
-        || {
-            Ok(cluster
-                .pod_events(pod)?
-                .iter()
-                .any(|(t, r, m)| t == kind && r == reason && words.iter().all(|w| m.contains(w))))
-        },
-    )
-}
-
 // ---------------------------------------------------------------------------------------------
 
 #[test]
@@ -117,7 +85,9 @@ fn port_in_use_fails_only_the_pod_that_wants_it() -> Result<()> {
     let image = registry.push_guest("hello")?;
     let addr = format!("127.0.0.1:{}", free_port());
     cluster.apply(&hello_pod("first", &addr, &image))?;
-    wait_running(&cluster, "first").with_context(|| agent.output())?;
+    cluster
+        .wait_pod_running("first", TIMEOUT)
+        .with_context(|| agent.output())?;
     hello_answers(&addr)?;
 
     // A second pod on the same default-host port.
@@ -170,7 +140,7 @@ fn port_in_use_shown(cluster: &Cluster, pod: &str, addr: &str) -> Result<()> {
             && describe.to_lowercase().contains("address already in use"),
         "kubectl describe pod {pod}:\n{describe}"
     );
-    wait_event(cluster, pod, "Warning", "Failed", &[addr, "in use"])?;
+    cluster.wait_pod_event(pod, "Warning", "Failed", &[addr, "in use"], TIMEOUT)?;
     Ok(())
 }
 
@@ -262,8 +232,8 @@ fn unpullable_images_wait_in_image_pull_back_off() -> Result<()> {
                 && message.contains(image),
             "{name}: waiting {reason}: {message:?}"
         );
-        wait_event(&cluster, name, "Warning", "Failed", &[image, cause])?;
-        wait_event(&cluster, name, "Normal", "BackOff", &[image])?;
+        cluster.wait_pod_event(name, "Warning", "Failed", &[image, cause], TIMEOUT)?;
+        cluster.wait_pod_event(name, "Normal", "BackOff", &[image], TIMEOUT)?;
         let describe = cluster.describe_pod(name)?;
         ensure!(
             describe.contains(image.as_str()) && describe.contains("ImagePull"),
@@ -271,13 +241,17 @@ fn unpullable_images_wait_in_image_pull_back_off() -> Result<()> {
         );
         eprintln!("{name}: STATUS went {:?}", watch.statuses(name));
     }
-    wait_running(&cluster, "pulls-fine").with_context(|| agent.output())?;
+    cluster
+        .wait_pod_running("pulls-fine", TIMEOUT)
+        .with_context(|| agent.output())?;
     hello_answers(&good_addr)?;
     ensure!(node_ready(&cluster, "wasi-pull")?, "the node stays Ready");
 
     // The pull is retried after the back-off: once the tag exists, the pod runs.
     e2e::wasinode::push(&guest("hello")?, &missing, push_dir.path(), &[])?;
-    wait_running(&cluster, "missing-tag").with_context(|| agent.output())?;
+    cluster
+        .wait_pod_running("missing-tag", TIMEOUT)
+        .with_context(|| agent.output())?;
     eprintln!(
         "missing-tag: STATUS went {:?}",
         watch.statuses("missing-tag")
@@ -309,18 +283,18 @@ fn a_module_that_is_not_wasm_is_reported() -> Result<()> {
         describe.contains("CreateContainerError") && describe.contains("not valid WebAssembly"),
         "kubectl describe pod not-wasm:\n{describe}"
     );
-    wait_event(
-        &cluster,
+    cluster.wait_pod_event(
         "not-wasm",
         "Warning",
         "Failed",
         &["not valid WebAssembly"],
+        TIMEOUT,
     )?;
     ensure!(!listening(&addr), "a pod that failed listens on {addr}");
     // The node still runs good pods.
     let good = format!("127.0.0.1:{}", free_port());
     cluster.apply(&hello_pod("good", &good, &registry.push_guest("hello")?))?;
-    wait_running(&cluster, "good")?;
+    cluster.wait_pod_running("good", TIMEOUT)?;
     hello_answers(&good)?;
     Ok(())
 }
@@ -338,7 +312,9 @@ fn host_network_pod_listens_on_the_node_ip() -> Result<()> {
     );
     pod["spec"]["hostNetwork"] = json!(true);
     cluster.apply(&pod)?;
-    wait_running(&cluster, "hostnet").with_context(|| agent.output())?;
+    cluster
+        .wait_pod_running("hostnet", TIMEOUT)
+        .with_context(|| agent.output())?;
     hello_answers(&format!("127.0.0.2:{port}"))?;
     ensure!(
         !listening(&format!("127.0.0.1:{port}")),
@@ -394,7 +370,9 @@ fn image_pull_secrets_open_a_private_registry() -> Result<()> {
     pod["spec"]["imagePullSecrets"] = json!([{"name": "regcred"}]);
     cluster.apply(&pod)?;
 
-    wait_running(&cluster, "with-secret").with_context(|| agent.output())?;
+    cluster
+        .wait_pod_running("with-secret", TIMEOUT)
+        .with_context(|| agent.output())?;
     hello_answers(&with)?;
     cluster
         .wait_for("no-secret waiting with unauthorized", TIMEOUT, || {
@@ -427,7 +405,9 @@ fn deletion_lets_the_request_in_flight_finish() -> Result<()> {
         &registry.push_guest("cgi_echo")?,
         true,
     ))?;
-    wait_running(&cluster, "slow").with_context(|| agent.output())?;
+    cluster
+        .wait_pod_running("slow", TIMEOUT)
+        .with_context(|| agent.output())?;
 
     // A request whose body is still on its way: the module cannot run before it has all of it.
     let mut conn = TcpStream::connect(&addr)?;
@@ -462,7 +442,7 @@ fn deletion_lets_the_request_in_flight_finish() -> Result<()> {
         })
         .with_context(|| agent.output())?;
     ensure!(!listening(&addr), "{addr} listens after the delete");
-    wait_event(&cluster, "slow", "Normal", "Killing", &[])?;
+    cluster.wait_pod_event("slow", "Normal", "Killing", &[], TIMEOUT)?;
     // The port is free: something else can bind it.
     TcpListener::bind(&addr).with_context(|| format!("binding {addr} after the delete"))?;
     Ok(())
@@ -477,7 +457,9 @@ fn outage(name: &str) -> Result<(Cluster, Agent, Registry, String)> {
     let (cluster, mut agent, registry) = node(AgentOptions::new(name))?;
     let addr = format!("127.0.0.1:{}", free_port());
     cluster.apply(&hello_pod("steady", &addr, &registry.push_guest("hello")?))?;
-    wait_running(&cluster, "steady").with_context(|| agent.output())?;
+    cluster
+        .wait_pod_running("steady", TIMEOUT)
+        .with_context(|| agent.output())?;
 
     // Requests all through the outage, from another thread.
     let stop = Arc::new(AtomicBool::new(false));
@@ -543,15 +525,17 @@ fn api_server_outage_keeps_pods_serving() -> Result<()> {
     let mut pod = hello_pod("after-outage", &addr, &registry.push_guest("hello")?);
     pod["spec"]["nodeName"] = json!(NODE);
     cluster.apply(&pod)?;
-    wait_running(&cluster, "after-outage").with_context(|| {
-        format!(
-            "{}\n{}",
-            cluster
-                .kubectl(&["get", "pods", "-o", "wide"])
-                .unwrap_or_default(),
-            agent.output()
-        )
-    })?;
+    cluster
+        .wait_pod_running("after-outage", TIMEOUT)
+        .with_context(|| {
+            format!(
+                "{}\n{}",
+                cluster
+                    .kubectl(&["get", "pods", "-o", "wide"])
+                    .unwrap_or_default(),
+                agent.output()
+            )
+        })?;
     hello_answers(&addr)?;
     ensure!(agent.running(), "the agent exited:\n{}", agent.output());
     Ok(())
@@ -615,7 +599,9 @@ fn killed_agent_readopts_its_pod() -> Result<()> {
         &registry.push_guest("log")?,
         true,
     ))?;
-    wait_running(&cluster, "keeper").with_context(|| agent.output())?;
+    cluster
+        .wait_pod_running("keeper", TIMEOUT)
+        .with_context(|| agent.output())?;
     get(&addr, "/log?before")?;
     cluster.wait_for("the log line before the restart", TIMEOUT, || {
         Ok(cluster
@@ -630,7 +616,9 @@ fn killed_agent_readopts_its_pod() -> Result<()> {
     agent
         .wait_listening(&addr, TIMEOUT)
         .context("the re-adopted pod's listener")?;
-    wait_running(&cluster, "keeper").with_context(|| agent.output())?;
+    cluster
+        .wait_pod_running("keeper", TIMEOUT)
+        .with_context(|| agent.output())?;
     let resp = get(&addr, "/log?after")?;
     ensure!(resp.status == 200, "{resp:?}");
     ensure!(
@@ -684,7 +672,9 @@ fn a_pod_beyond_max_pods_is_rejected_as_out_of_pods() -> Result<()> {
     );
     let first = format!("127.0.0.1:{}", free_port());
     cluster.apply(&hello_pod("first", &first, &registry.push_guest("hello")?))?;
-    wait_running(&cluster, "first").with_context(|| agent.output())?;
+    cluster
+        .wait_pod_running("first", TIMEOUT)
+        .with_context(|| agent.output())?;
     // Bound directly (the scheduler would keep it Pending): the node's admission rejects it.
     let second = format!("127.0.0.1:{}", free_port());
     let mut pod = hello_pod("second", &second, &registry.push_guest("hello")?);
@@ -703,7 +693,7 @@ fn a_pod_beyond_max_pods_is_rejected_as_out_of_pods() -> Result<()> {
         message.contains("pods, requested: 1, used: 1, capacity: 1"),
         "{message}"
     );
-    wait_event(&cluster, "second", "Warning", "OutOfpods", &["capacity: 1"])?;
+    cluster.wait_pod_event("second", "Warning", "OutOfpods", &["capacity: 1"], TIMEOUT)?;
     ensure!(!listening(&second), "a rejected pod listens on {second}");
     hello_answers(&first)?;
     ensure!(node_ready(&cluster, "wasi-full")?, "the node stays Ready");
@@ -711,7 +701,9 @@ fn a_pod_beyond_max_pods_is_rejected_as_out_of_pods() -> Result<()> {
     cluster.kubectl(&["delete", "pod", "first", "--wait=true", "--timeout=60s"])?;
     let third = format!("127.0.0.1:{}", free_port());
     cluster.apply(&hello_pod("third", &third, &registry.push_guest("hello")?))?;
-    wait_running(&cluster, "third").with_context(|| agent.output())?;
+    cluster
+        .wait_pod_running("third", TIMEOUT)
+        .with_context(|| agent.output())?;
     hello_answers(&third)?;
     Ok(())
 }

@@ -166,6 +166,7 @@ pub async fn run(
             )
         })?;
     let host = host::HostInfo::detect();
+    let allocatable = pods::Allocatable::of(&host);
     let heartbeat = tokio::spawn(register::heartbeat(
         client.clone(),
         cfg.clone(),
@@ -207,6 +208,7 @@ pub async fn run(
         handled: Mutex::default(),
         max_pods: cfg.max_pods as usize,
         prober: probe::Prober::new(statuses.clone(), sup.clone(), cfg.node_ip),
+        allocatable,
         store: Default::default(),
     });
     let api = tokio::spawn(server::serve(

@@ -34,9 +34,68 @@ pub struct Context {
     pub max_pods: usize,
     /// The probes of the pods this node runs.
     pub prober: crate::probe::Prober,
+    /// The node's allocatable CPU and memory: admission rejects a pod whose requests do not fit
+    /// beside those of the pods it runs (`OutOfcpu`, `OutOfmemory`).
+    pub allocatable: Allocatable,
     /// The pods bound to this node as the pod watch sees them, once [`run`] has started (the
     /// kubelet API's `/pods` and port-forward read it).
     pub store: std::sync::OnceLock<Store<Pod>>,
+}
+
+/// CPU (millicores) and memory (bytes) that pods may request, as the Node's `allocatable`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Allocatable {
+    pub cpu: u64,
+    pub memory: u64,
+}
+
+impl Allocatable {
+    /// What `register::node_status` publishes: every CPU, and memory less the eviction threshold.
+    pub fn of(host: &crate::host::HostInfo) -> Allocatable {
+        Allocatable {
+            cpu: host.cpus as u64 * 1000,
+            memory: host
+                .memory_kib
+                .saturating_sub(crate::host::MEMORY_AVAILABLE_MIN_KIB)
+                .saturating_mul(1024),
+        }
+    }
+}
+
+/// A pod's CPU (millicores) and memory (bytes) requests, as the scheduler sums them: its
+/// containers' requests (defaulting to their limits), or its largest init container's when that
+/// is more. An unreadable quantity counts as 0 here; planning fails the pod with the reason.
+pub fn pod_requests(pod: &Pod) -> (u64, u64) {
+    let Some(spec) = &pod.spec else {
+        return (0, 0);
+    };
+    let of = |c: &k8s_openapi::api::core::v1::Container, name: &str, cpu: bool| -> u64 {
+        let r = c.resources.as_ref();
+        let q = r
+            .and_then(|r| r.requests.as_ref())
+            .and_then(|m| m.get(name))
+            .or_else(|| r.and_then(|r| r.limits.as_ref()).and_then(|m| m.get(name)));
+        q.and_then(|q| {
+            if cpu {
+                workload::quantity::milli_value(&q.0).ok()
+            } else {
+                workload::quantity::value(&q.0).ok()
+            }
+        })
+        .unwrap_or(0)
+    };
+    let sum = |name: &str, cpu: bool| -> u64 {
+        let main: u64 = spec.containers.iter().map(|c| of(c, name, cpu)).sum();
+        let init = spec
+            .init_containers
+            .iter()
+            .flatten()
+            .map(|c| of(c, name, cpu))
+            .max()
+            .unwrap_or(0);
+        main.max(init)
+    };
+    (sum("cpu", true), sum("memory", false))
 }
 
 /// Uids of the pods this agent has taken in hand (started or tried to), and the image pull
@@ -45,6 +104,8 @@ pub struct Context {
 pub struct Handled {
     uids: HashSet<String>,
     pulls: HashMap<String, PullBackoff>,
+    /// CPU and memory requests of the admitted pods, by uid.
+    requests: HashMap<String, (u64, u64)>,
 }
 
 impl Handled {
@@ -56,6 +117,7 @@ impl Handled {
     }
     pub fn remove(&mut self, uid: &str) {
         self.uids.remove(uid);
+        self.requests.remove(uid);
     }
 }
 
@@ -113,6 +175,37 @@ fn over_capacity(ctx: &Context) -> Option<String> {
     })
 }
 
+/// The kubelet's admission for CPU and memory: the pod's requests must fit in allocatable
+/// beside those of the pods this node runs (or will run again after a pull back-off). Returns
+/// the reason (`OutOfcpu`, `OutOfmemory`) and message, or None when the pod fits.
+fn over_resources(ctx: &Context, requests: (u64, u64)) -> Option<(&'static str, String)> {
+    let running: HashSet<String> = ctx.sup.running().into_iter().map(|k| k.uid).collect();
+    let handled = ctx.handled();
+    let (mut cpu, mut memory) = (0u64, 0u64);
+    for (uid, (c, m)) in &handled.requests {
+        if running.contains(uid) || handled.pulls.contains_key(uid) {
+            cpu = cpu.saturating_add(*c);
+            memory = memory.saturating_add(*m);
+        }
+    }
+    let alloc = ctx.allocatable;
+    let short = |name: &str, requested: u64, used: u64, capacity: u64| {
+        format!(
+            "Pod was rejected: Node didn't have enough resource: {name}, requested: {requested}, used: {used}, capacity: {capacity}"
+        )
+    };
+    if requests.0 > 0 && cpu.saturating_add(requests.0) > alloc.cpu {
+        return Some(("OutOfcpu", short("cpu", requests.0, cpu, alloc.cpu)));
+    }
+    if requests.1 > 0 && memory.saturating_add(requests.1) > alloc.memory {
+        return Some((
+            "OutOfmemory",
+            short("memory", requests.1, memory, alloc.memory),
+        ));
+    }
+    None
+}
+
 async fn reconcile(pod: Arc<Pod>, ctx: Arc<Context>) -> Result<Action, Error> {
     let key = pod_key(&pod);
     if pod.metadata.deletion_timestamp.is_some() {
@@ -134,7 +227,22 @@ async fn reconcile(pod: Arc<Pod>, ctx: Arc<Context>) -> Result<Action, Error> {
             .phase(&key, Phase::Failed, Some("OutOfpods"), Some(message));
         return Ok(Action::await_change());
     }
-    ctx.handled().insert(key.uid.clone());
+    let requests = pod_requests(&pod);
+    if let Some((reason, message)) = over_resources(&ctx, requests) {
+        tracing::warn!(pod = %key, "{message}");
+        ctx.handled().insert(key.uid.clone());
+        ctx.statuses
+            .event(&key, EventType::Warning, reason, &message);
+        ctx.sup
+            .reporter()
+            .phase(&key, Phase::Failed, Some(reason), Some(message));
+        return Ok(Action::await_change());
+    }
+    {
+        let mut handled = ctx.handled();
+        handled.insert(key.uid.clone());
+        handled.requests.insert(key.uid.clone(), requests);
+    }
     // A pod this node already ran (the agent restarted) keeps the Running status it has until
     // the supervisor reports it started again: no flip back to Pending in between.
     let readopted = pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running");

@@ -11,8 +11,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::BodyExt;
 use tokio::time::Instant;
+use wasmtime::Store;
 use wasmtime::component::{Component, ResourceTable};
-use wasmtime::{Store, UpdateDeadline};
 use wasmtime_wasi::p2::bindings::CommandPre;
 use wasmtime_wasi::p2::pipe::MemoryInputPipe;
 use wasmtime_wasi::sockets::SocketAddrUse;
@@ -254,12 +254,14 @@ impl Runtime {
                 deadline,
                 bound: self.inner.config.outbound_timeout,
             },
-            limiter: InstanceLimiter::new(self.inner.config.max_memory).metered(inv.meter.clone()),
+            limiter: InstanceLimiter::new(self.memory_limit(&inv.limits))
+                .metered(inv.meter.clone()),
         };
         let mut store = Store::new(&self.inner.engine, host);
         store.limiter(|h| &mut h.limiter);
         store.set_epoch_deadline(1);
-        store.epoch_deadline_callback(|_| Ok(UpdateDeadline::Yield(1)));
+        let cpu = inv.limits.cpu.clone();
+        store.epoch_deadline_callback(move |_| Ok(crate::quota::on_tick(cpu.as_ref())));
         Ok((
             store,
             Pipes {
@@ -276,6 +278,7 @@ impl Runtime {
         inv: Invocation,
     ) -> Result<Outcome, RunError> {
         let (mut store, pipes) = self.component_store(&inv)?;
+        let max_memory = self.memory_limit(&inv.limits);
         let result = match pre.instantiate_async(&mut store).await {
             Ok(cmd) => cmd.wasi_cli_run().call_run(&mut store).await,
             Err(e) => Err(e),
@@ -289,7 +292,7 @@ impl Runtime {
             Ok(Err(())) => 1,
             Err(e) => match e.downcast_ref::<wasmtime_wasi::I32Exit>() {
                 Some(wasmtime_wasi::I32Exit(code)) => *code,
-                None => return Err(failure(e, refused, self.inner.config.max_memory, stderr)),
+                None => return Err(failure(e, refused, max_memory, stderr)),
             },
         };
         Ok(Outcome {
@@ -339,7 +342,7 @@ impl Runtime {
             .new_response_outparam(tx)
             .map_err(setup)?;
         let pre = pre.clone();
-        let max_memory = self.inner.config.max_memory;
+        let max_memory = self.memory_limit(&inv.limits);
         let meter = inv.meter.clone();
         let guest = async move {
             let result = match pre.instantiate_async(&mut store).await {

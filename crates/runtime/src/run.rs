@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use wasmtime::{Store, UpdateDeadline};
+use wasmtime::Store;
 use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::p2::pipe::{MemoryInputPipe, MemoryOutputPipe};
 use wasmtime_wasi::{FsPerms, I32Exit, WasiCtxBuilder};
@@ -47,6 +47,8 @@ pub struct Invocation {
     pub allowed_hosts: Arc<AllowList>,
     /// Wall-clock limit for the whole invocation; `None` runs until the guest returns.
     pub timeout: Option<Duration>,
+    /// The container's memory and CPU limits (the node's own apply beside them).
+    pub limits: crate::Limits,
     /// The container's usage, charged with this invocation's CPU time and memory.
     pub meter: Option<Arc<crate::Meter>>,
 }
@@ -67,6 +69,7 @@ impl Invocation {
             preopens: Vec::new(),
             allowed_hosts: Arc::new(AllowList::deny_all()),
             timeout: None,
+            limits: crate::Limits::default(),
             meter: None,
         }
     }
@@ -166,6 +169,13 @@ pub(crate) fn pool_full(e: &wasmtime::Error) -> bool {
 impl Runtime {
     /// Runs `inv` on a fresh instance of `program`. Each call is isolated: a trap, a timeout or a
     /// memory limit ends only this invocation.
+    /// The memory budget of one instance with these limits: the container's, never above the
+    /// node's.
+    pub(crate) fn memory_limit(&self, limits: &crate::Limits) -> usize {
+        let node = self.inner.config.max_memory;
+        limits.memory.map_or(node, |m| m.min(node))
+    }
+
     pub async fn run(&self, program: &Program, inv: Invocation) -> Result<Outcome, RunError> {
         let timeout = inv.timeout;
         // Every poll (set-up, instantiation, the guest, the store's drop) is the container's CPU.
@@ -190,6 +200,8 @@ impl Runtime {
             }
         };
         let deadline = inv.timeout.map(|t| tokio::time::Instant::now() + t);
+        let limit = self.memory_limit(&inv.limits);
+        let cpu = inv.limits.cpu.clone();
         let mut b = WasiCtxBuilder::new();
         b.args(&inv.args).envs(&inv.env);
         b.stdin(MemoryInputPipe::new(inv.stdin));
@@ -199,7 +211,7 @@ impl Runtime {
         preopen_all(&mut b, &inv.preopens)?;
         let host = Host {
             wasi: b.build_p1(),
-            limiter: InstanceLimiter::new(self.inner.config.max_memory).metered(inv.meter.clone()),
+            limiter: InstanceLimiter::new(limit).metered(inv.meter.clone()),
             outbound: OutboundState::new(
                 inv.allowed_hosts.clone(),
                 self.inner.http.clone(),
@@ -210,7 +222,7 @@ impl Runtime {
         let mut store = Store::new(&self.inner.engine, host);
         store.limiter(|h| &mut h.limiter);
         store.set_epoch_deadline(1);
-        store.epoch_deadline_callback(|_| Ok(UpdateDeadline::Yield(1)));
+        store.epoch_deadline_callback(move |_| Ok(crate::quota::on_tick(cpu.as_ref())));
 
         let instance = match pre.instantiate_async(&mut store).await {
             Ok(i) => i,
@@ -219,7 +231,7 @@ impl Runtime {
                 drop(store);
                 if refused {
                     return Err(RunError::MemoryLimit {
-                        limit: self.inner.config.max_memory,
+                        limit,
                         stderr: captured(stderr_pipe),
                     });
                 }
@@ -250,10 +262,7 @@ impl Runtime {
                 // No fiber stack left for the call.
                 None if pool_full(&e) => return Err(RunError::Busy),
                 None if refused => {
-                    return Err(RunError::MemoryLimit {
-                        limit: self.inner.config.max_memory,
-                        stderr,
-                    });
+                    return Err(RunError::MemoryLimit { limit, stderr });
                 }
                 None => {
                     let message = match e.downcast_ref::<wasmtime::Trap>() {

@@ -191,7 +191,7 @@ impl HandlerState for ServiceState {
                 limits: self.limits,
                 stop: self.stop.clone(),
                 log: self.log.clone(),
-                max_memory: self.runtime.config().max_memory,
+                max_memory: self.runtime.memory_limit(&self.template.limits),
             },
         })
     }

@@ -21,6 +21,8 @@ pub struct CommandSpec {
     pub env: Vec<(String, String)>,
     pub mounts: Vec<Preopen>,
     pub log: ContainerLog,
+    /// The container's `limits.memory` and `limits.cpu`.
+    pub limits: runtime::Limits,
     /// The container's usage.
     pub meter: Option<Arc<crate::usage::ContainerUsage>>,
     /// The container's trap, timeout and memory-limit counters.
@@ -93,6 +95,7 @@ pub async fn run_container(
             preopens: spec.mounts.clone(),
             allowed_hosts: Arc::new(AllowList::deny_all()),
             timeout: None,
+            limits: spec.limits.clone(),
             meter: spec.meter.as_ref().map(|u| u.meter.clone()),
         };
         let result = tokio::select! {

@@ -14,6 +14,7 @@ pub mod logs;
 pub mod manifest;
 pub mod metrics;
 pub mod plan;
+pub mod quantity;
 pub mod report;
 pub mod serve;
 pub mod supervisor;

@@ -86,6 +86,66 @@ pub struct ContainerPlan {
     pub listen: Vec<SocketAddr>,
     /// Outbound destinations outside the WAGI table ([`OUTBOUND_ANNOTATION`]).
     pub allowed_hosts: Arc<AllowList>,
+    /// `resources`: what the container asks for and may use.
+    pub resources: Resources,
+}
+
+/// A container's `resources`, in bytes and millicores. Requests default to the limits, as the
+/// API server defaults them (a pod read from a manifest file has not been through it).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Resources {
+    pub cpu_request: u64,
+    pub memory_request: u64,
+    pub cpu_limit: Option<u64>,
+    pub memory_limit: Option<u64>,
+}
+
+impl Resources {
+    fn of(c: &Container, field: impl Fn(&str) -> String) -> Result<Resources, (String, String)> {
+        let Some(r) = &c.resources else {
+            return Ok(Resources::default());
+        };
+        let get = |map: &Option<
+            BTreeMap<String, k8s_openapi::apimachinery::pkg::api::resource::Quantity>,
+        >,
+                   which: &str,
+                   name: &str,
+                   cpu: bool|
+         -> Result<Option<u64>, (String, String)> {
+            let Some(q) = map.as_ref().and_then(|m| m.get(name)) else {
+                return Ok(None);
+            };
+            let v = if cpu {
+                crate::quantity::milli_value(&q.0)
+            } else {
+                crate::quantity::value(&q.0)
+            };
+            v.map(Some)
+                .map_err(|e| (field(&format!("resources.{which}.{name}")), e.to_string()))
+        };
+        let cpu_limit = get(&r.limits, "limits", "cpu", true)?;
+        let memory_limit = get(&r.limits, "limits", "memory", false)?;
+        let cpu_request = get(&r.requests, "requests", "cpu", true)?.or(cpu_limit);
+        let memory_request = get(&r.requests, "requests", "memory", false)?.or(memory_limit);
+        let res = Resources {
+            cpu_request: cpu_request.unwrap_or(0),
+            memory_request: memory_request.unwrap_or(0),
+            cpu_limit: cpu_limit.filter(|v| *v > 0),
+            memory_limit: memory_limit.filter(|v| *v > 0),
+        };
+        for (name, request, limit) in [
+            ("cpu", res.cpu_request, res.cpu_limit),
+            ("memory", res.memory_request, res.memory_limit),
+        ] {
+            if limit.is_some_and(|l| request > l) {
+                return Err((
+                    field(&format!("resources.requests.{name}")),
+                    "must be less than or equal to the limit".to_string(),
+                ));
+            }
+        }
+        Ok(res)
+    }
 }
 
 /// One route of a WAGI pod, before `_routes` sub-routes are added.
@@ -483,6 +543,7 @@ fn container_plan(
         mounts,
         listen,
         allowed_hosts: outbound.clone(),
+        resources: Resources::of(c, field)?,
     })
 }
 
@@ -655,5 +716,59 @@ spec:
             Ok(IpAddr::from([127, 0, 0, 1]))
         );
         assert_eq!(listen_addr(None, false, &ctx).map(|a| a.ip()), Ok(ip));
+    }
+
+    #[test]
+    fn resources_are_read_with_requests_defaulting_to_limits() {
+        let p = plan(
+            &pod(r#"
+metadata: {name: r, uid: u1}
+spec:
+  containers:
+    - name: a
+      image: m.wasm
+      resources: {limits: {memory: 16Mi, cpu: 250m}}
+    - name: b
+      image: m.wasm
+      resources: {requests: {cpu: "0.1", memory: 1G}}
+"#),
+            &PlanContext::default(),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            p.containers[0].resources,
+            Resources {
+                cpu_request: 250,
+                memory_request: 16 << 20,
+                cpu_limit: Some(250),
+                memory_limit: Some(16 << 20),
+            }
+        );
+        assert_eq!(
+            p.containers[1].resources,
+            Resources {
+                cpu_request: 100,
+                memory_request: 1_000_000_000,
+                cpu_limit: None,
+                memory_limit: None,
+            }
+        );
+    }
+
+    #[test]
+    fn a_bad_quantity_or_a_request_over_its_limit_names_the_field() {
+        let bad = |res: &str| {
+            let y = format!(
+                "metadata: {{name: r}}\nspec:\n  containers:\n    - name: a\n      image: m.wasm\n      resources: {res}\n"
+            );
+            plan(&pod(&y), &PlanContext::default())
+                .map(|_| ())
+                .expect_err("must be refused")
+        };
+        let e = bad("{limits: {memory: 12 pieces}}");
+        assert_eq!(e.field, "spec.containers[0].resources.limits.memory");
+        assert!(e.reason.contains("not a quantity"), "{e}");
+        let e = bad("{requests: {cpu: 2}, limits: {cpu: 1}}");
+        assert_eq!(e.field, "spec.containers[0].resources.requests.cpu");
     }
 }

@@ -44,10 +44,61 @@ pub struct Handler {
     sink: Arc<dyn runtime::LineSink>,
     /// The reused instances of a WASI 0.3 service (`None` for other kinds).
     pub service: Option<runtime::Service>,
+    /// The container's `limits.memory` and `limits.cpu`.
+    pub resources: runtime::Limits,
     /// The container's usage (CPU and memory of its instances).
     pub meter: Option<Arc<runtime::Meter>>,
+    /// Where a request over the memory limit is told as a Warning Event, at most one per
+    /// [`LIMIT_EVENT_EVERY`] per container (each one is in the container log).
+    pub limit_events: Option<LimitEvents>,
     /// What the route this handler serves counts (set by the supervisor).
     pub metrics: Option<Arc<crate::metrics::RouteMetrics>>,
+}
+
+/// How often a container's requests over its memory limit are told in an Event.
+pub const LIMIT_EVENT_EVERY: Duration = Duration::from_secs(10);
+
+/// Warning Events for a container's requests that hit its memory limit, rate-limited.
+pub struct LimitEvents {
+    pub reporter: crate::report::Reporter,
+    pub pod: crate::plan::PodKey,
+    began: std::time::Instant,
+    /// Milliseconds after `began` of the last Event, plus one (0: none yet).
+    last: std::sync::atomic::AtomicU64,
+}
+
+impl LimitEvents {
+    pub fn new(reporter: crate::report::Reporter, pod: crate::plan::PodKey) -> LimitEvents {
+        LimitEvents {
+            reporter,
+            pod,
+            began: std::time::Instant::now(),
+            last: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    fn memory_limit(&self, container: &str, what: &str) {
+        use std::sync::atomic::Ordering;
+        let now = self.began.elapsed().as_millis() as u64 + 1;
+        let last = self.last.load(Ordering::Relaxed);
+        let every = LIMIT_EVENT_EVERY.as_millis() as u64;
+        if last != 0 && now < last + every {
+            return;
+        }
+        if self
+            .last
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_err()
+        {
+            return;
+        }
+        self.reporter.event(
+            &self.pod,
+            crate::report::EventType::Warning,
+            "MemoryLimitExceeded",
+            format!("container {container}: {what} (the request failed alone; see kubectl logs)"),
+        );
+    }
 }
 
 impl Handler {
@@ -65,6 +116,7 @@ impl Handler {
         mounts: Vec<Preopen>,
         allowed_hosts: Arc<AllowList>,
         log: ContainerLog,
+        resources: runtime::Limits,
         meter: Option<Arc<runtime::Meter>>,
     ) -> Result<Handler, RunError> {
         let sink: Arc<dyn runtime::LineSink> = Arc::new(log.clone());
@@ -76,6 +128,7 @@ impl Handler {
                     stderr: Stream::Lines(sink.clone()),
                     preopens: mounts.clone(),
                     allowed_hosts: allowed_hosts.clone(),
+                    limits: resources.clone(),
                     meter: meter.clone(),
                     ..Invocation::new("")
                 };
@@ -94,7 +147,9 @@ impl Handler {
             log,
             sink,
             service,
+            resources,
             meter,
+            limit_events: None,
             metrics: None,
         })
     }
@@ -228,6 +283,7 @@ impl WagiApp {
             preopens: h.mounts.clone(),
             allowed_hosts: h.allowed_hosts.clone(),
             timeout: Some(self.timeout),
+            limits: h.resources.clone(),
             meter: h.meter.clone(),
         };
         match self.runtime.run(&h.program, inv).await {
@@ -309,6 +365,7 @@ impl WagiApp {
                     preopens: h.mounts.clone(),
                     allowed_hosts: h.allowed_hosts.clone(),
                     timeout: Some(self.timeout),
+                    limits: h.resources.clone(),
                     meter: h.meter.clone(),
                 };
                 let served = self.runtime.serve_http(&h.program, req, inv, slot).await;
@@ -345,6 +402,9 @@ impl WagiApp {
             m.failed(e);
         }
         h.log.note(&format!("wasinode: {method} {path}: {e}"));
+        if let (RunError::MemoryLimit { .. }, Some(ev)) = (e, &h.limit_events) {
+            ev.memory_limit(&h.container, &format!("{method} {path}: {e}"));
+        }
         tracing::debug!(pod = %self.pod, route = %pattern, error = %e, "request failed");
         let msg = match status {
             StatusCode::GATEWAY_TIMEOUT => "gateway timeout: the module did not answer in time",

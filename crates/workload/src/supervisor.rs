@@ -165,14 +165,14 @@ impl Supervisor {
         }
     }
 
-    /// CPU and memory of the pods that run, per container.
-    pub fn usage(&self) -> &Usage {
-        &self.usage
-    }
-
     /// The agent's Prometheus metrics.
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
+    }
+
+    /// CPU and memory of the pods that run, per container.
+    pub fn usage(&self) -> &Usage {
+        &self.usage
     }
 
     pub fn logs(&self) -> &LogStore {
@@ -561,8 +561,18 @@ impl Supervisor {
             c.mounts.clone(),
             allowed_hosts,
             self.logs.container(key, &c.name),
+            self.limits_of(key, c),
             self.usage.meter(key, &c.name),
         )
+        .map(|mut h| {
+            if c.resources.memory_limit.is_some() {
+                h.limit_events = Some(crate::serve::LimitEvents::new(
+                    self.reports.clone(),
+                    key.clone(),
+                ));
+            }
+            h
+        })
         .map_err(|e| StartError {
             reason: "CreateContainerError".into(),
             message: format!("container {}: {e}", c.name),
@@ -750,6 +760,7 @@ impl Supervisor {
                 env: c.env.clone(),
                 mounts: c.mounts.clone(),
                 log: self.logs.container(&key, &c.name),
+                limits: self.limits_of(&key, c),
                 meter: container_usage,
                 metrics: Some(self.metrics.container(&key, &c.name)),
             };
@@ -875,6 +886,36 @@ impl Supervisor {
     }
 
     /// Where a pod's emptyDir volumes go under `data_dir`.
+    /// What the runtime enforces for a container's `resources.limits`. A memory limit above the
+    /// node's per-instance maximum gets that maximum, and the pod is told so in an Event.
+    fn limits_of(&self, key: &PodKey, c: &ContainerPlan) -> runtime::Limits {
+        let node = self.runtime.config().max_memory;
+        let memory = c
+            .resources
+            .memory_limit
+            .map(|m| usize::try_from(m).unwrap_or(usize::MAX));
+        if let Some(m) = memory.filter(|m| *m > node) {
+            self.reports.event(
+                key,
+                EventType::Warning,
+                "MemoryLimitAboveNodeMaximum",
+                format!(
+                    "container {}: limits.memory is {m} bytes but this node gives an instance at most {node} (its --max-memory); instances get {node}",
+                    c.name
+                ),
+            );
+        }
+        let tick = self.runtime.config().epoch_tick;
+        runtime::Limits {
+            memory,
+            cpu: c
+                .resources
+                .cpu_limit
+                .and_then(|m| runtime::CpuQuota::new(m, tick))
+                .map(Arc::new),
+        }
+    }
+
     pub fn volume_dir(data_dir: &std::path::Path) -> PathBuf {
         data_dir.join("volumes")
     }
