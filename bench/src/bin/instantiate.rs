@@ -138,6 +138,7 @@ fn main() -> anyhow::Result<()> {
                 allowed_hosts: allowed.clone(),
                 timeout: Some(Duration::from_secs(30)),
                 meter: meter.clone(),
+                ..Invocation::new("_start")
             };
             let t1 = Instant::now();
             let out = rt.run(&program, inv).await?;
