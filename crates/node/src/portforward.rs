@@ -23,7 +23,8 @@
 //! error stream with the ports the pod does serve. Flow control: like spdystream (which never
 //! sends WINDOW_UPDATE), windows are not enforced; TCP's back-pressure bounds what is buffered.
 //!
-//! Bounds: [`MAX_SESSIONS`] port-forward connections on the node and [`MAX_STREAMS`] open
+//! Bounds: [`MAX_SESSIONS`] port-forward connections on the node (an upgraded connection leaves
+//! the kubelet API's connection cap, so this one bounds them) and [`MAX_STREAMS`] open
 //! streams on each, [`STREAM_CREATION_TIMEOUT`] for a pair to be complete, queues of
 //! [`TO_POD_QUEUE`] chunks per connection and [`WRITE_QUEUE`] frames per session, a write to
 //! the client that makes no progress for [`WRITE_STALL`] ends the session, as does no frame
