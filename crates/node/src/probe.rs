@@ -1498,6 +1498,65 @@ mod tests {
         assert!(m.contains("Client.Timeout exceeded"), "{m}");
     }
 
+    #[tokio::test]
+    async fn https_probes_do_not_check_the_certificate() {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["someone-else.example".to_string()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let der = rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.der().clone()], der)
+            .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(s).await else {
+                        return;
+                    };
+                    let svc = hyper::service::service_fn(
+                        |req: Request<hyper::body::Incoming>| async move {
+                            let code = if req.uri().path() == "/ok" { 200 } else { 503 };
+                            Ok::<_, std::convert::Infallible>(
+                                http::Response::builder()
+                                    .status(code)
+                                    .body(Full::new(Bytes::from("tls")))
+                                    .unwrap(),
+                            )
+                        },
+                    );
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(tls), svc)
+                        .await;
+                });
+            }
+        });
+        let tls = Arc::new(insecure_tls());
+        let mut t = target(addr, "/ok");
+        t.https = true;
+        let timeout = Duration::from_secs(5);
+        assert_eq!(http_probe(&t, &[], timeout, &tls).await, Attempt::Success);
+        t.path = "/down".into();
+        assert_eq!(
+            http_probe(&t, &[], timeout, &tls).await,
+            Attempt::Failure("HTTP probe failed with statuscode: 503".into())
+        );
+        // Plain HTTP to a TLS port fails.
+        t.https = false;
+        let Attempt::Failure(_) = http_probe(&t, &[], timeout, &tls).await else {
+            panic!("plain HTTP to a TLS server passed")
+        };
+    }
+
     /// A loopback gRPC health server (HTTP/2 prior knowledge): SERVING for "", NOT_SERVING
     /// for "down", Unimplemented for any other method.
     async fn grpc_server() -> SocketAddr {
