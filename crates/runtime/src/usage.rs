@@ -176,6 +176,29 @@ mod tests {
     }
 
     #[test]
+    fn a_long_poll_makes_the_next_ones_read_the_thread_clock() {
+        let m = Meter::new();
+        let mut polls = 0;
+        let fut = std::future::poll_fn(|_| {
+            polls += 1;
+            if polls > 1 {
+                return Poll::Ready(());
+            }
+            let t = Instant::now();
+            while t.elapsed() < LONG_POLL * 2 {
+                std::hint::spin_loop();
+            }
+            Poll::Pending
+        });
+        let mut f = std::pin::pin!(Metered::new(fut, Some(m.clone())));
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        assert!(f.as_mut().poll(&mut cx).is_pending());
+        assert!(f.precise, "a poll of twice LONG_POLL is long");
+        assert!(m.cpu_ns() >= LONG_POLL.as_nanos() as u64 * 2);
+        assert!(f.as_mut().poll(&mut cx).is_ready());
+    }
+
+    #[test]
     fn memory_is_instances_plus_resident() {
         let m = Meter::new();
         m.set_resident(1000);

@@ -435,29 +435,23 @@ pub async fn serve(listener: tokio::net::TcpListener, metrics: Metrics) {
             let _permit = permit;
             let svc =
                 hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                    let metrics = metrics.clone();
-                    async move {
-                        let mut resp = if req.uri().path() == "/metrics"
-                            && req.method() == http::Method::GET
-                        {
-                            let mut r = http::Response::new(Full::new(bytes::Bytes::from(
-                                metrics.encode(),
-                            )));
-                            r.headers_mut().insert(
-                                http::header::CONTENT_TYPE,
-                                http::HeaderValue::from_static(CONTENT_TYPE),
-                            );
-                            r
-                        } else {
-                            http::Response::new(Full::new(bytes::Bytes::from_static(
-                                b"not found\n",
-                            )))
-                        };
-                        if req.uri().path() != "/metrics" || req.method() != http::Method::GET {
-                            *resp.status_mut() = StatusCode::NOT_FOUND;
-                        }
-                        Ok::<_, std::convert::Infallible>(resp)
-                    }
+                    let found = req.uri().path() == "/metrics" && req.method() == http::Method::GET;
+                    let resp = if found {
+                        let mut r =
+                            http::Response::new(Full::new(bytes::Bytes::from(metrics.encode())));
+                        r.headers_mut().insert(
+                            http::header::CONTENT_TYPE,
+                            http::HeaderValue::from_static(CONTENT_TYPE),
+                        );
+                        r
+                    } else {
+                        let mut r = http::Response::new(Full::new(bytes::Bytes::from_static(
+                            b"not found\n",
+                        )));
+                        *r.status_mut() = StatusCode::NOT_FOUND;
+                        r
+                    };
+                    std::future::ready(Ok::<_, std::convert::Infallible>(resp))
                 });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
