@@ -209,8 +209,39 @@ fn readiness_startup_and_liveness_probes_drive_a_wagi_pod() -> Result<()> {
     startup_gates_readiness(&cluster, &image, dir).with_context(|| agent.output())?;
     liveness_restarts_the_container(&cluster, &image, dir).with_context(|| agent.output())?;
 
-    // A deleted pod's probes stop with it: nothing probes (or restarts) it afterwards.
-    for name in ["ready-flip", "slow-start", "live"] {
+    // A deleted pod's probes stop with it: its liveness path fails again, yet once it is
+    // deleted no Unhealthy or Killing Event about it appears while five more attempts of
+    // another pod's probe go by (the clock of this check).
+    touch(dir, "live.fail")?;
+    wait_event(
+        &cluster,
+        "live",
+        "Warning",
+        "Unhealthy",
+        &["Liveness probe failed"],
+    )?;
+    cluster.delete_pod("live", TIMEOUT)?;
+    let count = |reason: &str, words: &str| event_count(&cluster, "live", reason, words);
+    let before = (
+        count("Unhealthy", "Liveness")?,
+        count("Killing", "liveness")?,
+    );
+    touch(dir, "ready.fail")?;
+    let clock = event_count(&cluster, "ready-flip", "Unhealthy", "Readiness")?;
+    cluster.wait_for(
+        "five more readiness attempts of ready-flip",
+        TIMEOUT,
+        || Ok(event_count(&cluster, "ready-flip", "Unhealthy", "Readiness")? >= clock + 5),
+    )?;
+    let after = (
+        count("Unhealthy", "Liveness")?,
+        count("Killing", "liveness")?,
+    );
+    ensure!(
+        before == after,
+        "the deleted pod was still probed: {before:?} -> {after:?}"
+    );
+    for name in ["ready-flip", "slow-start"] {
         cluster.delete_pod(name, TIMEOUT)?;
     }
     Ok(())
