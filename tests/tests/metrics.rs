@@ -233,3 +233,41 @@ fn prometheus_metrics_count_requests_failures_and_operations() -> Result<()> {
     ensure!(w.wait_exit(T)?.code() == Some(0));
     Ok(())
 }
+
+#[test]
+fn a_cpu_limit_holds_its_container_back_and_the_metrics_say_how_often() -> Result<()> {
+    let addr = format!("127.0.0.1:{}", free_port());
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let spin = guest("spin")?;
+    let y = format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: web\n  annotations:\n    alpha.wagi.krustlet.dev/default-host: \"{addr}\"\n    alpha.wagi.krustlet.dev/modules: '{{\"capped\": {{\"route\": \"/capped\"}}, \"free\": {{\"route\": \"/free\"}}}}'\nspec:\n  containers:\n    - name: capped\n      image: file://{spin}\n      resources: {{limits: {{cpu: 100m}}}}\n    - name: free\n      image: file://{spin}\n",
+        spin = spin.display()
+    );
+    let (mut w, _d) = run_one(&y, &["--quiet", "--metrics-address", &metrics])?;
+    w.wait_listening(&addr, T)?;
+    // 300 ms of computing: under a tenth of a core the guest must wait at least twice.
+    for path in ["/capped?300", "/free?300"] {
+        let r = get(&addr, path)?;
+        ensure!(r.status == 200, "{path}: {} {}", r.status, r.body);
+    }
+    let s = scrape(&metrics)?;
+    let throttled = |c: &str| {
+        s.value(
+            "wasinode_cpu_throttled_total",
+            &[("namespace", "default"), ("pod", "web"), ("container", c)],
+        )
+    };
+    ensure!(
+        throttled("capped").is_some_and(|n| n >= 2.0),
+        "capped: {:?}",
+        throttled("capped")
+    );
+    ensure!(
+        throttled("free") == Some(0.0),
+        "free: {:?}",
+        throttled("free")
+    );
+    w.signal("INT")?;
+    ensure!(w.wait_exit(T)?.code() == Some(0));
+    Ok(())
+}

@@ -261,7 +261,10 @@ impl Runtime {
         store.limiter(|h| &mut h.limiter);
         store.set_epoch_deadline(1);
         let cpu = inv.limits.cpu.clone();
-        store.epoch_deadline_callback(move |_| Ok(crate::quota::on_tick(cpu.as_ref())));
+        let meter = inv.meter.clone();
+        store.epoch_deadline_callback(move |_| {
+            Ok(crate::quota::on_tick(cpu.as_ref(), meter.as_ref()))
+        });
         Ok((
             store,
             Pipes {

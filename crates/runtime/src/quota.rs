@@ -95,10 +95,19 @@ impl CpuQuota {
 }
 
 /// The epoch callback's answer for an instance with these limits: yield to the executor, and,
-/// when the container's CPU quota is spent, first wait for the next period.
-pub(crate) fn on_tick(cpu: Option<&std::sync::Arc<CpuQuota>>) -> wasmtime::UpdateDeadline {
+/// when the container's CPU quota is spent, first wait for the next period (counted in the
+/// container's meter).
+pub(crate) fn on_tick(
+    cpu: Option<&std::sync::Arc<CpuQuota>>,
+    meter: Option<&std::sync::Arc<crate::Meter>>,
+) -> wasmtime::UpdateDeadline {
     match cpu.and_then(|q| q.charge(Instant::now())) {
-        Some(wait) => wasmtime::UpdateDeadline::YieldCustom(1, Box::pin(tokio::time::sleep(wait))),
+        Some(wait) => {
+            if let Some(m) = meter {
+                m.was_throttled();
+            }
+            wasmtime::UpdateDeadline::YieldCustom(1, Box::pin(tokio::time::sleep(wait)))
+        }
         None => wasmtime::UpdateDeadline::Yield(1),
     }
 }

@@ -222,7 +222,10 @@ impl Runtime {
         let mut store = Store::new(&self.inner.engine, host);
         store.limiter(|h| &mut h.limiter);
         store.set_epoch_deadline(1);
-        store.epoch_deadline_callback(move |_| Ok(crate::quota::on_tick(cpu.as_ref())));
+        let meter = inv.meter.clone();
+        store.epoch_deadline_callback(move |_| {
+            Ok(crate::quota::on_tick(cpu.as_ref(), meter.as_ref()))
+        });
 
         let instance = match pre.instantiate_async(&mut store).await {
             Ok(i) => i,

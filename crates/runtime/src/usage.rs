@@ -28,6 +28,7 @@ pub struct Meter {
     instances_bytes: AtomicU64,
     resident_bytes: AtomicU64,
     instances: AtomicU64,
+    throttled: AtomicU64,
 }
 
 impl Meter {
@@ -55,6 +56,16 @@ impl Meter {
     /// Instances of the container alive now (a 0.3 service's pooled ones included).
     pub fn instances(&self) -> u64 {
         self.instances.load(Ordering::Relaxed)
+    }
+
+    /// Times an instance of the container waited because its CPU quota (`limits.cpu`) was
+    /// spent (never decreases).
+    pub fn throttled(&self) -> u64 {
+        self.throttled.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn was_throttled(&self) {
+        self.throttled.fetch_add(1, Ordering::Relaxed);
     }
 
     /// What the container holds whatever its instances do (its compiled code).

@@ -17,6 +17,8 @@
 //! - `wasinode_guest_traps_total`, `wasinode_guest_timeouts_total`,
 //!   `wasinode_guest_memory_limit_hits_total` `{namespace,pod,container}`.
 //! - `wasinode_image_pull_duration_seconds`, `wasinode_module_compile_duration_seconds`.
+//! - `wasinode_cpu_throttled_total{namespace,pod,container}`: times an instance waited for its
+//!   container's CPU quota (`limits.cpu`).
 //! - `wasinode_log_lines_dropped_total{namespace,pod,container}`: lines lost because the log
 //!   writer was behind.
 
@@ -205,6 +207,20 @@ impl Collector for PerContainer {
                 for c in &p.containers {
                     let l = labels(&p.key, &c.name);
                     ConstGauge::new(c.meter.instances() as i64).encode(fam.encode_family(&l)?)?;
+                }
+            }
+        }
+        {
+            let mut fam = encoder.encode_descriptor(
+                "cpu_throttled",
+                "Times an instance waited because its container's CPU quota (limits.cpu) was spent",
+                None,
+                MetricType::Counter,
+            )?;
+            for p in &pods {
+                for c in &p.containers {
+                    let l = labels(&p.key, &c.name);
+                    ConstCounter::new(c.meter.throttled()).encode(fam.encode_family(&l)?)?;
                 }
             }
         }
