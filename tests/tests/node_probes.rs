@@ -531,6 +531,38 @@ fn tcp_grpc_and_exec_probes() -> Result<()> {
         "the killed container's port still accepts"
     );
 
+    // A command container (it listens on nothing) whose liveness probe fails is killed and
+    // run again: restartCount up, last state terminated 137.
+    let cmd = registry.push_guest("wasi_cmd")?;
+    cluster.apply(&pod(
+        "cmd-live",
+        json!({}),
+        json!({"containers": [{
+            "name": "main",
+            "image": cmd,
+            "env": [{"name": "SLEEP_MS", "value": "600000"}],
+            "livenessProbe": {
+                "tcpSocket": {"port": free_port()},
+                "periodSeconds": 1,
+                "failureThreshold": 1,
+            },
+        }]}),
+    ))?;
+    wait_event(
+        &cluster,
+        "cmd-live",
+        "Normal",
+        "Killing",
+        &["Container main failed liveness probe, will be restarted"],
+    )?;
+    cluster
+        .wait_for("cmd-live restarted", TIMEOUT, || {
+            let p = cluster.pod("cmd-live")?;
+            let c = &p["status"]["containerStatuses"][0];
+            Ok(restart_count(&p) >= 1 && c["lastState"]["terminated"]["exitCode"] == 137)
+        })
+        .with_context(|| agent.output())?;
+
     // exec: cannot run here; the pod says so and stays unready.
     let addr3 = format!("127.0.0.1:{}", free_port());
     cluster.apply(&health_pod(

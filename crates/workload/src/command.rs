@@ -55,6 +55,7 @@ pub async fn run_container(
     reports: Reporter,
     logs: LogStore,
     stop: CancellationToken,
+    mut kill: tokio::sync::mpsc::Receiver<crate::supervisor::Restart>,
 ) -> Option<i32> {
     let image_id = Some(spec.program.digest().to_string());
     let mut argv = vec![spec.container.clone()];
@@ -98,23 +99,43 @@ pub async fn run_container(
             limits: spec.limits.clone(),
             meter: spec.meter.as_ref().map(|u| u.meter.clone()),
         };
-        let result = tokio::select! {
-            r = rt.run(&spec.program, inv) => r,
-            _ = stop.cancelled() => {
-                reports.container(&spec.pod, &spec.container, ContainerState::Terminated {
-                    exit_code: 137, reason: "Killed".into(), message: "stopped by wasinode".into(),
-                    started_at: started, finished_at: SystemTime::now(),
-                }, false, restarts, image_id.clone());
-                return None;
+        let run = rt.run(&spec.program, inv);
+        tokio::pin!(run);
+        // A failed liveness or startup probe kills this run (a request about an earlier run is
+        // stale); it then ends as a killed container does, exit code 137.
+        let mut kill_open = true;
+        let ended = loop {
+            tokio::select! {
+                r = &mut run => break Ok(r),
+                _ = stop.cancelled() => {
+                    reports.container(&spec.pod, &spec.container, ContainerState::Terminated {
+                        exit_code: 137, reason: "Killed".into(), message: "stopped by wasinode".into(),
+                        started_at: started, finished_at: SystemTime::now(),
+                    }, false, restarts, image_id.clone());
+                    return None;
+                }
+                k = kill.recv(), if kill_open => match k {
+                    Some(k) if k.since >= started => break Err(k),
+                    Some(_) => {}
+                    None => kill_open = false,
+                },
             }
         };
-        if let (Err(e), Some(m)) = (&result, &spec.metrics) {
-            m.failed(e);
-        }
-        let (code, message) = match result {
-            Ok(o) => (o.exit_code, String::new()),
-            Err(RunError::Trap { message, .. }) => (1, format!("trap: {message}")),
-            Err(e) => (1, e.to_string()),
+        let (code, message) = match ended {
+            Err(k) => {
+                reports.event(&spec.pod, EventType::Normal, "Killing", k.message.clone());
+                (137, k.message)
+            }
+            Ok(result) => {
+                if let (Err(e), Some(m)) = (&result, &spec.metrics) {
+                    m.failed(e);
+                }
+                match result {
+                    Ok(o) => (o.exit_code, String::new()),
+                    Err(RunError::Trap { message, .. }) => (1, format!("trap: {message}")),
+                    Err(e) => (1, e.to_string()),
+                }
+            }
         };
         if !message.is_empty() {
             spec.log.note(&format!("wasinode: {message}"));

@@ -772,6 +772,7 @@ impl Supervisor {
                 self.reports.clone(),
                 self.logs.clone(),
                 stop.clone(),
+                self.command_restarts(&key, &c.name),
             )));
         }
         self.reports.phase(&key, Phase::Running, None, None);
@@ -832,6 +833,10 @@ impl Supervisor {
     /// Stops a pod: listeners stop accepting, in-flight requests get `grace`, commands are
     /// cancelled. Returns once nothing of the pod runs and its port is free.
     pub async fn stop(&self, key: &PodKey, grace: Duration) -> bool {
+        self.restarts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(key);
         let running = self
             .pods
             .lock()
@@ -938,8 +943,9 @@ pub struct Restart {
 /// again about the next run).
 const RESTART_QUEUE: usize = 16;
 
-/// Per running pod: where its servers take restart requests, and the containers they serve.
-type Restarts = Arc<Mutex<HashMap<PodKey, (tokio::sync::mpsc::Sender<Restart>, Vec<String>)>>>;
+/// Per running pod: where each container takes restart requests (its pod's servers, or its
+/// command's run).
+type Restarts = Arc<Mutex<HashMap<PodKey, Vec<(String, tokio::sync::mpsc::Sender<Restart>)>>>>;
 
 /// One route of a served pod, kept so that its container's handler can be made again.
 struct Route {
@@ -1036,11 +1042,11 @@ struct Deregister {
 impl Drop for Deregister {
     fn drop(&mut self) {
         let mut map = self.restarts.lock().unwrap_or_else(|p| p.into_inner());
-        if map
-            .get(&self.key)
-            .is_some_and(|(tx, _)| tx.same_channel(&self.tx))
-        {
-            map.remove(&self.key);
+        if let Some(v) = map.get_mut(&self.key) {
+            v.retain(|(_, tx)| !tx.same_channel(&self.tx));
+            if v.is_empty() {
+                map.remove(&self.key);
+            }
         }
     }
 }
@@ -1075,7 +1081,9 @@ impl Supervisor {
         self.restarts
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(key.clone(), (tx.clone(), containers));
+            .entry(key.clone())
+            .or_default()
+            .extend(containers.into_iter().map(|c| (c, tx.clone())));
         let gone = Deregister {
             restarts: self.restarts.clone(),
             key,
@@ -1092,18 +1100,37 @@ impl Supervisor {
         tokio::spawn(pod.run(rx, gone))
     }
 
-    /// Asks the pod's servers to restart `r.container` (its liveness or startup probe failed).
-    /// False when the pod does not run, the container serves nothing that the supervisor can
-    /// restart (a command), or too many requests are queued.
+    /// Asks the pod to restart `r.container` (its liveness or startup probe failed): its
+    /// routes through the pod's servers, a command by killing its run. False when the pod does
+    /// not run that container, or too many requests are queued.
     pub fn restart_container(&self, key: &PodKey, r: Restart) -> bool {
         let tx = {
             let map = self.restarts.lock().unwrap_or_else(|p| p.into_inner());
-            match map.get(key) {
-                Some((tx, containers)) if containers.contains(&r.container) => tx.clone(),
-                _ => return false,
+            let found = map
+                .get(key)
+                .and_then(|v| v.iter().find(|(c, _)| *c == r.container));
+            match found {
+                Some((_, tx)) => tx.clone(),
+                None => return false,
             }
         };
         tx.try_send(r).is_ok()
+    }
+
+    /// A restart queue for command container `container` of `key`.
+    fn command_restarts(
+        &self,
+        key: &PodKey,
+        container: &str,
+    ) -> tokio::sync::mpsc::Receiver<Restart> {
+        let (tx, rx) = tokio::sync::mpsc::channel(RESTART_QUEUE);
+        self.restarts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(key.clone())
+            .or_default()
+            .push((container.to_string(), tx));
+        rx
     }
 }
 
