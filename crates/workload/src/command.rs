@@ -47,6 +47,7 @@ impl Default for RestartBackoff {
 
 /// Runs the container until it is done under its restart policy, or until `stop`.
 /// Returns the last exit code (`None` when stopped).
+#[allow(clippy::too_many_arguments)]
 pub async fn run_container(
     rt: Runtime,
     spec: CommandSpec,
