@@ -42,6 +42,15 @@ pub struct NodeArgs {
     /// components serve on this address [default: the node's address].
     #[arg(long, value_name = "IP")]
     pub pod_address: Option<IpAddr>,
+    /// Give each pod (but hostNetwork ones) its own IPv4 address from this range, e.g.
+    /// 10.214.0.0/24: added to --pod-interface while the pod is here, reported as its podIP,
+    /// bound by its listeners (so two pods may serve the same port). The cluster must route the
+    /// range to this node. Needs root.
+    #[arg(long, value_name = "CIDR")]
+    pub pod_cidr: Option<String>,
+    /// The node-local interface --pod-cidr addresses are added to.
+    #[arg(long, default_value = "lo", value_name = "NAME", requires = "pod_cidr")]
+    pub pod_interface: String,
     /// Pods this node takes (its `pods` capacity, as the kubelet's --max-pods); a pod bound to it
     /// beyond that is rejected with OutOfpods, as the kubelet does.
     #[arg(long, default_value_t = node::register::MAX_PODS, value_name = "N")]
@@ -161,6 +170,11 @@ pub async fn node(args: NodeArgs) -> anyhow::Result<i32> {
         port: args.port,
         address: args.address,
         pod_address: args.pod_address,
+        pod_net: args
+            .pod_cidr
+            .as_deref()
+            .map(|c| node::podnet::PodNet::new(c, &args.pod_interface).map(std::sync::Arc::new))
+            .transpose()?,
         max_pods: args.max_pods,
         shutdown_grace: args.engine.shutdown_grace,
         client_ca,

@@ -17,6 +17,7 @@ pub mod host;
 pub mod labels;
 pub mod logs;
 pub mod podapi;
+pub mod podnet;
 pub mod pods;
 pub mod portforward;
 pub mod probe;
@@ -72,6 +73,8 @@ pub struct Config {
     /// Renew the serving certificate this long after it was installed instead of at 70–90% of
     /// its lifetime (the hidden `--cert-renew-after`, for tests).
     pub cert_renew_after: Option<Duration>,
+    /// `--pod-cidr`: each pod's own address, on a node-local interface (see [`podnet`]).
+    pub pod_net: Option<Arc<podnet::PodNet>>,
 }
 
 /// Longest wait on shutdown for the last pod statuses and Events to be written.
@@ -177,7 +180,9 @@ pub async fn run(
         client.clone(),
         cfg.node_name.clone(),
         cfg.node_ip,
-        cfg.pod_address.unwrap_or(cfg.node_ip),
+        cfg.pod_net
+            .is_none()
+            .then(|| cfg.pod_address.unwrap_or(cfg.node_ip)),
     );
     let sink = tokio::spawn(statuses.clone().sink(reports, inbox));
     let slot = server::cert_slot(server::self_signed(&cfg.node_name, cfg.node_ip)?);
@@ -207,6 +212,7 @@ pub async fn run(
         },
         handled: Mutex::default(),
         max_pods: cfg.max_pods as usize,
+        pod_net: cfg.pod_net.clone(),
         prober: probe::Prober::new(statuses.clone(), sup.clone(), cfg.node_ip),
         allocatable,
         store: Default::default(),

@@ -32,6 +32,8 @@ pub struct Context {
     pub handled: Mutex<Handled>,
     /// The node's `pods` capacity: admission rejects a pod beyond it (`OutOfpods`).
     pub max_pods: usize,
+    /// Each pod's own address (`--pod-cidr`), when the node gives pods their own.
+    pub pod_net: Option<Arc<crate::podnet::PodNet>>,
     /// The probes of the pods this node runs.
     pub prober: crate::probe::Prober,
     /// The node's allocatable CPU and memory: admission rejects a pod whose requests do not fit
@@ -294,9 +296,13 @@ async fn reconcile(pod: Arc<Pod>, ctx: Arc<Context>) -> Result<Action, Error> {
         ctx.handled().remove(&key.uid);
         return Ok(Action::requeue(wait));
     }
+    let Some(plan) = pod_plan(&ctx, &key, &pod).await else {
+        ctx.handled().remove(&key.uid);
+        return Ok(Action::requeue(Duration::from_secs(10)));
+    };
     match ctx
         .sup
-        .try_start(&resolved.pod, &ctx.plan, resolved.creds.as_ref())
+        .try_start(&resolved.pod, &plan, resolved.creds.as_ref())
         .await
     {
         Ok(s) => {
@@ -317,6 +323,49 @@ async fn reconcile(pod: Arc<Pod>, ctx: Arc<Context>) -> Result<Action, Error> {
         }
     }
     Ok(Action::await_change())
+}
+
+/// The plan context of `pod`: the node's, or with `--pod-cidr` one whose listeners bind the
+/// pod's own address (which becomes its podIP). `None` when no address could be had: the pod
+/// waits (a Warning Event says why, as the kubelet's FailedCreatePodSandBox) and is retried.
+async fn pod_plan<'a>(
+    ctx: &'a Context,
+    key: &PodKey,
+    pod: &Pod,
+) -> Option<std::borrow::Cow<'a, PlanContext>> {
+    let host_network = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.host_network)
+        .unwrap_or(false);
+    let Some(net) = ctx.pod_net.as_ref().filter(|_| !host_network) else {
+        return Some(std::borrow::Cow::Borrowed(&ctx.plan));
+    };
+    let previous = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.pod_ip.as_deref())
+        .and_then(|ip| ip.parse().ok());
+    match net.assign(&key.uid, previous).await {
+        Ok(ip) => {
+            ctx.statuses.set_pod_ip(key, ip);
+            Some(std::borrow::Cow::Owned(PlanContext {
+                bind_ip: Some(ip),
+                pod_address: Some(ip),
+                ..ctx.plan.clone()
+            }))
+        }
+        Err(e) => {
+            tracing::warn!(pod = %key, "no pod address: {e}");
+            ctx.statuses.event(
+                key,
+                EventType::Warning,
+                "FailedCreatePodSandBox",
+                &format!("Failed to give the pod an address: {e}"),
+            );
+            None
+        }
+    }
 }
 
 /// The container waits for `reason`; reported through the supervisor's channel so that it
@@ -507,6 +556,9 @@ async fn forget_pod(ctx: &Context, key: &PodKey) {
     ctx.prober.remove(key);
     ctx.sup.stop(key, Duration::ZERO).await;
     ctx.statuses.forget(key);
+    if let Some(net) = &ctx.pod_net {
+        net.release(&key.uid).await;
+    }
     {
         let mut handled = ctx.handled();
         handled.remove(&key.uid);

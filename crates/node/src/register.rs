@@ -623,6 +623,7 @@ mod tests {
             taints: default_taints(),
             cert_renew_after: None,
             client_renewal: None,
+            pod_net: None,
         }
     }
 

@@ -76,6 +76,8 @@ pub struct PodRecord {
     gates: HashMap<String, Gates>,
     /// `spec.hostNetwork`: such a pod's IP is the node's, as the kubelet reports it.
     host_network: bool,
+    /// The pod's own address (`--pod-cidr`), when it has one.
+    pod_ip: Option<IpAddr>,
 }
 
 const CONDITIONS: [&str; 4] = [
@@ -152,6 +154,7 @@ impl PodRecord {
                 .as_ref()
                 .and_then(|s| s.host_network)
                 .unwrap_or(false),
+            pod_ip: None,
         }
     }
 
@@ -372,7 +375,7 @@ impl PodRecord {
     /// The `status` the kubelet would write now (a strategic merge patch body), for a node whose
     /// pods serve on its own address.
     pub fn status(&mut self, uid: &str, node_ip: IpAddr, now: SystemTime) -> Value {
-        self.status_at(uid, node_ip, node_ip, now)
+        self.status_at(uid, node_ip, Some(node_ip), now)
     }
 
     /// The `status` the kubelet would write now: `hostIP` the node's address, `podIP` the
@@ -381,7 +384,7 @@ impl PodRecord {
         &mut self,
         uid: &str,
         node_ip: IpAddr,
-        pod_ip: IpAddr,
+        pod_ip: Option<IpAddr>,
         now: SystemTime,
     ) -> Value {
         let terminal = matches!(self.phase, Phase::Succeeded | Phase::Failed);
@@ -426,8 +429,11 @@ impl PodRecord {
             })
             .collect();
         let ip = node_ip.to_string();
-        let pod_ip = if self.host_network { node_ip } else { pod_ip }.to_string();
-        json!({
+        let pod_ip = match (self.host_network, self.pod_ip) {
+            (true, _) => Some(node_ip),
+            (false, own) => own.or(pod_ip),
+        };
+        let mut body = json!({
             "metadata": {"uid": uid},
             "status": {
                 "phase": phase_name(self.phase),
@@ -435,13 +441,21 @@ impl PodRecord {
                 "message": self.message,
                 "hostIP": ip,
                 "hostIPs": [{"ip": ip}],
-                "podIP": pod_ip,
-                "podIPs": [{"ip": pod_ip}],
+                "podIP": pod_ip.map(|ip| ip.to_string()),
+                "podIPs": pod_ip.map(|ip| json!([{"ip": ip.to_string()}])),
                 "startTime": time(self.start_time),
                 "conditions": conditions,
                 "containerStatuses": statuses,
             }
-        })
+        });
+        if pod_ip.is_none()
+            && let Some(s) = body["status"].as_object_mut()
+        {
+            // No address yet: say nothing of it (a null would delete it in a merge patch).
+            s.remove("podIP");
+            s.remove("podIPs");
+        }
+        body
     }
 }
 
@@ -491,8 +505,9 @@ pub struct Statuses {
     client: kube::Client,
     node_name: String,
     node_ip: IpAddr,
-    /// The address pods serve on (`--pod-address`, else `node_ip`): their `podIP`.
-    pod_ip: IpAddr,
+    /// The address pods serve on (`--pod-address`, else `node_ip`): their `podIP`. `None` when
+    /// each pod gets its own (`--pod-cidr`): a pod has no podIP until it has its address.
+    pod_ip: Option<IpAddr>,
     pods: Arc<Mutex<HashMap<PodKey, PodRecord>>>,
     to_sink: mpsc::Sender<SinkMsg>,
     events: mpsc::Sender<EventMsg>,
@@ -538,7 +553,7 @@ impl Statuses {
         client: kube::Client,
         node_name: String,
         node_ip: IpAddr,
-        pod_ip: IpAddr,
+        pod_ip: Option<IpAddr>,
     ) -> (Statuses, SinkInbox) {
         let (to_sink, requests) = mpsc::channel(SINK_QUEUE);
         let (events_tx, events) = mpsc::channel(EVENT_QUEUE);
@@ -566,6 +581,13 @@ impl Statuses {
         self.lock()
             .entry(key.clone())
             .or_insert_with(|| PodRecord::new(pod, SystemTime::now()));
+    }
+
+    /// The pod's own address (`--pod-cidr`): its `podIP` from now on (if the pod is kept).
+    pub fn set_pod_ip(&self, key: &PodKey, ip: IpAddr) {
+        if let Some(r) = self.lock().get_mut(key) {
+            r.pod_ip = Some(ip);
+        }
     }
 
     /// The kept pod named `ns/name`, if any.
@@ -958,7 +980,7 @@ mod tests {
         let now = SystemTime::now();
         let (node, pods): (IpAddr, IpAddr) =
             ("10.213.0.1".parse().unwrap(), "10.214.0.7".parse().unwrap());
-        let s = PodRecord::new(&pod(), now).status_at("u1", node, pods, now);
+        let s = PodRecord::new(&pod(), now).status_at("u1", node, Some(pods), now);
         assert_eq!(s["status"]["hostIP"], "10.213.0.1");
         assert_eq!(s["status"]["hostIPs"], json!([{"ip": "10.213.0.1"}]));
         assert_eq!(s["status"]["podIP"], "10.214.0.7");
@@ -968,8 +990,18 @@ mod tests {
         if let Some(spec) = host.spec.as_mut() {
             spec.host_network = Some(true);
         }
-        let s = PodRecord::new(&host, now).status_at("u1", node, pods, now);
+        let s = PodRecord::new(&host, now).status_at("u1", node, Some(pods), now);
         assert_eq!(s["status"]["podIP"], "10.213.0.1");
+        // A pod waiting for its own address (--pod-cidr) has no podIP yet; then it has it.
+        let mut r = PodRecord::new(&pod(), now);
+        let s = r.status_at("u1", node, None, now);
+        assert!(
+            s["status"].get("podIP").is_none() && s["status"].get("podIPs").is_none(),
+            "{s}"
+        );
+        r.pod_ip = Some("10.214.0.9".parse().unwrap());
+        let s = r.status_at("u1", node, None, now);
+        assert_eq!(s["status"]["podIPs"], json!([{"ip": "10.214.0.9"}]));
     }
 
     /// The supervisor's reports of container `c` running and the pod Running.
