@@ -55,6 +55,10 @@ pub struct NetNs {
     pub ns_ip: Ipv4Addr,
     /// The prefix length of every address (30 for one host address).
     pub prefix_len: u8,
+    /// A range of the block no interface holds, e.g. for a node's `--pod-cidr` (see
+    /// [`NetNs::with_pod_range`]): the namespace reaches its addresses over the veth once the
+    /// host end holds them.
+    pub pod_range: Option<(Ipv4Addr, u8)>,
 }
 
 /// Runs `ip ARGS...`; fails with its stderr unless it succeeds.
@@ -160,7 +164,30 @@ impl NetNs {
     /// of a node pool: `--address-base` the first), in the smallest block that holds them, the
     /// namespace's address, the network and the broadcast address.
     pub fn with_hosts(hosts: u32) -> Result<NetNs> {
-        let size = (hosts.max(1) + 3).next_power_of_two();
+        NetNs::create_block(hosts, None)
+    }
+
+    /// Like [`NetNs::with_hosts`], with a free /`pods_len` range inside the block as
+    /// [`NetNs::pod_range`] (the host addresses below it, the namespace's above it).
+    pub fn with_pod_range(hosts: u32, pods_len: u8) -> Result<NetNs> {
+        NetNs::create_block(hosts, Some(pods_len))
+    }
+
+    fn create_block(hosts: u32, pods_len: Option<u8>) -> Result<NetNs> {
+        let hosts = hosts.max(1);
+        let mut size = (hosts + 3).next_power_of_two();
+        let spare = match pods_len {
+            Some(len) if (26..=30).contains(&len) => {
+                let spare = 1u32 << (32 - len);
+                if hosts >= spare {
+                    bail!("{hosts} host addresses do not fit below a /{len}");
+                }
+                size = size.max(4 * spare);
+                Some(spare)
+            }
+            Some(len) => bail!("a pod range of /{len}: /26 to /30 only"),
+            None => None,
+        };
         if size > 256 {
             bail!("{hosts} host addresses: at most 253");
         }
@@ -183,11 +210,10 @@ impl NetNs {
             host_if: format!("{LINK_PREFIX}{pid}-{n}h"),
             ns_if: format!("{LINK_PREFIX}{pid}-{n}p"),
             host_ip: Ipv4Addr::from(block + 1),
-            host_ips: (1..=hosts.max(1))
-                .map(|k| Ipv4Addr::from(block + k))
-                .collect(),
+            host_ips: (1..=hosts).map(|k| Ipv4Addr::from(block + k)).collect(),
             ns_ip: Ipv4Addr::from(block + size - 2),
             prefix_len: (32 - size.trailing_zeros()) as u8,
+            pod_range: spare.map(|n| (Ipv4Addr::from(block + n), (32 - n.trailing_zeros()) as u8)),
         };
         // From here on, dropping `net` removes whatever was made.
         net.create()?;

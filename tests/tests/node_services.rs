@@ -735,3 +735,115 @@ fn node_pool_nodes_with_real_addresses_back_a_service() -> Result<()> {
     drop(pool);
     cluster.down()
 }
+
+/// The addresses `ip` lists on interface `dev` of the root namespace.
+fn addresses_on(dev: &str) -> Result<String> {
+    let out = Command::new("ip")
+        .args(["-o", "-4", "addr", "show", "dev", dev])
+        .output()?;
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// With `--pod-cidr`, each pod has its own address (on the node-local interface it names): two
+/// pods on one node serve the same port, report their own podIPs (hostIP the node's), are a
+/// Service's endpoints at those addresses, and are both reached through kube-proxy; a deleted
+/// pod's address leaves the interface and the Service.
+#[test]
+fn pods_with_their_own_addresses_share_a_port() -> Result<()> {
+    let net = NetNs::with_pod_range(1, 29)?;
+    let (range, len) = net.pod_range.context("a pod range")?;
+    let cidr = format!("{range}/{len}");
+    let host = net.host_ip.to_string();
+    kube_proxy_binary()?;
+    let registry = Registry::start();
+    let cluster = Cluster::up()?;
+    let opts = AgentOptions::new(NODE).ip(&host).args(&[
+        "--pod-cidr",
+        &cidr,
+        "--pod-interface",
+        &net.host_if,
+    ]);
+    let agent = Agent::start_ready(&cluster, opts, TIMEOUT)?;
+    let result = own_addresses(&net, &cluster, &registry, &host);
+    result.with_context(|| agent.output())?;
+    drop(agent);
+    cluster.down()
+}
+
+fn own_addresses(net: &NetNs, cluster: &Cluster, registry: &Registry, host: &str) -> Result<()> {
+    let image = registry.push_guest("cgi_echo")?;
+    let port = free_port();
+    cluster.apply(&json!({"apiVersion": "v1", "kind": "List", "items": [
+        echo_pod("own-a", "a", "own", port, &image, true)?,
+        echo_pod("own-b", "b", "own", port, &image, true)?,
+        service("svc-own", json!({"group": "own"}), 80, json!("http")),
+    ]}))?;
+    let (range, len) = net.pod_range.context("a pod range")?;
+    let first = u32::from(range);
+    let in_range = |ip: &str| {
+        ip.parse::<std::net::Ipv4Addr>()
+            .is_ok_and(|a| u32::from(a) > first && u32::from(a) < first + (1 << (32 - len)) - 1)
+    };
+    let mut ips = vec![];
+    for name in ["own-a", "own-b"] {
+        cluster.wait_for(&format!("{name} Ready"), TIMEOUT, || {
+            pod_ready(cluster, name)
+        })?;
+        let status = &cluster.pod(name)?["status"];
+        let ip = status["podIP"].as_str().unwrap_or("").to_string();
+        ensure!(
+            in_range(&ip),
+            "{name}'s podIP {ip} is not in {range}/{len}: {status}"
+        );
+        ensure!(status["podIPs"] == json!([{"ip": ip}]), "{status}");
+        ensure!(status["hostIP"] == host, "{status}");
+        // Its own listener: the pod answers at its address from the namespace.
+        let who = who_answers(net, &format!("http://{ip}:{port}/echo"))?;
+        ensure!(who == name[4..], "{ip}:{port} answered as {who}");
+        ips.push(ip);
+    }
+    ensure!(ips[0] != ips[1], "{ips:?}");
+    let on_if = addresses_on(&net.host_if)?;
+    for ip in &ips {
+        ensure!(
+            on_if.contains(&format!("inet {ip}/32")),
+            "{ip} not on {}: {on_if}",
+            net.host_if
+        );
+    }
+
+    let ep = |pod: &str, ip: &str, ready: bool| {
+        (pod.to_string(), ip.to_string(), u64::from(port), ready)
+    };
+    wait_endpoints(
+        cluster,
+        "svc-own",
+        &[ep("own-a", &ips[0], true), ep("own-b", &ips[1], true)],
+    )?;
+    let mut proxy = KubeProxy::start(net, cluster, NODE)?;
+    let url = format!("http://{}:80/echo", cluster_ip(cluster, "svc-own")?);
+    cluster
+        .wait_for(
+            "the ClusterIP to answer through kube-proxy",
+            TIMEOUT,
+            || {
+                proxy.check_running()?;
+                who_answers(net, &url).map(|_| true)
+            },
+        )
+        .with_context(|| proxy.output())?;
+    let seen = who_answers_all(net, &url, 40)?;
+    ensure!(
+        seen == BTreeSet::from(["a".into(), "b".into()]),
+        "answered by {seen:?}"
+    );
+
+    // Deleted: its address leaves the interface and the Service.
+    cluster.delete_pod("own-a", TIMEOUT)?;
+    let gone = format!("inet {}/32", ips[0]);
+    cluster.wait_for("own-a's address to leave the interface", TIMEOUT, || {
+        Ok(!addresses_on(&net.host_if)?.contains(&gone))
+    })?;
+    wait_endpoints(cluster, "svc-own", &[ep("own-b", &ips[1], true)])?;
+    Ok(())
+}
