@@ -449,7 +449,11 @@ fn tcp_grpc_and_exec_probes() -> Result<()> {
         "tcp-down",
         "Warning",
         "Unhealthy",
-        &["Readiness probe failed: dial tcp", &format!(":{closed}")],
+        // A port the pod does not serve is not dialled at all (it may be a host service's).
+        &[
+            "Readiness probe failed",
+            &format!("port {closed} is not served by this pod"),
+        ],
     )?;
     ensure!(ready_column(&cluster, "tcp-down")? == "0/1");
 
@@ -602,5 +606,61 @@ fn tcp_grpc_and_exec_probes() -> Result<()> {
     })?;
     ensure!(ready_column(&cluster, "exec")? == "0/1");
     ensure!(restart_count(&cluster.pod("exec")?) == 0);
+    Ok(())
+}
+
+/// A pod author's probes cannot reach what the pod cannot: a host service on another address, or
+/// a port of the pod's own address (here the node's, shared with the host) that the pod does not
+/// serve. Such probes fail, the pod stays unready, an `Unhealthy` Event says why, and nothing
+/// connects to the host service.
+#[test]
+fn probes_reach_only_their_own_pod() -> Result<()> {
+    let (_registry, cluster, agent, image) = node("wasi-probe-fence")?;
+    // Host services the agent (root) could reach: one on another loopback address, one on the
+    // pod's own address (127.0.0.1, the node's) but a port the pod does not serve.
+    let other = std::net::TcpListener::bind("127.0.0.2:0")?;
+    let beside = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let dir = tempfile::tempdir()?;
+    let probe = |action: Value| {
+        let mut p = action;
+        p["periodSeconds"] = json!(1);
+        json!({ "readinessProbe": p })
+    };
+    let cases = [
+        (
+            "fence-host",
+            probe(json!({"tcpSocket": {"host": "127.0.0.2", "port": other.local_addr()?.port()}})),
+            "is not the pod's address",
+        ),
+        (
+            "fence-port",
+            probe(json!({"httpGet": {"path": "/", "port": beside.local_addr()?.port()}})),
+            "is not served by this pod",
+        ),
+        (
+            "fence-localhost",
+            probe(json!({"tcpSocket": {"host": "localhost", "port": beside.local_addr()?.port()}})),
+            "is not served by this pod",
+        ),
+    ];
+    for (name, probes, _) in &cases {
+        let addr = format!("127.0.0.1:{}", free_port());
+        cluster.apply(&health_pod(name, &addr, &image, dir.path(), probes.clone()))?;
+    }
+    for (name, _, why) in &cases {
+        wait_running(&cluster, name).with_context(|| agent.output())?;
+        cluster.wait_pod_event(name, "Warning", "Unhealthy", &[why], TIMEOUT)?;
+        ensure!(
+            ready_column(&cluster, name)? == "0/1",
+            "{name} is Ready on a probe of a host service"
+        );
+    }
+    for (what, l) in [("127.0.0.2", &other), ("the pod's address", &beside)] {
+        l.set_nonblocking(true)?;
+        match l.accept() {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            other => anyhow::bail!("a probe connected to the host service on {what}: {other:?}"),
+        }
+    }
     Ok(())
 }

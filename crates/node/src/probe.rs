@@ -346,6 +346,11 @@ impl Prober {
                 .unwrap_or(30)
                 .clamp(0, 3600) as u64,
         );
+        let ports: Arc<[u16]> =
+            crate::portforward::served(pod, &workload::PlanContext::default())
+                .iter()
+                .map(|a| a.port())
+                .collect();
         let mut workers = self.lock();
         if workers.contains_key(key) {
             return;
@@ -373,6 +378,7 @@ impl Prober {
                 key: key.clone(),
                 container: c.name.clone(),
                 target,
+                ports: ports.clone(),
                 pod_grace,
                 probes: probes
                     .into_iter()
@@ -436,6 +442,8 @@ struct Worker {
     key: PodKey,
     container: String,
     target: IpAddr,
+    /// The ports the pod serves: the only ones its probes may reach.
+    ports: Arc<[u16]>,
     pod_grace: Duration,
     probes: Vec<ProbeState>,
 }
@@ -607,6 +615,34 @@ impl Worker {
         }
     }
 
+    /// The host a probe connects to: the pod's own address, and only on a port the pod serves.
+    /// The agent runs as root on the node and pods share its network stack, so a probe of
+    /// another host, or of a port the pod does not serve (on the node's address, a host
+    /// service's), would let a pod author reach what the pod itself cannot; such a probe fails,
+    /// saying why.
+    fn own(&self, host: Option<&str>, port: u16) -> Result<String, String> {
+        if let Some(h) = host {
+            let bare = h.trim_start_matches('[').trim_end_matches(']');
+            let mine = match bare.parse::<IpAddr>() {
+                Ok(ip) => ip == self.target,
+                Err(_) => bare.eq_ignore_ascii_case("localhost") && self.target.is_loopback(),
+            };
+            if !mine {
+                return Err(format!(
+                    "probe host {h:?} is not the pod's address {}: on a WebAssembly node a probe reaches only its own pod",
+                    self.target
+                ));
+            }
+        }
+        if !self.ports.contains(&port) {
+            return Err(format!(
+                "port {port} is not served by this pod (it serves {:?}): on a WebAssembly node a probe reaches only its own pod",
+                self.ports
+            ));
+        }
+        Ok(self.target.to_string())
+    }
+
     /// One attempt of probe `i`, within its timeout, holding one of the node's probe slots.
     async fn attempt(&self, i: usize) -> Attempt {
         let spec = &self.probes[i].spec;
@@ -622,10 +658,10 @@ impl Worker {
             )),
             Action::Tcp { host, port } => match port {
                 Err(e) => Attempt::Error(e.clone()),
-                Ok(port) => {
-                    let host = host.clone().unwrap_or_else(|| target.to_string());
-                    tcp_probe(&host, *port, spec.timeout).await
-                }
+                Ok(port) => match self.own(host.as_deref(), *port) {
+                    Err(why) => Attempt::Failure(why),
+                    Ok(host) => tcp_probe(&host, *port, spec.timeout).await,
+                },
             },
             Action::Http {
                 https,
@@ -636,7 +672,10 @@ impl Worker {
             } => match port {
                 Err(e) => Attempt::Error(e.clone()),
                 Ok(port) => {
-                    let host = host.clone().unwrap_or_else(|| target.to_string());
+                    let host = match self.own(host.as_deref(), *port) {
+                        Err(why) => return Attempt::Failure(why),
+                        Ok(host) => host,
+                    };
                     let url = HttpTarget {
                         https: *https,
                         host,
@@ -648,7 +687,10 @@ impl Worker {
             },
             Action::Grpc { port, service } => match port {
                 Err(e) => Attempt::Error(e.clone()),
-                Ok(port) => grpc_probe(SocketAddr::new(target, *port), service, spec.timeout).await,
+                Ok(port) => match self.own(None, *port) {
+                    Err(why) => Attempt::Failure(why),
+                    Ok(_) => grpc_probe(SocketAddr::new(target, *port), service, spec.timeout).await,
+                },
             },
         }
     }
@@ -811,7 +853,9 @@ async fn http_probe(
                 && matches!(status.as_u16(), 301 | 302 | 303 | 307 | 308)
                 && let Some(next) = location.as_deref().and_then(|l| current.follow(l))
             {
-                if !same_host(&first, &next) {
+                // Another port of the same address may be a host service's (pods share the
+                // node's network stack): only the probed port is followed.
+                if !same_host(&first, &next) || next.port != first.port {
                     return Attempt::Warning(format!(
                         "Probe terminated redirects, Response body: {}",
                         String::from_utf8_lossy(&body)
