@@ -127,27 +127,6 @@ fn wait_running(cluster: &Cluster, name: &str) -> Result<()> {
     })
 }
 
-/// Waits until the pod has an Event of type `kind` and `reason` whose message contains every one
-/// of `words`.
-fn wait_event(
-    cluster: &Cluster,
-    pod: &str,
-    kind: &str,
-    reason: &str,
-    words: &[&str],
-) -> Result<()> {
-    cluster.wait_for(
-        &format!("a {kind} {reason} Event about {pod} with {words:?}"),
-        TIMEOUT,
-        || {
-            Ok(cluster
-                .pod_events(pod)?
-                .iter()
-                .any(|(t, r, m)| t == kind && r == reason && words.iter().all(|w| m.contains(w))))
-        },
-    )
-}
-
 /// The `count` of the pod's Event with `reason` whose message contains `words`.
 fn event_count(cluster: &Cluster, pod: &str, reason: &str, words: &str) -> Result<i64> {
     let selector = format!("involvedObject.name={pod}");
@@ -213,12 +192,12 @@ fn readiness_startup_and_liveness_probes_drive_a_wagi_pod() -> Result<()> {
     // deleted no Unhealthy or Killing Event about it appears while five more attempts of
     // another pod's probe go by (the clock of this check).
     touch(dir, "live.fail")?;
-    wait_event(
-        &cluster,
+    cluster.wait_pod_event(
         "live",
         "Warning",
         "Unhealthy",
         &["Liveness probe failed"],
+        TIMEOUT,
     )?;
     cluster.delete_pod("live", TIMEOUT)?;
     let count = |reason: &str, words: &str| event_count(&cluster, "live", reason, words);
@@ -260,12 +239,12 @@ fn readiness_flips_ready(cluster: &Cluster, image: &str, dir: &Path) -> Result<(
         json!({"readinessProbe": http_probe("/ready", 1)}),
     ))?;
     wait_running(cluster, "ready-flip")?;
-    wait_event(
-        cluster,
+    cluster.wait_pod_event(
         "ready-flip",
         "Warning",
         "Unhealthy",
         &["Readiness probe failed: HTTP probe failed with statuscode: 500"],
+        TIMEOUT,
     )?;
     ensure!(ready_column(cluster, "ready-flip")? == "0/1");
     let p = cluster.pod("ready-flip")?;
@@ -319,12 +298,12 @@ fn startup_gates_readiness(cluster: &Cluster, image: &str, dir: &Path) -> Result
         }),
     ))?;
     wait_running(cluster, "slow-start")?;
-    wait_event(
-        cluster,
+    cluster.wait_pod_event(
         "slow-start",
         "Warning",
         "Unhealthy",
         &["Startup probe failed: HTTP probe failed with statuscode: 500"],
+        TIMEOUT,
     )?;
     // Three failed startup attempts (the Event's count): the pod stays unready, not started.
     cluster.wait_for("three failed startup attempts", TIMEOUT, || {
@@ -369,19 +348,19 @@ fn liveness_restarts_the_container(cluster: &Cluster, image: &str, dir: &Path) -
     ensure!(restart_count(&cluster.pod("live")?) == 0);
 
     touch(dir, "live.fail")?;
-    wait_event(
-        cluster,
+    cluster.wait_pod_event(
         "live",
         "Warning",
         "Unhealthy",
         &["Liveness probe failed: HTTP probe failed with statuscode: 500"],
+        TIMEOUT,
     )?;
-    wait_event(
-        cluster,
+    cluster.wait_pod_event(
         "live",
         "Normal",
         "Killing",
         &["Container hello failed liveness probe, will be restarted"],
+        TIMEOUT,
     )?;
     cluster.wait_for("restartCount 1", TIMEOUT, || {
         Ok(restart_count(&cluster.pod("live")?) >= 1)
@@ -400,12 +379,12 @@ fn liveness_restarts_the_container(cluster: &Cluster, image: &str, dir: &Path) -
                 .is_some_and(|m| m.contains("failed liveness probe")),
         "lastState: {last}"
     );
-    wait_event(
-        cluster,
+    cluster.wait_pod_event(
         "live",
         "Warning",
         "BackOff",
         &["restarting failed container hello"],
+        TIMEOUT,
     )?;
     let r = get(&addr, "/live")?;
     ensure!(
@@ -444,8 +423,7 @@ fn tcp_grpc_and_exec_probes() -> Result<()> {
         tcp(json!(closed)),
     ))?;
     wait_ready_column(&cluster, "tcp-up", "1/1").with_context(|| agent.output())?;
-    wait_event(
-        &cluster,
+    cluster.wait_pod_event(
         "tcp-down",
         "Warning",
         "Unhealthy",
@@ -454,6 +432,7 @@ fn tcp_grpc_and_exec_probes() -> Result<()> {
             "Readiness probe failed",
             &format!("port {closed} is not served by this pod"),
         ],
+        TIMEOUT,
     )?;
     ensure!(ready_column(&cluster, "tcp-down")? == "0/1");
 
@@ -479,12 +458,12 @@ fn tcp_grpc_and_exec_probes() -> Result<()> {
     cluster.apply(&grpc_pod("grpc-up", p1, None))?;
     cluster.apply(&grpc_pod("grpc-down", p2, Some("down")))?;
     wait_ready_column(&cluster, "grpc-up", "1/1").with_context(|| agent.output())?;
-    wait_event(
-        &cluster,
+    cluster.wait_pod_event(
         "grpc-down",
         "Warning",
         "Unhealthy",
         &["Readiness probe failed: service unhealthy (responded with \"NOT_SERVING\")"],
+        TIMEOUT,
     )?;
     ensure!(ready_column(&cluster, "grpc-down")? == "0/1");
 
@@ -506,12 +485,12 @@ fn tcp_grpc_and_exec_probes() -> Result<()> {
     let (p3, p4) = (free_port(), free_port());
     cluster.apply(&live_pod("grpc-live", p3, "Always"))?;
     cluster.apply(&live_pod("grpc-never", p4, "Never"))?;
-    wait_event(
-        &cluster,
+    cluster.wait_pod_event(
         "grpc-live",
         "Normal",
         "Killing",
         &["Container web failed liveness probe, will be restarted"],
+        TIMEOUT,
     )?;
     cluster
         .wait_for("grpc-live restarted and serving", TIMEOUT, || {
@@ -552,12 +531,12 @@ fn tcp_grpc_and_exec_probes() -> Result<()> {
             },
         }]}),
     ))?;
-    wait_event(
-        &cluster,
+    cluster.wait_pod_event(
         "cmd-live",
         "Normal",
         "Killing",
         &["Container main failed liveness probe, will be restarted"],
+        TIMEOUT,
     )?;
     cluster
         .wait_for("cmd-live restarted", TIMEOUT, || {
@@ -577,8 +556,7 @@ fn tcp_grpc_and_exec_probes() -> Result<()> {
         json!({"readinessProbe": {"exec": {"command": ["cat", "/tmp/healthy"]}, "periodSeconds": 1}}),
     ))?;
     wait_running(&cluster, "exec")?;
-    wait_event(
-        &cluster,
+    cluster.wait_pod_event(
         "exec",
         "Warning",
         "ProbeNotSupported",
@@ -586,13 +564,14 @@ fn tcp_grpc_and_exec_probes() -> Result<()> {
             "readinessProbe.exec",
             "exec probes cannot run on a WebAssembly node",
         ],
+        TIMEOUT,
     )?;
-    wait_event(
-        &cluster,
+    cluster.wait_pod_event(
         "exec",
         "Warning",
         "Unhealthy",
         &["Readiness probe failed: exec probes cannot run on a WebAssembly node"],
+        TIMEOUT,
     )?;
     cluster.wait_for("the exec pod's Ready condition saying why", TIMEOUT, || {
         let p = cluster.pod("exec")?;
