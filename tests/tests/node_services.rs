@@ -385,13 +385,14 @@ fn services(net: &NetNs, cluster: &Cluster, registry: &Registry, host: &str) -> 
     );
 
     let image = registry.push_guest("cgi_echo")?;
-    // echo-b is ready while this gate accepts connections (its readinessProbe's tcpSocket).
-    let mut gate = Gate::open(net.host_ip)?;
+    // echo-b is ready while its readinessProbe (httpGet of its own /ready) passes.
+    let mut gate = Gate::open()?;
+    let health = registry.push_guest("health")?;
     let (pa, pb, pc) = (free_port(), free_port(), free_port());
     ensure!(pa != pb && pb != pc && pa != pc);
     cluster.apply(&json!({"apiVersion": "v1", "kind": "List", "items": [
         echo_pod("echo-a", "a", "named", pa, &image, true)?,
-        with_readiness(echo_pod("echo-b", "b", "named", pb, &image, true)?, gate.port),
+        with_readiness(echo_pod("echo-b", "b", "named", pb, &image, true)?, &health, &gate),
         // A WAGI pod with no containerPort: its default-host port is the numbered targetPort.
         echo_pod("echo-c", "c", "numbered", pc, &image, false)?,
         service("svc-named", json!({"group": "named"}), 80, json!("http")),
@@ -458,7 +459,7 @@ fn services(net: &NetNs, cluster: &Cluster, registry: &Registry, host: &str) -> 
 
     // echo-b's readiness fails: it is not Ready, its endpoint stays in the slice but not ready,
     // and the ClusterIP's rotation is echo-a alone.
-    gate.close();
+    gate.close()?;
     wait_endpoints(
         cluster,
         "svc-named",
@@ -502,76 +503,57 @@ fn pod_ready(cluster: &Cluster, name: &str) -> Result<bool> {
         .any(|c| c["type"] == "Ready" && c["status"] == "True"))
 }
 
-/// `pod` with a readinessProbe that connects to `port` every second (one failure or success
-/// counts).
-fn with_readiness(mut pod: Value, port: u16) -> Value {
+/// `pod` (an `echo_pod` with its containerPort `http`) with a second WAGI container, the
+/// `health` guest on `/ready` reading `gate`'s folder (a hostPath volume at `/state`), and a
+/// readinessProbe of `/ready` on the pod's own port every second (one failure or success counts).
+fn with_readiness(mut pod: Value, health_image: &str, gate: &Gate) -> Value {
+    pod["metadata"]["annotations"]["alpha.wagi.krustlet.dev/modules"] =
+        json!(r#"{"echo": {"route": "/echo"}, "health": {"route": "/ready"}}"#);
     pod["spec"]["containers"][0]["readinessProbe"] = json!({
-        "tcpSocket": {"port": port},
+        "httpGet": {"path": "/ready", "port": "http"},
         "periodSeconds": 1,
-        "timeoutSeconds": 1,
+        "timeoutSeconds": 2,
         "failureThreshold": 1,
         "successThreshold": 1,
     });
+    if let Some(containers) = pod["spec"]["containers"].as_array_mut() {
+        containers.push(json!({
+            "name": "health",
+            "image": health_image,
+            "volumeMounts": [{"name": "state", "mountPath": "/state"}],
+        }));
+    }
+    pod["spec"]["volumes"] = json!([
+        {"name": "state", "hostPath": {"path": gate.dir.path().to_string_lossy()}}
+    ]);
     pod
 }
 
-/// A TCP listener on the node's address that a readinessProbe's tcpSocket connects to: open, the
-/// probe passes; closed, it is refused. A thread accepts (and drops) connections while open.
+/// The readiness switch of a pod made `with_readiness`: while `ready.fail` exists in the folder,
+/// its `/ready` answers 500.
 struct Gate {
-    ip: std::net::Ipv4Addr,
-    port: u16,
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    dir: tempfile::TempDir,
 }
 
 impl Gate {
-    fn open(ip: std::net::Ipv4Addr) -> Result<Gate> {
-        let mut gate = Gate {
-            ip,
-            port: 0,
-            stop: Default::default(),
-            thread: None,
-        };
-        gate.start(TcpListener::bind((ip, 0))?)?;
-        Ok(gate)
+    fn open() -> Result<Gate> {
+        Ok(Gate {
+            dir: tempfile::Builder::new()
+                .prefix("wasinode-ready-")
+                .tempdir()?,
+        })
     }
 
-    fn start(&mut self, listener: TcpListener) -> Result<()> {
-        use std::sync::atomic::Ordering;
-        self.port = listener.local_addr()?.port();
-        listener.set_nonblocking(true)?;
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        self.stop = stop.clone();
-        self.thread = Some(std::thread::spawn(move || {
-            while !stop.load(Ordering::Relaxed) {
-                match listener.accept() {
-                    Ok((conn, _)) => drop(conn),
-                    Err(_) => std::thread::sleep(Duration::from_millis(50)),
-                }
-            }
-        }));
+    /// The pod's readiness fails from now on.
+    fn close(&mut self) -> Result<()> {
+        std::fs::write(self.dir.path().join("ready.fail"), b"")?;
         Ok(())
     }
 
-    /// Stops accepting and closes the listener (connections are refused from now on).
-    fn close(&mut self) {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-
-    /// Listens on the same port again.
+    /// The pod's readiness passes again.
     fn reopen(&mut self) -> Result<()> {
-        self.close();
-        let listener = TcpListener::bind((self.ip, self.port))?;
-        self.start(listener)
-    }
-}
-
-impl Drop for Gate {
-    fn drop(&mut self) {
-        self.close();
+        std::fs::remove_file(self.dir.path().join("ready.fail"))?;
+        Ok(())
     }
 }
 
@@ -773,9 +755,18 @@ fn pods_with_their_own_addresses_share_a_port() -> Result<()> {
 fn own_addresses(net: &NetNs, cluster: &Cluster, registry: &Registry, host: &str) -> Result<()> {
     let image = registry.push_guest("cgi_echo")?;
     let port = free_port();
+    // Each pod's environment names its own address (a fieldRef to status.podIP).
+    let own_pod = |name: &str, who: &str| -> Result<Value> {
+        let mut pod = echo_pod(name, who, "own", port, &image, true)?;
+        pod["spec"]["containers"][0]["env"] = json!([
+            {"name": "WHO", "value": who},
+            {"name": "MY_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+        ]);
+        Ok(pod)
+    };
     cluster.apply(&json!({"apiVersion": "v1", "kind": "List", "items": [
-        echo_pod("own-a", "a", "own", port, &image, true)?,
-        echo_pod("own-b", "b", "own", port, &image, true)?,
+        own_pod("own-a", "a")?,
+        own_pod("own-b", "b")?,
         service("svc-own", json!({"group": "own"}), 80, json!("http")),
     ]}))?;
     let (range, len) = net.pod_range.context("a pod range")?;
@@ -798,8 +789,13 @@ fn own_addresses(net: &NetNs, cluster: &Cluster, registry: &Registry, host: &str
         ensure!(status["podIPs"] == json!([{"ip": ip}]), "{status}");
         ensure!(status["hostIP"] == host, "{status}");
         // Its own listener: the pod answers at its address from the namespace.
-        let who = who_answers(net, &format!("http://{ip}:{port}/echo"))?;
-        ensure!(who == name[4..], "{ip}:{port} answered as {who}");
+        let url = format!("http://{ip}:{port}/echo");
+        let body = net.run(&["curl", "-sS", "--fail", "--max-time", "5", &url])?;
+        ensure!(
+            body.contains(&format!("WHO={}\n", &name[4..])),
+            "{url}: {body}"
+        );
+        ensure!(body.contains(&format!("MY_IP={ip}\n")), "{url}: {body}");
         ips.push(ip);
     }
     ensure!(ips[0] != ips[1], "{ips:?}");

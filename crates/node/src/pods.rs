@@ -251,7 +251,21 @@ async fn reconcile(pod: Arc<Pod>, ctx: Arc<Context>) -> Result<Action, Error> {
     if !readopted {
         ctx.statuses.mark(&key).await;
     }
-    let pod = without_service_account_token(&pod);
+    let mut pod = without_service_account_token(&pod);
+    let Some(plan) = pod_plan(&ctx, &key, &pod).await else {
+        ctx.handled().remove(&key.uid);
+        return Ok(Action::requeue(Duration::from_secs(10)));
+    };
+    // The address the pod serves on, for its fieldRefs to status.podIP (a hostNetwork pod's is
+    // the node's).
+    let host_network = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.host_network)
+        .unwrap_or(false);
+    if let (false, Some(ip)) = (host_network, plan.bind_ip) {
+        pod.status.get_or_insert_with(Default::default).pod_ip = Some(ip.to_string());
+    }
     let node_ip = ctx
         .plan
         .node_ip
@@ -296,10 +310,6 @@ async fn reconcile(pod: Arc<Pod>, ctx: Arc<Context>) -> Result<Action, Error> {
         ctx.handled().remove(&key.uid);
         return Ok(Action::requeue(wait));
     }
-    let Some(plan) = pod_plan(&ctx, &key, &pod).await else {
-        ctx.handled().remove(&key.uid);
-        return Ok(Action::requeue(Duration::from_secs(10)));
-    };
     match ctx
         .sup
         .try_start(&resolved.pod, &plan, resolved.creds.as_ref())

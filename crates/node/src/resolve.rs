@@ -162,9 +162,14 @@ fn field_value(pod: &Pod, path: &str, node_ip: IpAddr) -> Result<String, ConfigE
             .as_ref()
             .and_then(|s| s.service_account_name.clone())
             .unwrap_or_default(),
-        "status.hostIP" | "status.podIP" | "status.hostIPs" | "status.podIPs" => {
-            node_ip.to_string()
-        }
+        "status.hostIP" | "status.hostIPs" => node_ip.to_string(),
+        // The pod's own address where the node gave it one (the caller puts it in the pod's
+        // status before resolving), else the node's.
+        "status.podIP" | "status.podIPs" => pod
+            .status
+            .as_ref()
+            .and_then(|s| s.pod_ip.clone())
+            .unwrap_or_else(|| node_ip.to_string()),
         p => {
             if let Some(v) = p
                 .strip_prefix("metadata.labels")
@@ -493,6 +498,25 @@ mod tests {
                 (e.name, e.value.unwrap_or_default())
             })
             .collect()
+    }
+
+    #[tokio::test]
+    async fn pod_ip_field_refs_name_the_pods_own_address_and_host_ip_the_nodes() {
+        let tmp = std::env::temp_dir().join(format!("wasinode-resolve-ip-{}", std::process::id()));
+        let mut p = pod(json!({"containers": [{"name": "c", "image": "x", "env": [
+            {"name": "IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+            {"name": "HOST", "valueFrom": {"fieldRef": {"fieldPath": "status.hostIP"}}},
+        ]}]}));
+        p.status = Some(k8s_openapi::api::core::v1::PodStatus {
+            pod_ip: Some("10.214.0.9".into()),
+            ..Default::default()
+        });
+        let r = resolve(&p, &mut fake(), "10.1.2.3".parse().unwrap(), &tmp, &tmp)
+            .await
+            .unwrap();
+        let env = env_of(&r.pod);
+        assert!(env.contains(&("IP".into(), "10.214.0.9".into())), "{env:?}");
+        assert!(env.contains(&("HOST".into(), "10.1.2.3".into())), "{env:?}");
     }
 
     #[tokio::test]
