@@ -76,7 +76,9 @@ struct AddArgs {
     /// The kubelet API port of every node (each node listens on its own loopback address).
     #[arg(long, default_value_t = 10250)]
     kubelet_port: u16,
-    /// First node address (node i gets this + i) [default: the first free 127.100.<k>.1].
+    /// First node address (node i gets this + i; addresses this host holds) [default: the first
+    /// free 127.100.<k>.1]. Non-loopback addresses let the pool's pods back Services (the API
+    /// server refuses loopback endpoints).
     #[arg(long, value_name = "IPV4")]
     address_base: Option<std::net::Ipv4Addr>,
     /// A plain-HTTP registry the agents may pull from besides loopback ones (repeatable).

@@ -7,9 +7,12 @@
 //! (so `kubectl scale nodepool` is graceful too), writes the pool's status, and on the pool's
 //! deletion drains every node, stops every agent, deletes the Nodes and lifts its finalizer.
 //!
-//! Each node owns one loopback address (`127.100.<pool>.<1+index>`): its kubelet API listens
-//! there and its WAGI listeners bind there (`wasinode node --address/--pod-address`), so the
-//! nodes of one host never share a port.
+//! Each node owns one address (`127.100.<pool>.<1+index>` by default, or `--address-base` plus
+//! its index): its kubelet API listens there and its WAGI listeners bind there (`wasinode node
+//! --node-ip/--address/--pod-address`), so the nodes of one host never share a port. Pods on
+//! loopback nodes cannot back a Service (the API server refuses loopback endpoints): give the pool
+//! non-loopback addresses this host holds (e.g. on a veth pair, as tests/tests/node_services.rs
+//! does) for that.
 //!
 //! On this host a pool is a directory: `pool.json` (what to run), `bootstrap.kubeconfig`,
 //! `provisioner.pid`, `provisioner.log`, and `nodes/<node>/` (the agent's data dir and `agent.log`).
