@@ -346,11 +346,10 @@ impl Prober {
                 .unwrap_or(30)
                 .clamp(0, 3600) as u64,
         );
-        let ports: Arc<[u16]> =
-            crate::portforward::served(pod, &workload::PlanContext::default())
-                .iter()
-                .map(|a| a.port())
-                .collect();
+        let ports: Arc<[u16]> = crate::portforward::served(pod, &workload::PlanContext::default())
+            .iter()
+            .map(|a| a.port())
+            .collect();
         let mut workers = self.lock();
         if workers.contains_key(key) {
             return;
@@ -689,7 +688,9 @@ impl Worker {
                 Err(e) => Attempt::Error(e.clone()),
                 Ok(port) => match self.own(None, *port) {
                     Err(why) => Attempt::Failure(why),
-                    Ok(_) => grpc_probe(SocketAddr::new(target, *port), service, spec.timeout).await,
+                    Ok(_) => {
+                        grpc_probe(SocketAddr::new(target, *port), service, spec.timeout).await
+                    }
                 },
             },
         }
