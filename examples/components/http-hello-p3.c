@@ -11,6 +11,7 @@
 
 static const char HELLO[] = "Hello from a wasi:http 0.3 component\n";
 static const char SLOW[] = "slow done\n";
+static const char SPUN[] = "spun\n";
 static const char NOT_SET[] = "not set\n";
 
 // This instance's counters (the instance lives across requests).
@@ -165,6 +166,14 @@ http_hello_p3_callback_code_t exports_wasi_http_handler_handle(exports_wasi_http
     }
     t->text = SLOW;
     t->len = sizeof SLOW - 1;
+    respond(t, 200);
+  } else if (route(path, "/spin", &query)) {
+    // Computes for about N million rounds: CPU time for the tests of a service's CPU figures.
+    volatile uint64_t x = 1;
+    uint64_t rounds = strtoull(query, NULL, 10) * 1000000ull;
+    for (uint64_t i = 0; i < rounds; i++) x = x * 6364136223846793005ull + 1442695040888963407ull;
+    t->text = SPUN;
+    t->len = sizeof SPUN - 1;
     respond(t, 200);
   } else if (route(path, "/env", &query)) {
     respond(t, env(t, query));

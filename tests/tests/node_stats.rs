@@ -352,3 +352,56 @@ fn stats_summary_and_resource_metrics() -> Result<()> {
     }
     cluster.down()
 }
+
+/// A WASI 0.3 service's instances serve its requests in the handler's own tasks; its CPU is
+/// counted at the engine's epoch ticks, and shows in `/stats/summary` as any other container's.
+#[test]
+fn a_wasi_0_3_service_reports_its_cpu() -> Result<()> {
+    let registry = Registry::start();
+    let cluster = Cluster::up()?;
+    let agent = Agent::start_ready(&cluster, AgentOptions::new("wasi-stats-p3"), TIMEOUT)?;
+    let reader = token(&cluster, "stats-reader", true)?;
+    let image = registry.push_component("http-hello-p3")?;
+    let port = free_port();
+    cluster.apply(&json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "p3", "namespace": "default"},
+        "spec": {
+            "nodeSelector": {"kubernetes.io/arch": "wasm32-wagi"},
+            "tolerations": serde_json::from_str::<Value>(TOLERATIONS).unwrap_or(Value::Null),
+            "terminationGracePeriodSeconds": 2,
+            "containers": [{"name": "svc", "image": image,
+                            "ports": [{"containerPort": port}]}],
+        },
+    }))?;
+    let addr = format!("127.0.0.1:{port}");
+    cluster
+        .wait_for("the service to serve", TIMEOUT, || {
+            Ok(get(&addr, "/").is_ok_and(|r| r.status == 200))
+        })
+        .with_context(|| agent.output())?;
+    let cpu = |s: &Value| {
+        pod_stats(s, "p3")
+            .and_then(|p| p["containers"].as_array().cloned())
+            .and_then(|cs| cs.into_iter().find(|c| c["name"] == "svc"))
+            .map_or(0, |c| u(&c["cpu"]["usageCoreNanoSeconds"]))
+    };
+    let mut s = Value::Null;
+    cluster.wait_for("p3 in /stats/summary", TIMEOUT, || {
+        s = summary(&agent, &reader)?;
+        Ok(pod_stats(&s, "p3").is_some())
+    })?;
+    let before = cpu(&s);
+    // About a second of computing in the guest, over five requests.
+    for _ in 0..5 {
+        let r = get(&addr, "/spin?100")?;
+        ensure!(r.status == 200 && r.body == "spun\n", "/spin: {r:?}");
+    }
+    s = summary(&agent, &reader)?;
+    let after = cpu(&s);
+    ensure!(
+        after > before + 50_000_000,
+        "the service computed for about a second but its CPU went {before} -> {after} ns"
+    );
+    cluster.down()
+}

@@ -170,6 +170,21 @@ impl HandlerState for ServiceState {
             .runtime
             .component_store(&self.template)
             .map_err(wasmtime::Error::new)?;
+        // The handler polls a service's requests in tasks of its own, which cannot be timed as
+        // other invocations are; its CPU is counted at the epoch ticks instead: every tick the
+        // instance sees while it runs wasm adds one tick of CPU time to its container (an
+        // unbiased estimate of the time spent in the guest, nothing per request).
+        let (cpu, meter) = (
+            self.template.limits.cpu.clone(),
+            self.template.meter.clone(),
+        );
+        let tick = self.runtime.config().epoch_tick.as_nanos() as u64;
+        store.epoch_deadline_callback(move |_| {
+            if let Some(m) = &meter {
+                m.add_cpu_ns(tick);
+            }
+            Ok(crate::quota::on_tick(cpu.as_ref(), meter.as_ref()))
+        });
         let service = tokio::time::timeout(
             self.limits.request_timeout,
             self.pre.instantiate_async(&mut store),
