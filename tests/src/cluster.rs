@@ -239,8 +239,8 @@ impl Cluster {
         self.kubectl(&["describe", "pod", name, "-n", "default"])
     }
 
-    /// The Events about the pod `default/<name>` as `(type, reason, message)`, oldest first.
-    pub fn pod_events(&self, name: &str) -> Result<Vec<(String, String, String)>> {
+    /// The Events about the pod `default/<name>`, as JSON, oldest first.
+    pub fn pod_event_items(&self, name: &str) -> Result<Vec<serde_json::Value>> {
         let selector = format!("involvedObject.name={name}");
         let list = self.kubectl_json(&[
             "get",
@@ -256,8 +256,14 @@ impl Cluster {
                 .as_str()
                 .map(String::from)
         });
+        Ok(items)
+    }
+
+    /// The Events about the pod `default/<name>` as `(type, reason, message)`, oldest first.
+    pub fn pod_events(&self, name: &str) -> Result<Vec<(String, String, String)>> {
         let field = |e: &serde_json::Value, k: &str| e[k].as_str().unwrap_or_default().to_string();
-        Ok(items
+        Ok(self
+            .pod_event_items(name)?
             .iter()
             .map(|e| (field(e, "type"), field(e, "reason"), field(e, "message")))
             .collect())

@@ -129,19 +129,9 @@ fn wait_running(cluster: &Cluster, name: &str) -> Result<()> {
 
 /// The `count` of the pod's Event with `reason` whose message contains `words`.
 fn event_count(cluster: &Cluster, pod: &str, reason: &str, words: &str) -> Result<i64> {
-    let selector = format!("involvedObject.name={pod}");
-    let list = cluster.kubectl_json(&[
-        "get",
-        "events",
-        "-n",
-        "default",
-        "--field-selector",
-        &selector,
-    ])?;
-    Ok(list["items"]
-        .as_array()
-        .into_iter()
-        .flatten()
+    Ok(cluster
+        .pod_event_items(pod)?
+        .iter()
         .filter(|e| {
             e["reason"] == reason && e["message"].as_str().is_some_and(|m| m.contains(words))
         })
