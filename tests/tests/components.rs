@@ -3,12 +3,17 @@
 //! asserts what a user observes: status codes, bodies, trailers, exit codes, log lines, the
 //! agent's resident memory.
 
+use std::io::Read;
+use std::net::{TcpListener, TcpStream, UdpSocket};
 use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Result;
 use e2e::guests::{component, guest};
-use e2e::wasinode::{download, echo_stream, find_log, free_port, get, http, run_one, upstream};
+use e2e::wasinode::{
+    Wasinode, download, echo_stream, find_log, free_port, get, http, run_one, upstream,
+};
+use tempfile::TempDir;
 
 const T: Duration = Duration::from_secs(30);
 const MIB: u64 = 1 << 20;
@@ -259,6 +264,152 @@ fn a_bad_outbound_annotation_fails_the_pod_with_the_reason() -> Result<()> {
     Ok(())
 }
 
+/// The http-sockets component (wasi:sockets from inside the guest) in a pod whose
+/// `wasinode.dev/allowed-outbound-hosts` annotation is `outbound` (none if `None`); its address.
+fn sockets_pod(name: &str, outbound: Option<&str>) -> Result<(Wasinode, TempDir, String)> {
+    let port = free_port();
+    let meta = outbound
+        .map(|o| format!("  annotations:\n    wasinode.dev/allowed-outbound-hosts: \"{o}\"\n"))
+        .unwrap_or_default();
+    let y = component_pod(name, &component("http-sockets")?, port, "", &meta);
+    let (mut w, d) = run_one(&y, &["--quiet"])?;
+    let a = format!("127.0.0.1:{port}");
+    w.wait_listening(&a, T)?;
+    Ok((w, d, a))
+}
+
+/// A loopback listener owned by the test (what a guest must not reach unless allowed).
+fn tcp_target() -> Result<(TcpListener, String)> {
+    let l = TcpListener::bind("127.0.0.1:0")?;
+    l.set_nonblocking(true)?;
+    let a = l.local_addr()?.to_string();
+    Ok((l, a))
+}
+
+/// Whether a connection is waiting on `l` right now (a refused connect makes none: the
+/// host's check comes before the connect syscall, so none can still be on its way).
+fn pending_connection(l: &TcpListener) -> Result<Option<TcpStream>> {
+    match l.accept() {
+        Ok((s, _)) => Ok(Some(s)),
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// What the guest wrote on a connection it made, to the end.
+fn read_line_sent(s: TcpStream) -> Result<String> {
+    s.set_nonblocking(false)?;
+    s.set_read_timeout(Some(T))?;
+    let mut text = String::new();
+    (&s).read_to_string(&mut text)?;
+    Ok(text)
+}
+
+/// Deny by default, from the guest's side: a component's own `wasi:sockets` TCP connect to a
+/// loopback listener fails with `access-denied` and the listener sees nothing, without an
+/// annotation and with only an http:// entry for that very host and port; a
+/// `tcp://IP:port` entry lets exactly that address through (the listener accepts the
+/// connection and reads the guest's line), and no other port.
+#[test]
+fn a_component_connects_with_wasi_sockets_only_where_a_tcp_entry_allows() -> Result<()> {
+    let (target, t) = tcp_target()?;
+    let (other, o) = tcp_target()?;
+    for (name, outbound) in [
+        ("no-annotation", None),
+        ("http-only", Some(format!("http://{t}"))),
+    ] {
+        let (_w, _d, a) = sockets_pod(name, outbound.as_deref())?;
+        let r = get(&a, &format!("/connect?{t}"))?;
+        assert_eq!(
+            (r.status, r.body.as_str()),
+            (502, "access-denied\n"),
+            "{name}"
+        );
+        assert!(
+            pending_connection(&target)?.is_none(),
+            "{name}: the listener saw a connection"
+        );
+    }
+
+    let (_w, _d, a) = sockets_pod("tcp-entry", Some(&format!("tcp://{t}")))?;
+    let r = get(&a, &format!("/connect?{t}"))?;
+    assert_eq!((r.status, r.body.as_str()), (200, "connected\n"));
+    let conn = pending_connection(&target)?;
+    let Some(conn) = conn else {
+        anyhow::bail!("the guest said connected but the listener has no connection");
+    };
+    assert_eq!(read_line_sent(conn)?, "hello from a wasi:sockets guest\n");
+    let r = get(&a, &format!("/connect?{o}"))?;
+    assert_eq!(
+        (r.status, r.body.as_str()),
+        (502, "access-denied\n"),
+        "another port"
+    );
+    assert!(pending_connection(&other)?.is_none());
+    Ok(())
+}
+
+/// What the README promises `wasi:sockets` never does, even under entries that allow TCP
+/// connections (`tcp://IP:port`, and Spin's `*://*:*`): listen (binding the wildcard address
+/// comes with a connect, so bind is allowed but listening on it is not, nor binding a port),
+/// UDP (the test's own UDP socket receives nothing), name lookups, and the metadata address.
+#[test]
+fn wasi_sockets_never_listen_send_udp_or_look_up_names_even_under_wildcards() -> Result<()> {
+    let udp = UdpSocket::bind("127.0.0.1:0")?;
+    udp.set_nonblocking(true)?;
+    let u = udp.local_addr()?.to_string();
+    let (target, t) = tcp_target()?;
+    for (name, outbound) in [
+        ("tcp-entry", format!("tcp://{t}, tcp://{u}")),
+        ("wildcard", "*://*:*".to_string()),
+    ] {
+        let (_w, _d, a) = sockets_pod(name, Some(&outbound))?;
+        // TCP connect works under both, so what follows is refused for what it is.
+        assert_eq!(
+            get(&a, &format!("/connect?{t}"))?.body,
+            "connected\n",
+            "{name}"
+        );
+        assert!(pending_connection(&target)?.is_some(), "{name}");
+
+        let port = free_port();
+        for path in [format!("/listen?{port}"), "/listen?0".to_string()] {
+            let r = get(&a, &path)?;
+            assert_eq!(
+                (r.status, r.body.as_str()),
+                (502, "access-denied\n"),
+                "{name} {path}"
+            );
+        }
+        assert!(
+            TcpStream::connect(("127.0.0.1", port)).is_err(),
+            "{name}: nothing listens on {port}"
+        );
+        let r = get(&a, &format!("/udp?{u}"))?;
+        assert_eq!(
+            (r.status, r.body.as_str()),
+            (502, "access-denied\n"),
+            "{name} udp"
+        );
+        let mut buf = [0u8; 64];
+        let got = udp.recv(&mut buf);
+        assert!(
+            got.as_ref()
+                .is_err_and(|e| e.kind() == std::io::ErrorKind::WouldBlock),
+            "{name}: a datagram arrived: {got:?}"
+        );
+        let r = get(&a, "/lookup?localhost")?;
+        assert_eq!(r.status, 502, "{name}: a name lookup answered {}", r.body);
+        let r = get(&a, "/connect?169.254.169.254:80")?;
+        assert_eq!(
+            (r.status, r.body.as_str()),
+            (502, "access-denied\n"),
+            "{name} metadata"
+        );
+    }
+    Ok(())
+}
+
 #[test]
 fn a_command_component_gets_args_env_volumes_and_exits_with_its_code() -> Result<()> {
     let vol = tempfile::tempdir()?;
@@ -291,6 +442,33 @@ fn a_command_component_gets_args_env_volumes_and_exits_with_its_code() -> Result
     // non-zero code arrives as failure, which is exit code 1 (as `wasmtime run` reports it).
     assert!(out.contains("exit code 1 (Error)"), "{out}");
     assert!(out.contains("default/cmd: Failed"), "{out}");
+    Ok(())
+}
+
+/// A command that calls `wasi:cli/exit.exit-with-code(N)` itself (not through the preview-1
+/// adapter, which can only say failure) ends with exit code N: the pod's container status shows
+/// it, and 0 is success.
+#[test]
+fn a_command_component_that_calls_exit_with_code_ends_with_that_code() -> Result<()> {
+    for (code, status, phase) in [
+        (42, "exit code 42 (Error)", "Failed"),
+        (3, "exit code 3 (Error)", "Failed"),
+        (0, "exit code 0 (Completed)", "Succeeded"),
+    ] {
+        let y = format!(
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: exits\nspec:\n  restartPolicy: Never\n  containers:\n    - name: main\n      image: file://{}\n      args: [--exit-with-code, \"{code}\"]\n",
+            component("command-hello")?.display()
+        );
+        let (mut w, _d) = run_one(&y, &[])?;
+        let st = w.wait_exit(T)?;
+        let out = w.output();
+        assert!(
+            out.contains(&format!("default/exits/main: terminated, {status}")),
+            "{out}"
+        );
+        assert!(out.contains(&format!("default/exits: {phase}")), "{out}");
+        assert_eq!(st.code(), Some(i32::from(code != 0)), "{out}");
+    }
     Ok(())
 }
 

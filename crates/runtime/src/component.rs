@@ -231,10 +231,13 @@ impl Runtime {
         preopen_all(&mut b, &inv.preopens)?;
         // wasi:sockets: TCP connections only where the allow-list has a `tcp://` entry (an
         // implicit bind to the wildcard address comes with each connect); no listening, no
-        // UDP, no name lookups. Without such entries the builder's default refuses everything.
-        b.allow_ip_name_lookup(false);
+        // UDP, no name lookups. Without such entries the builder's default refuses everything
+        // (TCP and UDP off, every address refused).
+        b.allow_ip_name_lookup(false).allow_udp(false);
         if inv.allowed_hosts.has_sockets() {
             let allow = inv.allowed_hosts.clone();
+            // wasmtime-wasi turns TCP off unless asked; the address check below is the policy.
+            b.allow_tcp(true);
             b.socket_addr_check(move |addr, used| {
                 let ok = match used {
                     SocketAddrUse::TcpConnect => allow.allows_socket(addr),
