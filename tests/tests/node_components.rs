@@ -8,11 +8,16 @@
 //!   RSS bounded, outbound allowed and denied by the pod's annotation;
 //! - one pod mixing a WAGI route and a component route;
 //! - a command component with args, its output in `kubectl logs`, terminated with its exit code;
+//!   one calling `wasi:cli/exit.exit-with-code(42)` terminated with 42;
+//! - a component's own `wasi:sockets` TCP connect allowed by a `tcp://` entry, another port
+//!   and UDP refused;
 //! - a component exporting nothing servable: Failed, and `kubectl describe pod` says what it
 //!   exports.
 //!
 //! Run: `cargo build --release && cargo test --release -p wasinode-e2e --test node_components`
 
+use std::io::Read;
+use std::net::TcpListener;
 use std::time::Duration;
 
 use anyhow::{Result, ensure};
@@ -65,6 +70,7 @@ fn components_run_on_a_node() -> Result<()> {
     let command = registry.push_component("command-hello")?;
     let nothing = registry.push_component("reactor-nothing")?;
     let service = registry.push_component("http-hello-p3")?;
+    let sockets = registry.push_component("http-sockets")?;
     let wagi_hello = registry.push_guest("hello")?;
     pushed_as_cncf_component(
         &registry,
@@ -78,6 +84,8 @@ fn components_run_on_a_node() -> Result<()> {
     mixed_pod(&cluster, &http_hello, &wagi_hello)?;
     service_pod(&cluster, &service)?;
     command_component_pod(&cluster, &command)?;
+    exit_with_code_pod(&cluster, &command)?;
+    sockets_pod(&cluster, &sockets)?;
     nothing_to_run(&cluster, &nothing)?;
     ensure!(
         agent.running(),
@@ -301,6 +309,79 @@ fn command_component_pod(cluster: &Cluster, image: &str) -> Result<()> {
     ] {
         ensure!(logs.contains(want), "{want:?} not in:\n{logs}");
     }
+    Ok(())
+}
+
+/// A command component that calls `wasi:cli/exit.exit-with-code(42)` itself: the container's
+/// terminated state carries 42 (not the 1 the preview-1 adapter's exit gives).
+fn exit_with_code_pod(cluster: &Cluster, image: &str) -> Result<()> {
+    cluster.apply(&pod(
+        "exit-code-component",
+        json!({}),
+        json!({
+            "restartPolicy": "Never",
+            "containers": [{
+                "name": "main",
+                "image": image,
+                "args": ["--exit-with-code", "42"],
+            }],
+        }),
+    ))?;
+    cluster.wait_for("exit-code-component Failed", TIMEOUT, || {
+        Ok(cluster.pod("exit-code-component")?["status"]["phase"] == "Failed")
+    })?;
+    let p = cluster.pod("exit-code-component")?;
+    let term = &p["status"]["containerStatuses"][0]["state"]["terminated"];
+    ensure!(
+        term["exitCode"] == 42 && term["reason"] == "Error",
+        "{term}"
+    );
+    Ok(())
+}
+
+/// The guest's own `wasi:sockets` on a node: a TCP connect to the test's loopback listener
+/// goes through under the pod's `tcp://` entry (the listener reads the guest's line), another
+/// port is `access-denied` and its listener sees nothing, and UDP is refused.
+fn sockets_pod(cluster: &Cluster, image: &str) -> Result<()> {
+    let target = TcpListener::bind("127.0.0.1:0")?;
+    let other = TcpListener::bind("127.0.0.1:0")?;
+    target.set_nonblocking(true)?;
+    other.set_nonblocking(true)?;
+    let (t, o) = (target.local_addr()?, other.local_addr()?);
+    let port = free_port();
+    cluster.apply(&pod(
+        "sockets-component",
+        json!({"wasinode.dev/allowed-outbound-hosts": format!("tcp://{t}")}),
+        json!({"containers": [{"name": "web", "image": image, "ports": [{"containerPort": port}]}]}),
+    ))?;
+    wait_ready(cluster, "sockets-component")?;
+    let p = cluster.pod("sockets-component")?;
+    let ip = p["status"]["podIP"].as_str().unwrap_or("127.0.0.1");
+    let a = format!("{ip}:{port}");
+    let r = get(&a, &format!("/connect?{t}"))?;
+    ensure!((r.status, r.body.as_str()) == (200, "connected\n"), "{r:?}");
+    let (conn, _) = target.accept()?;
+    conn.set_nonblocking(false)?;
+    conn.set_read_timeout(Some(TIMEOUT))?;
+    let mut line = String::new();
+    (&conn).read_to_string(&mut line)?;
+    ensure!(line == "hello from a wasi:sockets guest\n", "{line:?}");
+    let r = get(&a, &format!("/connect?{o}"))?;
+    ensure!(
+        (r.status, r.body.as_str()) == (502, "access-denied\n"),
+        "{r:?}"
+    );
+    ensure!(
+        other
+            .accept()
+            .is_err_and(|e| e.kind() == std::io::ErrorKind::WouldBlock),
+        "the other port's listener saw a connection"
+    );
+    let r = get(&a, &format!("/udp?{t}"))?;
+    ensure!(
+        (r.status, r.body.as_str()) == (502, "access-denied\n"),
+        "{r:?}"
+    );
     Ok(())
 }
 
