@@ -17,6 +17,10 @@ use wagi::routes::RoutePattern;
 
 const WARMUP: usize = 200;
 
+/// The wasinode binary's allocator (crates/cli/src/main.rs), so this measures the path it runs.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 struct Stats {
     mean: f64,
     p50: f64,
