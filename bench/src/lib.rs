@@ -212,6 +212,44 @@ pub fn proc_status(pid: u32, field: &str) -> Option<u64> {
         .and_then(|v| v.parse().ok())
 }
 
+/// The agent's open descriptors.
+pub fn open_fds(pid: u32) -> u64 {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count() as u64)
+}
+
+/// The agent's descriptors by kind (`socket`, `pipe`, `anon_inode:[eventpoll]`, files by their
+/// directory under the data dir or elsewhere), most numerous first.
+pub fn fd_kinds(pid: u32, data_dir: &Path) -> String {
+    let mut kinds: std::collections::BTreeMap<String, u32> = Default::default();
+    for e in std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let Ok(target) = std::fs::read_link(e.path()) else {
+            continue;
+        };
+        let t = target.to_string_lossy();
+        let kind = if let Some((k, _)) = t.split_once(':')
+            && !t.starts_with('/')
+        {
+            k.to_string()
+        } else if let Ok(rel) = target.strip_prefix(data_dir) {
+            let top: std::path::PathBuf = rel.components().take(1).collect();
+            format!("file <data>/{}", top.display())
+        } else {
+            format!("file {}", target.parent().unwrap_or(&target).display())
+        };
+        *kinds.entry(kind).or_default() += 1;
+    }
+    let mut v: Vec<(String, u32)> = kinds.into_iter().collect();
+    v.sort_by_key(|(_, n)| std::cmp::Reverse(*n));
+    v.iter()
+        .map(|(k, n)| format!("{n} {k}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 pub fn mib(kib: u64) -> f64 {
     kib as f64 / 1024.0
 }

@@ -19,13 +19,21 @@
 //!    were deleted), with all pods at rest, peak under load, and the per-pod increment; then after
 //!    the pods are deleted and after `CHURN_CYCLES` more create/Ready/delete cycles of as many pods
 //!    (memory kept for reuse stays flat, memory that leaks per pod grows with each cycle).
+//! 3. Density (`DENSITY_PODS`, 10,000 by default; 0 skips it): that many WAGI pods bound at
+//!    creation (`DENSITY_CONCURRENCY` creates in flight), each on its own port. Printed: the time
+//!    from the first create to all Ready, the create -> Ready percentiles, one request to every
+//!    pod, the agent's VmRSS and open descriptors before, at rest and after deleting them all,
+//!    and, sampled every second throughout, the Lease's age against leaseDurationSeconds and the
+//!    Node's Ready condition. Targets: VmRSS < 1 GiB, all Ready within 300 s, every pod answering,
+//!    at most one descriptor per pod at rest, no Lease lapse, VmRSS after within 10% of before.
 //!
 //! Run it through `bench/run node` (builds the agent, the guests and the control plane first), or
 //! directly: `target/release/node-bench` from the repo root.
 //!
 //! Knobs (environment): LATENCY_PODS=30 SCHED_PODS=10 LOAD_PODS=200 HOLD_SECS=60
 //! CREATE_CONCURRENCY=8 CHURN_CYCLES=3 NODE_BASE_PORT=21000 (pod ports NODE_BASE_PORT.. upward, each checked free)
-//! READY_TIMEOUT_SECS=120 (per pod; 300 s at least for the LOAD_PODS wave).
+//! READY_TIMEOUT_SECS=120 (per pod; 300 s at least for the LOAD_PODS wave) DENSITY_PODS=10000
+//! DENSITY_CONCURRENCY=32.
 
 use std::net::TcpListener;
 use std::sync::Arc;
@@ -42,8 +50,8 @@ use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::json;
 use wasinode_bench::{
-    Bench, LABEL, NODE, NS, Ports, admin_client, answers_hello, env_usize, mib, ms, node_ready,
-    proc_status, spawn_watch, wagi_pod, wait_state,
+    Bench, LABEL, NODE, NS, Ports, admin_client, answers_hello, env_usize, fd_kinds, mib, ms,
+    node_ready, open_fds, proc_status, spawn_watch, wagi_pod, wait_state,
 };
 
 /// A pod nobody runs (a scheduling gate keeps the scheduler off it): the target of the status
@@ -128,6 +136,8 @@ async fn main() -> Result<()> {
     let concurrency = env_usize("CREATE_CONCURRENCY", 8).max(1);
     let base_port = env_usize("NODE_BASE_PORT", 21000) as u16;
     let ready_timeout = Duration::from_secs(env_usize("READY_TIMEOUT_SECS", 120) as u64);
+    let density_pods = env_usize("DENSITY_PODS", 10_000);
+    let density_concurrency = env_usize("DENSITY_CONCURRENCY", 32).max(1);
 
     let hello = guest("hello")?;
     let t = Instant::now();
@@ -137,7 +147,7 @@ async fn main() -> Result<()> {
     let bootstrap = cluster.bootstrap_kubeconfig();
     let t_agent = Instant::now();
     // Room for every pod of the load section and the latency pods still around.
-    let max_pods = (load_pods + latency_pods + sched_pods + 10).to_string();
+    let max_pods = (load_pods.max(density_pods) + latency_pods + sched_pods + 10).to_string();
     // The operator's opt-in to local modules: the bench measures the node, not the registry.
     let guest_dir = hello.parent().context("guest dir")?;
     let agent = Wasinode::start(&[
@@ -534,6 +544,18 @@ async fn main() -> Result<()> {
         ));
     }
 
+    if density_pods > 0 {
+        density(
+            &mut b,
+            pid,
+            density_pods,
+            density_concurrency,
+            &leases,
+            &nodes,
+        )
+        .await?;
+    }
+
     println!(
         "  load average at the end: {}",
         std::fs::read_to_string("/proc/loadavg")
@@ -554,5 +576,338 @@ async fn main() -> Result<()> {
     if !failures.is_empty() {
         bail!("functional failures: {}", failures.join("; "));
     }
+    Ok(())
+}
+
+/// What the density section's monitor saw while the pods started and ran.
+#[derive(Default)]
+struct Watchdog {
+    samples: u64,
+    /// The oldest the Lease's renewTime was at any sample, in seconds.
+    max_lease_age: f64,
+    lease_duration: f64,
+    /// Samples at which the Lease had lapsed (renewTime older than leaseDurationSeconds).
+    lapses: u64,
+    not_ready: u64,
+    rss_peak: u64,
+    fds_peak: u64,
+}
+
+/// Every second until `stop`: the Lease's age against its duration, the Node's Ready condition,
+/// the agent's VmRSS and open descriptors.
+fn spawn_watchdog(
+    pid: u32,
+    leases: Api<Lease>,
+    nodes: Api<Node>,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<Watchdog> {
+    tokio::spawn(async move {
+        let mut w = Watchdog::default();
+        while !stop.load(Ordering::Relaxed) {
+            w.samples += 1;
+            w.rss_peak = w.rss_peak.max(proc_status(pid, "VmRSS:").unwrap_or(0));
+            w.fds_peak = w.fds_peak.max(open_fds(pid));
+            if let Ok(lease) = leases.get(NODE).await
+                && let Some(spec) = lease.spec
+            {
+                let duration = f64::from(spec.lease_duration_seconds.unwrap_or(40));
+                w.lease_duration = duration;
+                if let Some(renewed) = spec.renew_time {
+                    let age = k8s_openapi::jiff::Timestamp::now()
+                        .duration_since(renewed.0)
+                        .as_secs_f64();
+                    w.max_lease_age = w.max_lease_age.max(age);
+                    if age > duration {
+                        w.lapses += 1;
+                    }
+                }
+            }
+            if !node_ready(&nodes).await.unwrap_or(false) {
+                w.not_ready += 1;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        w
+    })
+}
+
+/// Until `count` (over the watched state) reaches `want`, polled every 250 ms (a predicate over
+/// ten thousand names on every watch event would cost this client more than the agent).
+async fn wait_count(
+    b: &Bench,
+    what: &str,
+    want: usize,
+    timeout: Duration,
+    count: impl Fn(&wasinode_bench::State) -> usize,
+) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let n = count(&b.rx.borrow());
+        if n >= want {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {timeout:?} waiting for {what}: {n} of {want}");
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Section 6, density: `n` WAGI pods bound at creation, each on its own port; Ready latency, the
+/// agent's memory and descriptors, every route answering, the Lease throughout, then all deleted.
+async fn density(
+    b: &mut Bench,
+    pid: u32,
+    n: usize,
+    concurrency: usize,
+    leases: &Api<Lease>,
+    nodes: &Api<Node>,
+) -> Result<()> {
+    println!();
+    println!(
+        "6. density: {n} WAGI pods on one node (bound at creation with spec.nodeName, {concurrency} creates in flight, one port each)"
+    );
+    // The level before: the agent at rest after the earlier sections' pods are gone.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let rss_before = proc_status(pid, "VmRSS:").unwrap_or(0);
+    let fds_before = open_fds(pid);
+    let data_dir = b.agent.data_dir.clone();
+    let limit = std::fs::read_to_string(format!("/proc/{pid}/limits"))
+        .ok()
+        .and_then(|l| {
+            l.lines()
+                .find(|l| l.starts_with("Max open files"))
+                .map(|l| {
+                    l.split_whitespace()
+                        .skip(3)
+                        .take(2)
+                        .collect::<Vec<_>>()
+                        .join(" soft / ")
+                        + " hard"
+                })
+        })
+        .unwrap_or_else(|| "unknown".into());
+    println!(
+        "  before: agent VmRSS {:.1} MiB, {fds_before} open descriptors (limit: {limit})",
+        mib(rss_before)
+    );
+    let mut ports = Vec::with_capacity(n);
+    let mut specs = Vec::with_capacity(n);
+    for i in 0..n {
+        let port = b.ports.free()?;
+        ports.push(port);
+        specs.push(wagi_pod(
+            &format!("bench-density-{i}"),
+            "density",
+            port,
+            &b.image,
+            Some(NODE),
+        )?);
+    }
+    let names: Vec<String> = (0..n).map(|i| format!("bench-density-{i}")).collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let watchdog = spawn_watchdog(pid, leases.clone(), nodes.clone(), stop.clone());
+
+    let t0 = Instant::now();
+    let api = b.pods.clone();
+    let created: Vec<Result<(String, Instant)>> = futures::stream::iter(specs)
+        .map(|pod| {
+            let api = api.clone();
+            async move {
+                let name = pod.metadata.name.clone().unwrap_or_default();
+                let sent = Instant::now();
+                api.create(&PostParams::default(), &pod).await?;
+                Ok((name, sent))
+            }
+        })
+        .buffer_unordered(concurrency)
+        .collect()
+        .await;
+    let all_created = t0.elapsed();
+    let created: Vec<(String, Instant)> = created.into_iter().collect::<Result<_>>()?;
+    let ready_count = |s: &wasinode_bench::State| {
+        names
+            .iter()
+            .filter(|n| s.pods.get(*n).is_some_and(|p| p.ready.is_some()))
+            .count()
+    };
+    if let Err(e) = wait_count(
+        b,
+        "every density pod to be Ready",
+        n,
+        Duration::from_secs(600),
+        ready_count,
+    )
+    .await
+    {
+        stop.store(true, Ordering::Relaxed);
+        bail!("{e:#}\n--- agent output (tail)\n{}", b.agent_tail());
+    }
+    let (all_ready, per_pod) = {
+        let st = b.rx.borrow();
+        let last = names
+            .iter()
+            .filter_map(|n| st.pods[n].ready)
+            .max()
+            .expect("pods");
+        let per_pod: Vec<f64> = created
+            .iter()
+            .map(|(n, sent)| ms(st.pods[n].ready.expect("ready") - *sent))
+            .collect();
+        (last - t0, per_pod)
+    };
+    println!(
+        "  all {n} created in {:.1} s; all Ready {:.1} s after the first create (target <= 300 s: {})",
+        all_created.as_secs_f64(),
+        all_ready.as_secs_f64(),
+        if all_ready <= Duration::from_secs(300) {
+            "MET"
+        } else {
+            "MISSED"
+        }
+    );
+    let mut sorted = per_pod.clone();
+    sorted.sort_by(f64::total_cmp);
+    println!(
+        "  each pod, create sent -> watch sees Ready: p50 {:.0} ms, p90 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
+        pct(&sorted, 0.50),
+        pct(&sorted, 0.90),
+        pct(&sorted, 0.99),
+        sorted.last().copied().unwrap_or(f64::NAN)
+    );
+
+    // Every route answers: one request each, from four threads.
+    let t_answer = Instant::now();
+    let answered = {
+        let ports = Arc::new(ports.clone());
+        let next = Arc::new(AtomicU64::new(0));
+        let workers: Vec<_> = (0..4)
+            .map(|_| {
+                let (ports, next) = (ports.clone(), next.clone());
+                std::thread::spawn(move || {
+                    let mut ok = 0usize;
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                        let Some(port) = ports.get(i) else { break ok };
+                        if answers_hello(*port) {
+                            ok += 1;
+                        }
+                    }
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .map(|w| w.join().unwrap_or(0))
+            .sum::<usize>()
+    };
+    println!(
+        "  every route asked once: {answered}/{n} answered hello world ({:.1} s)",
+        t_answer.elapsed().as_secs_f64()
+    );
+    if answered != n {
+        b.fail(format!(
+            "{} of {n} density pods did not answer",
+            n - answered
+        ));
+    }
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let rss_rest = proc_status(pid, "VmRSS:").unwrap_or(0);
+    let fds_rest = open_fds(pid);
+    let threads = proc_status(pid, "Threads:").unwrap_or(0);
+    stop.store(true, Ordering::Relaxed);
+    let w = watchdog.await?;
+    println!(
+        "  at rest with {n} pods: agent VmRSS {:.1} MiB ({:.1} KiB per pod), peak {:.1} MiB (target < 1024 MiB: {}); {threads} threads",
+        mib(rss_rest),
+        (rss_rest as f64 - rss_before as f64) / n as f64,
+        mib(w.rss_peak.max(rss_rest)),
+        if mib(w.rss_peak.max(rss_rest)) < 1024.0 {
+            "MET"
+        } else {
+            "MISSED"
+        }
+    );
+    let per_pod_fds = (fds_rest as f64 - fds_before as f64) / n as f64;
+    println!(
+        "  open descriptors: {fds_rest} at rest ({per_pod_fds:.2} per pod; target <= 1: {}), peak {}: {}",
+        if per_pod_fds <= 1.0 { "MET" } else { "MISSED" },
+        w.fds_peak.max(fds_rest),
+        fd_kinds(pid, &data_dir)
+    );
+    println!(
+        "  Lease (leaseDurationSeconds {:.0}): oldest renewTime seen {:.1} s, lapsed at {} of {} samples (every second); Node not Ready at {} samples",
+        w.lease_duration, w.max_lease_age, w.lapses, w.samples, w.not_ready
+    );
+    if w.lapses > 0 {
+        b.fail(format!("the Lease lapsed at {} samples", w.lapses));
+    }
+    if w.not_ready > 0 {
+        b.fail(format!("the Node was not Ready at {} samples", w.not_ready));
+    }
+
+    let t_del = Instant::now();
+    b.pods
+        .delete_collection(
+            &kube::api::DeleteParams::default(),
+            &kube::api::ListParams::default().labels(&format!("{}=density", wasinode_bench::LABEL)),
+        )
+        .await?;
+    wait_count(
+        b,
+        "every density pod to be deleted",
+        n,
+        Duration::from_secs(600),
+        |s| {
+            names
+                .iter()
+                .filter(|n| s.pods.get(*n).is_some_and(|p| p.deleted.is_some()))
+                .count()
+        },
+    )
+    .await
+    .with_context(|| b.agent_tail())?;
+    println!(
+        "  deleting them all (delete collection -> watch sees every one gone): {:.1} s",
+        t_del.elapsed().as_secs_f64()
+    );
+    // The agent has let go once every port is free again.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut taken;
+    loop {
+        taken = ports
+            .iter()
+            .filter(|p| TcpListener::bind(("127.0.0.1", **p)).is_err())
+            .count();
+        if taken == 0 || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    if taken > 0 {
+        b.fail(format!(
+            "{taken} density ports still taken 120 s after deletion"
+        ));
+    }
+    let gone = Instant::now();
+    let mut after = vec![];
+    let mut rss_after = 0;
+    for secs in [5u64, 30] {
+        let since = gone.elapsed();
+        if let Some(wait) = Duration::from_secs(secs).checked_sub(since) {
+            tokio::time::sleep(wait).await;
+        }
+        rss_after = proc_status(pid, "VmRSS:").unwrap_or(0);
+        after.push(format!("{:.1} MiB {secs} s after", mib(rss_after)));
+    }
+    let ratio = rss_after as f64 / rss_before.max(1) as f64;
+    println!(
+        "  after deleting them: agent VmRSS {} ({:.2}x the level before; target within 10%: {}); {} open descriptors ({})",
+        after.join(", "),
+        ratio,
+        if ratio <= 1.10 { "MET" } else { "MISSED" },
+        open_fds(pid),
+        fd_kinds(pid, &data_dir)
+    );
     Ok(())
 }

@@ -56,8 +56,8 @@ use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, LogParams, PostParams};
 use serde_json::json;
 use wasinode_bench::{
-    Bench, LABEL, NODE, NS, Ports, admin_client, answers_hello, env_usize, mib, node_ready,
-    proc_status, spawn_watch, wagi_pod, wait_state,
+    Bench, LABEL, NODE, NS, Ports, admin_client, answers_hello, env_usize, fd_kinds, mib,
+    node_ready, open_fds, proc_status, spawn_watch, wagi_pod, wait_state,
 };
 
 const SPAM_POD: &str = "soak-spam";
@@ -220,43 +220,6 @@ struct Sample {
     victim_failed: u64,
     slow_held: u64,
     slow_closed: u64,
-}
-
-fn open_fds(pid: u32) -> u64 {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count() as u64)
-}
-
-/// The agent's descriptors by kind (`socket`, `pipe`, `anon_inode:[eventpoll]`, files by their
-/// directory under the data dir or elsewhere), most numerous first.
-fn fd_kinds(pid: u32, data_dir: &Path) -> String {
-    let mut kinds: std::collections::BTreeMap<String, u32> = Default::default();
-    for e in std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .into_iter()
-        .flatten()
-        .flatten()
-    {
-        let Ok(target) = std::fs::read_link(e.path()) else {
-            continue;
-        };
-        let t = target.to_string_lossy();
-        let kind = if let Some((k, _)) = t.split_once(':')
-            && !t.starts_with('/')
-        {
-            k.to_string()
-        } else if let Ok(rel) = target.strip_prefix(data_dir) {
-            let top: PathBuf = rel.components().take(1).collect();
-            format!("file <data>/{}", top.display())
-        } else {
-            format!("file {}", target.parent().unwrap_or(&target).display())
-        };
-        *kinds.entry(kind).or_default() += 1;
-    }
-    let mut v: Vec<(String, u32)> = kinds.into_iter().collect();
-    v.sort_by_key(|(_, n)| std::cmp::Reverse(*n));
-    v.iter()
-        .map(|(k, n)| format!("{n} {k}"))
-        .collect::<Vec<_>>()
-        .join(", ")
 }
 
 /// Bytes allocated to files under `dir` (st_blocks, links not followed; files that vanish
