@@ -847,12 +847,25 @@ async fn density(
     }
 
     let t_del = Instant::now();
-    b.pods
+    // Deleting by label is idempotent: a request that fails to send (a pooled connection the API
+    // server closed while it was busy) is sent again.
+    let selector = format!("{}=density", wasinode_bench::LABEL);
+    let mut attempt = 0;
+    while let Err(e) = b
+        .pods
         .delete_collection(
             &kube::api::DeleteParams::default(),
-            &kube::api::ListParams::default().labels(&format!("{}=density", wasinode_bench::LABEL)),
+            &kube::api::ListParams::default().labels(&selector),
         )
-        .await?;
+        .await
+    {
+        attempt += 1;
+        if attempt >= 5 {
+            return Err(e).context("deleting the density pods");
+        }
+        eprintln!("bench: deleting the density pods: {e}; again");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
     wait_count(
         b,
         "every density pod to be deleted",
