@@ -328,22 +328,8 @@ async fn main() -> Result<()> {
         )?);
     }
     let t0 = Instant::now();
-    let api = b.pods.clone();
-    let created: Vec<Result<(String, Instant)>> = futures::stream::iter(specs)
-        .map(|pod| {
-            let api = api.clone();
-            async move {
-                let name = pod.metadata.name.clone().unwrap_or_default();
-                let sent = Instant::now();
-                api.create(&PostParams::default(), &pod).await?;
-                Ok((name, sent))
-            }
-        })
-        .buffer_unordered(concurrency)
-        .collect()
-        .await;
+    let created = create_all(&b.pods, specs, concurrency).await?;
     let all_created = t0.elapsed();
-    let created: Vec<(String, Instant)> = created.into_iter().collect::<Result<_>>()?;
     let names: Vec<String> = created.iter().map(|(n, _)| n.clone()).collect();
     let wave_timeout = ready_timeout.max(Duration::from_secs(300));
     if let Err(e) = wait_state(&mut b.rx, "every load pod to be Ready", wave_timeout, |s| {
@@ -579,6 +565,28 @@ async fn main() -> Result<()> {
     Ok(())
 }
 
+/// Creates `specs`, `concurrency` at a time: each pod's name and the instant its create was sent.
+async fn create_all(
+    pods: &Api<Pod>,
+    specs: Vec<Pod>,
+    concurrency: usize,
+) -> Result<Vec<(String, Instant)>> {
+    let created: Vec<Result<(String, Instant)>> = futures::stream::iter(specs)
+        .map(|pod| {
+            let api = pods.clone();
+            async move {
+                let name = pod.metadata.name.clone().unwrap_or_default();
+                let sent = Instant::now();
+                api.create(&PostParams::default(), &pod).await?;
+                Ok((name, sent))
+            }
+        })
+        .buffer_unordered(concurrency)
+        .collect()
+        .await;
+    created.into_iter().collect()
+}
+
 /// What the density section's monitor saw while the pods started and ran.
 #[derive(Default)]
 struct Watchdog {
@@ -709,22 +717,8 @@ async fn density(
     let watchdog = spawn_watchdog(pid, leases.clone(), nodes.clone(), stop.clone());
 
     let t0 = Instant::now();
-    let api = b.pods.clone();
-    let created: Vec<Result<(String, Instant)>> = futures::stream::iter(specs)
-        .map(|pod| {
-            let api = api.clone();
-            async move {
-                let name = pod.metadata.name.clone().unwrap_or_default();
-                let sent = Instant::now();
-                api.create(&PostParams::default(), &pod).await?;
-                Ok((name, sent))
-            }
-        })
-        .buffer_unordered(concurrency)
-        .collect()
-        .await;
+    let created = create_all(&b.pods, specs, concurrency).await?;
     let all_created = t0.elapsed();
-    let created: Vec<(String, Instant)> = created.into_iter().collect::<Result<_>>()?;
     let ready_count = |s: &wasinode_bench::State| {
         names
             .iter()
