@@ -112,11 +112,8 @@ fn serve_hello(node: &Node, image: &str) -> Result<String> {
         "{}",
         run.output()
     );
-    let out = run.output();
-    assert!(
-        out.contains(&format!("default/hello serving http://{a}")),
-        "{out}"
-    );
+    // The listener accepts (into its backlog) before the start line is printed: wait for it.
+    let out = run.wait_output(&format!("default/hello serving http://{a}"), T)?;
     assert!(!out.contains("error"), "{out}");
     let st = run.interrupt(T)?;
     assert!(st.success(), "Ctrl-C exits 0: {st}\n{}", run.output());
