@@ -365,45 +365,72 @@ impl Runtime {
             result.map_err(|e| failure(e, refused, max_memory, pipes.stderr()))
         };
         let guest = crate::usage::Metered::new(guest, meter);
-        // The guest runs in its own task: it may go on writing the body after the head is sent.
-        // Dropping the task's future (deadline, or the response dropped) drops the store.
-        let head_sent = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let sent = head_sent.clone();
-        let task = tokio::spawn(async move {
+        // `held` (the pod's slot) goes with the instance, and the deadline covers it all.
+        let mut guest = Box::pin(async move {
             let _held = held;
-            let ended = match timeout {
+            match timeout {
                 Some(t) => tokio::time::timeout(t, guest)
                     .await
                     .unwrap_or(Err(RunError::Timeout(t))),
                 None => guest.await,
-            };
-            // The head is out, so the client only sees the body cut: the log says why.
-            if let (Err(e), Some(log)) = (&ended, &late_log)
-                && sent.load(std::sync::atomic::Ordering::Acquire)
-            {
-                log.line(
-                    format!("wasinode: the response was cut after its head was sent: {e}")
-                        .as_bytes(),
-                );
             }
-            ended
         });
-        let abort = task.abort_handle();
-        match rx.await {
-            Ok(Ok(resp)) => Ok(resp.map(|body| {
-                head_sent.store(true, std::sync::atomic::Ordering::Release);
-                // The response owns the task from now on: a client that goes away stops the guest.
-                AbortOnDrop { body, abort }.boxed_unsync()
-            })),
-            Ok(Err(code)) => {
-                abort.abort();
-                Err(RunError::GuestHttp(format!("{code:?}")))
+        // The guest runs inside this request's task until its response head is set: most
+        // handlers set the head, write a short body and return in that one run, so no task is
+        // spawned and no other thread is woken for them. `None`: no head will come (the guest
+        // ended, or dropped its response-outparam unset).
+        let mut ended = None;
+        let mut rx = rx;
+        let head = std::future::poll_fn(|cx| {
+            if ended.is_none()
+                && let std::task::Poll::Ready(r) = guest.as_mut().poll(cx)
+            {
+                ended = Some(r);
             }
-            // No response: the guest ended (or failed) without setting one.
-            Err(_) => match task.await {
-                Ok(Ok(())) => Err(RunError::NoResponse),
-                Ok(Err(e)) => Err(e),
-                Err(e) => Err(RunError::Setup(format!("the request's task failed: {e}"))),
+            match std::pin::Pin::new(&mut rx).poll(cx) {
+                std::task::Poll::Ready(r) => std::task::Poll::Ready(r.ok()),
+                std::task::Poll::Pending if ended.is_some() => std::task::Poll::Ready(None),
+                std::task::Poll::Pending => std::task::Poll::Pending,
+            }
+        })
+        .await;
+        match head {
+            Some(Ok(resp)) => {
+                let abort = match ended {
+                    // The body is written (it waits in the channel) and the store is gone.
+                    Some(Ok(())) => None,
+                    Some(Err(e)) => {
+                        if let Some(log) = &late_log {
+                            log.line(
+                                format!("wasinode: the module failed after setting its response head: {e}")
+                                    .as_bytes(),
+                            );
+                        }
+                        None
+                    }
+                    // Still writing its body: the rest runs in its own task, under the same
+                    // deadline, so that a client that stops reading holds no instance past it.
+                    None => {
+                        let task = tokio::spawn(async move {
+                            let ended = guest.await;
+                            if let (Err(e), Some(log)) = (&ended, &late_log) {
+                                log.line(
+                                    format!("wasinode: the response was cut after its head was sent: {e}")
+                                        .as_bytes(),
+                                );
+                            }
+                        });
+                        Some(task.abort_handle())
+                    }
+                };
+                // The response owns the task from now on: a client that goes away stops the guest.
+                Ok(resp.map(|body| AbortOnDrop { body, abort }.boxed_unsync()))
+            }
+            Some(Err(code)) => Err(RunError::GuestHttp(format!("{code:?}"))),
+            None => match ended {
+                Some(r) => r.and(Err(RunError::NoResponse)),
+                // The outparam was dropped unset while the guest goes on: its end says why.
+                None => guest.await.and(Err(RunError::NoResponse)),
             },
         }
     }
@@ -442,12 +469,15 @@ pub(crate) fn failure(e: wasmtime::Error, refused: bool, limit: usize, stderr: B
 /// A response body that stops the guest task writing it when the body is dropped.
 struct AbortOnDrop {
     body: HyperOutgoingBody,
-    abort: tokio::task::AbortHandle,
+    /// The task still running the guest, if its body was not written by the time the head was.
+    abort: Option<tokio::task::AbortHandle>,
 }
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
-        self.abort.abort();
+        if let Some(a) = &self.abort {
+            a.abort();
+        }
     }
 }
 
