@@ -9,6 +9,8 @@
 // by the host from a failure of the network.
 
 #include "http_sockets.h"
+#define WORLD_LIST_U8 http_sockets_list_u8_t
+#include "wasi-sockets.h"
 
 #include <stdbool.h>
 #include <stdint.h>
@@ -17,47 +19,8 @@
 #include <string.h>
 
 typedef wasi_http_types_own_response_outparam_t outparam_t;
-typedef wasi_io_streams_own_output_stream_t ostream_t;
-typedef wasi_sockets_network_error_code_t sock_err_t;
-
-// The names of wasi:sockets/network.error-code's cases, in the WIT's order.
-static const char *const SOCKET_ERROR_NAMES[] = {
-    "unknown", "access-denied", "not-supported", "invalid-argument", "out-of-memory",
-    "timeout", "concurrency-conflict", "not-in-progress", "would-block", "invalid-state",
-    "new-socket-limit", "address-not-bindable", "address-in-use", "remote-unreachable",
-    "connection-refused", "connection-reset", "connection-aborted", "datagram-too-large",
-    "name-unresolvable", "temporary-resolver-failure", "permanent-resolver-failure",
-};
-
-static const char *socket_error_name(sock_err_t code) {
-  size_t n = sizeof SOCKET_ERROR_NAMES / sizeof SOCKET_ERROR_NAMES[0];
-  return code < n ? SOCKET_ERROR_NAMES[code] : "unknown-error-code";
-}
 
 // ---- streams and responses ---------------------------------------------------------------------
-
-static void drop_stream_error(wasi_io_streams_stream_error_t *err) {
-  if (err->tag == WASI_IO_STREAMS_STREAM_ERROR_LAST_OPERATION_FAILED)
-    wasi_io_error_error_drop_own(err->val.last_operation_failed);
-}
-
-// Writes all of buf and flushes (blocking-write-and-flush takes at most 4096 bytes a call).
-static bool write_all(ostream_t out, const void *buf, size_t len) {
-  wasi_io_streams_borrow_output_stream_t o = wasi_io_streams_borrow_output_stream(out);
-  const uint8_t *p = buf;
-  while (len > 0) {
-    size_t n = len < 4096 ? len : 4096;
-    http_sockets_list_u8_t chunk = {(uint8_t *)p, n};
-    wasi_io_streams_stream_error_t err;
-    if (!wasi_io_streams_method_output_stream_blocking_write_and_flush(o, &chunk, &err)) {
-      drop_stream_error(&err);
-      return false;
-    }
-    p += n;
-    len -= n;
-  }
-  return true;
-}
 
 static void respond_text(outparam_t outparam, uint16_t status, const char *text) {
   wasi_http_types_own_fields_t headers = wasi_http_types_constructor_fields();
@@ -91,26 +54,7 @@ static void respond_socket_error(outparam_t outparam, sock_err_t code) {
   respond_text(outparam, 502, text);
 }
 
-static void block_on(wasi_io_poll_own_pollable_t p) {
-  wasi_io_poll_method_pollable_block(wasi_io_poll_borrow_pollable(p));
-  wasi_io_poll_pollable_drop_own(p);
-}
-
 // ---- addresses ---------------------------------------------------------------------------------
-
-// Parses "a.b.c.d:port" (or "a.b.c.d" with want_port false) into an IPv4 socket address.
-static bool parse_v4(const char *s, bool want_port, wasi_sockets_network_ip_socket_address_t *out) {
-  unsigned a, b, c, d, port = 0;
-  char tail;
-  int n = want_port ? sscanf(s, "%u.%u.%u.%u:%u%c", &a, &b, &c, &d, &port, &tail)
-                    : sscanf(s, "%u.%u.%u.%u%c", &a, &b, &c, &d, &tail);
-  if (n != (want_port ? 5 : 4) || a > 255 || b > 255 || c > 255 || d > 255 || port > 65535)
-    return false;
-  out->tag = WASI_SOCKETS_NETWORK_IP_SOCKET_ADDRESS_IPV4;
-  out->val.ipv4.port = (uint16_t)port;
-  out->val.ipv4.address = (wasi_sockets_network_ipv4_address_t){a, b, c, d};
-  return true;
-}
 
 static wasi_sockets_network_ip_socket_address_t any_v4(uint16_t port) {
   wasi_sockets_network_ip_socket_address_t addr;
@@ -130,36 +74,18 @@ static void route_connect(outparam_t outparam, const char *query) {
     return;
   }
   wasi_sockets_tcp_own_tcp_socket_t sock;
+  wasi_sockets_tcp_tuple2_own_input_stream_own_output_stream_t io;
   sock_err_t err;
-  if (!wasi_sockets_tcp_create_socket_create_tcp_socket(WASI_SOCKETS_NETWORK_IP_ADDRESS_FAMILY_IPV4,
-                                                        &sock, &err)) {
+  if (!tcp_connect(&remote, &sock, &io, &err)) {
     respond_socket_error(outparam, err);
     return;
   }
-  wasi_sockets_network_own_network_t net = wasi_sockets_instance_network_instance_network();
-  wasi_sockets_tcp_borrow_tcp_socket_t s = wasi_sockets_tcp_borrow_tcp_socket(sock);
-  bool ok = wasi_sockets_tcp_method_tcp_socket_start_connect(s, wasi_sockets_network_borrow_network(net),
-                                                             &remote, &err);
-  wasi_sockets_tcp_tuple2_own_input_stream_own_output_stream_t io;
-  while (ok) {
-    if (wasi_sockets_tcp_method_tcp_socket_finish_connect(s, &io, &err)) break;
-    if (err != WASI_SOCKETS_NETWORK_ERROR_CODE_WOULD_BLOCK) {
-      ok = false;
-      break;
-    }
-    block_on(wasi_sockets_tcp_method_tcp_socket_subscribe(s));
-  }
-  if (ok) {
-    const char line[] = "hello from a wasi:sockets guest\n";
-    bool wrote = write_all(io.f1, line, sizeof line - 1);
-    wasi_io_streams_output_stream_drop_own(io.f1);
-    wasi_io_streams_input_stream_drop_own(io.f0);
-    respond_text(outparam, 200, wrote ? "connected\n" : "connected, write failed\n");
-  } else {
-    respond_socket_error(outparam, err);
-  }
+  const char line[] = "hello from a wasi:sockets guest\n";
+  bool wrote = write_all(io.f1, line, sizeof line - 1);
+  wasi_io_streams_output_stream_drop_own(io.f1);
+  wasi_io_streams_input_stream_drop_own(io.f0);
   wasi_sockets_tcp_tcp_socket_drop_own(sock);
-  wasi_sockets_network_network_drop_own(net);
+  respond_text(outparam, 200, wrote ? "connected\n" : "connected, write failed\n");
 }
 
 // `/listen?PORT`: bind 0.0.0.0:PORT (0: an ephemeral port), then listen (WASI 0.2 listens

@@ -349,6 +349,45 @@ fn a_component_connects_with_wasi_sockets_only_where_a_tcp_entry_allows() -> Res
     Ok(())
 }
 
+/// A command component gets the outbound rules an HTTP one gets (the pod's
+/// `wasinode.dev/allowed-outbound-hosts` applies to every container): its own `wasi:sockets`
+/// connect is refused without a `tcp://` entry for that address (and the listener sees
+/// nothing), and with one it connects and the listener reads its line.
+#[test]
+fn a_command_component_connects_only_where_the_pods_annotation_allows() -> Result<()> {
+    let (target, t) = tcp_target()?;
+    for (name, outbound, said) in [
+        ("no-annotation", None, "access-denied"),
+        ("http-only", Some(format!("http://{t}")), "access-denied"),
+        ("tcp-entry", Some(format!("tcp://{t}")), "connected"),
+    ] {
+        let meta = outbound
+            .map(|o| format!("  annotations:\n    wasinode.dev/allowed-outbound-hosts: \"{o}\"\n"))
+            .unwrap_or_default();
+        let y = format!(
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n{meta}spec:\n  restartPolicy: Never\n  containers:\n    - name: main\n      image: file://{}\n      args: [--connect, \"{t}\"]\n",
+            component("command-hello")?.display()
+        );
+        let (mut w, _d) = run_one(&y, &[])?;
+        w.wait_exit(T)?;
+        let out = w.output();
+        assert!(
+            out.contains(&format!("[default/{name}/main] connect {t}: {said}\n")),
+            "{name}: {out}"
+        );
+        let conn = pending_connection(&target)?;
+        match (said, conn) {
+            ("connected", Some(c)) => {
+                assert_eq!(read_line_sent(c)?, "hello from a wasi:sockets command\n")
+            }
+            ("connected", None) => anyhow::bail!("{name}: connected, but the listener has none"),
+            (_, Some(_)) => anyhow::bail!("{name}: refused, but the listener saw a connection"),
+            (_, None) => {}
+        }
+    }
+    Ok(())
+}
+
 /// What the README promises `wasi:sockets` never does, even under entries that allow TCP
 /// connections (`tcp://IP:port`, and Spin's `*://*:*`): listen (binding the wildcard address
 /// comes with a connect, so bind is allowed but listening on it is not, nor binding a port),

@@ -20,6 +20,9 @@ pub struct CommandSpec {
     pub args: Vec<String>,
     pub env: Vec<(String, String)>,
     pub mounts: Vec<Preopen>,
+    /// Where the container may connect (`wasi:http`, `wasi:sockets`): the pod's
+    /// `wasinode.dev/allowed-outbound-hosts`, as for its HTTP containers.
+    pub allowed_hosts: Arc<AllowList>,
     pub log: ContainerLog,
     /// The container's `limits.memory` and `limits.cpu`.
     pub limits: runtime::Limits,
@@ -95,7 +98,7 @@ pub async fn run_container(
             stdout: Stream::Lines(Arc::new(spec.log.stdout())),
             stderr: Stream::Lines(Arc::new(spec.log.clone())),
             preopens: spec.mounts.clone(),
-            allowed_hosts: Arc::new(AllowList::deny_all()),
+            allowed_hosts: spec.allowed_hosts.clone(),
             timeout: None,
             limits: spec.limits.clone(),
             meter: spec.meter.as_ref().map(|u| u.meter.clone()),

@@ -759,6 +759,7 @@ impl Supervisor {
                 args: c.args.clone(),
                 env: c.env.clone(),
                 mounts: c.mounts.clone(),
+                allowed_hosts: c.allowed_hosts.clone(),
                 log: self.logs.container(&key, &c.name),
                 limits: self.limits_of(&key, c),
                 meter: container_usage,
