@@ -13,6 +13,7 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Event, Pod};
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
@@ -781,8 +782,17 @@ impl Statuses {
             while let Ok(r) = rx.try_recv() {
                 self.take(r, &mut pending);
             }
-            for key in std::mem::take(&mut pending) {
-                let result = self.write_now(&key).await;
+            // Each pod once per round, several pods at a time: one write of a pod is never in
+            // flight beside another of the same pod, and a round of thousands of pods (a node
+            // filling up) is not one API round-trip after another.
+            let this = &self;
+            let mut writes = futures::stream::iter(std::mem::take(&mut pending))
+                .map(|key| async move {
+                    let result = this.write_now(&key).await;
+                    (key, result)
+                })
+                .buffer_unordered(STATUS_WRITES_IN_FLIGHT);
+            while let Some((key, result)) = writes.next().await {
                 if let Err(e) = &result {
                     tracing::warn!(pod = %key, "writing pod status: {e}; will retry");
                     pending.insert(key.clone());
@@ -843,6 +853,10 @@ struct Series {
     count: u32,
     last: SystemTime,
 }
+
+/// Status writes of different pods in flight at once (the API client allows
+/// [`crate::bootstrap::MAX_API_REQUESTS_IN_FLIGHT`] for everything together).
+const STATUS_WRITES_IN_FLIGHT: usize = 16;
 
 /// How long a repeated Event is folded into the first (the kubelet correlator's window).
 const SERIES_WINDOW: Duration = Duration::from_secs(600);
