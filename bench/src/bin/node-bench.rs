@@ -899,7 +899,9 @@ async fn density(
     let gone = Instant::now();
     let mut after = vec![];
     let mut rss_after = 0;
-    for secs in [5u64, 30] {
+    // Freed memory goes back to the system over a while (the allocator's purge delay, the API
+    // client's idle connections): samples up to 2 minutes, the target taken on the last.
+    for secs in [5u64, 30, 60, 120] {
         let since = gone.elapsed();
         if let Some(wait) = Duration::from_secs(secs).checked_sub(since) {
             tokio::time::sleep(wait).await;
