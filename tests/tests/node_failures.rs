@@ -549,18 +549,29 @@ fn node_is_ready_again_after_an_api_server_outage() -> Result<()> {
     const NODE: &str = "wasi-outage-ready";
     let (cluster, mut agent, _guests, _) = outage(NODE)?;
     // Whether the node controller got to mark the Node Unknown before the agent renewed its
-    // Lease is a race; make it certain, as the controller writes it.
-    cluster.kubectl(&[
+    // Lease is a race; make it certain, as the controller writes it. The patch's answer is the
+    // Node as stored by it (reading it again would race with the agent, which may already have
+    // written Ready back).
+    let patched: Value = serde_json::from_str(&cluster.kubectl(&[
         "patch",
         "node",
         NODE,
         "--subresource=status",
         "--type=strategic",
+        "-o",
+        "json",
         "-p",
         r#"{"status": {"conditions": [{"type": "Ready", "status": "Unknown",
             "reason": "NodeStatusUnknown", "message": "Kubelet stopped posting node status."}]}}"#,
-    ])?;
-    ensure!(!node_ready(&cluster, NODE)?, "the Node is still Ready");
+    ])?)?;
+    let ready = patched["status"]["conditions"]
+        .as_array()
+        .and_then(|cs| cs.iter().find(|c| c["type"] == "Ready"))
+        .map(|c| c["status"].clone());
+    ensure!(
+        ready == Some(Value::from("Unknown")),
+        "the patch did not store Ready=Unknown: {ready:?}"
+    );
     agent.wait_ready(&cluster, TIMEOUT).with_context(|| {
         format!(
             "the Node Ready after the outage; node conditions: {}\n{}",
