@@ -282,6 +282,31 @@ pub struct Bench {
 }
 
 impl Bench {
+    /// `n` WAGI pods named `{prefix}-{i}` in `group`, each on its own free port, bound to `node`
+    /// at creation: their ports and specs, in order.
+    pub fn port_pods(
+        &mut self,
+        prefix: &str,
+        group: &str,
+        n: usize,
+        node: &str,
+    ) -> Result<(Vec<u16>, Vec<Pod>)> {
+        let mut ports = Vec::with_capacity(n);
+        let mut specs = Vec::with_capacity(n);
+        for i in 0..n {
+            let port = self.ports.free()?;
+            ports.push(port);
+            specs.push(wagi_pod(
+                &format!("{prefix}-{i}"),
+                group,
+                port,
+                &self.image,
+                Some(node),
+            )?);
+        }
+        Ok((ports, specs))
+    }
+
     pub fn agent_tail(&self) -> String {
         let out = self.agent.output();
         let lines: Vec<&str> = out.lines().collect();

@@ -314,19 +314,7 @@ async fn main() -> Result<()> {
         .and_then(|a| a.get("pods").map(|q| q.0.clone()))
         .unwrap_or_default();
     println!("  the Node advertises allocatable pods {capacity} (--max-pods {max_pods})");
-    let mut ports = Vec::with_capacity(load_pods);
-    let mut specs = Vec::with_capacity(load_pods);
-    for i in 0..load_pods {
-        let port = b.ports.free()?;
-        ports.push(port);
-        specs.push(wagi_pod(
-            &format!("bench-load-{i}"),
-            "load",
-            port,
-            &b.image,
-            Some(NODE),
-        )?);
-    }
+    let (ports, specs) = b.port_pods("bench-load", "load", load_pods, NODE)?;
     let t0 = Instant::now();
     let created = create_all(&b.pods, specs, concurrency).await?;
     let all_created = t0.elapsed();
@@ -699,19 +687,7 @@ async fn density(
         "  before: agent VmRSS {:.1} MiB, {fds_before} open descriptors (limit: {limit})",
         mib(rss_before)
     );
-    let mut ports = Vec::with_capacity(n);
-    let mut specs = Vec::with_capacity(n);
-    for i in 0..n {
-        let port = b.ports.free()?;
-        ports.push(port);
-        specs.push(wagi_pod(
-            &format!("bench-density-{i}"),
-            "density",
-            port,
-            &b.image,
-            Some(NODE),
-        )?);
-    }
+    let (ports, specs) = b.port_pods("bench-density", "density", n, NODE)?;
     let names: Vec<String> = (0..n).map(|i| format!("bench-density-{i}")).collect();
     let stop = Arc::new(AtomicBool::new(false));
     let watchdog = spawn_watchdog(pid, leases.clone(), nodes.clone(), stop.clone());

@@ -549,19 +549,7 @@ async fn main() -> Result<()> {
     let joined_kinds = fd_kinds(pid, &data_dir);
 
     // ---- The long-lived pods: steady WAGI pods, the victim, the spammer.
-    let mut steady_ports = Vec::with_capacity(load_pods);
-    let mut specs = Vec::with_capacity(load_pods + 2);
-    for i in 0..load_pods {
-        let port = b.ports.free()?;
-        steady_ports.push(port);
-        specs.push(wagi_pod(
-            &format!("soak-steady-{i}"),
-            "steady",
-            port,
-            &b.image,
-            Some(NODE),
-        )?);
-    }
+    let (steady_ports, mut specs) = b.port_pods("soak-steady", "steady", load_pods, NODE)?;
     let victim_port = b.ports.free()?;
     specs.push(wagi_pod(
         VICTIM_POD,
