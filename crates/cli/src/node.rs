@@ -55,6 +55,19 @@ pub struct NodeArgs {
     /// beyond that is rejected with OutOfpods, as the kubelet does.
     #[arg(long, default_value_t = node::register::MAX_PODS, value_name = "N")]
     pub max_pods: u32,
+    /// Hard eviction thresholds, as the kubelet's --eviction-hard: below one the node reports
+    /// MemoryPressure, DiskPressure or PIDPressure (the node lifecycle controller then taints
+    /// it, so that no new pod is scheduled there), and allocatable is capacity less them.
+    /// Signals: memory.available, nodefs.available (the --data-dir's filesystem),
+    /// nodefs.inodesFree, pid.available; values a quantity or a percentage of capacity. Given
+    /// at all, it replaces every default, so a signal it leaves out has no threshold (as with
+    /// the kubelet); `--eviction-hard=` sets none.
+    #[arg(
+        long,
+        value_name = "SIGNAL<VALUE,...",
+        default_value = "memory.available<100Mi,nodefs.available<10%,nodefs.inodesFree<5%,pid.available<10%"
+    )]
+    pub eviction_hard: node::eviction::EvictionHard,
     /// CA certificates (PEM) that sign the client certificates of kubelet API callers
     /// [default: the CA of the kubeconfig's cluster].
     #[arg(long, value_name = "FILE")]
@@ -189,6 +202,7 @@ pub async fn node(args: NodeArgs) -> anyhow::Result<i32> {
             bootstrap_kubeconfig: args.bootstrap_kubeconfig.clone(),
         }),
         cert_renew_after: args.cert_renew_after,
+        eviction_hard: args.eviction_hard,
     };
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let drain = args.drain_on_shutdown.then(|| node::drain::DrainOptions {

@@ -84,6 +84,10 @@ struct AddArgs {
     /// A plain-HTTP registry the agents may pull from besides loopback ones (repeatable).
     #[arg(long, value_name = "HOST[:PORT]")]
     insecure_registry: Vec<String>,
+    /// The agents' hard eviction thresholds (`wasinode node --eviction-hard`, the kubelet's
+    /// syntax: `nodefs.available<5Gi,memory.available<500Mi`) [default: the kubelet's].
+    #[arg(long, value_name = "SIGNAL<VALUE,...", value_parser = parse_eviction_hard)]
+    eviction_hard: Option<String>,
     /// How long to wait for every node to be Ready.
     #[arg(long, default_value = "5m", value_parser = parse_duration)]
     timeout: Duration,
@@ -284,9 +288,16 @@ async fn add(a: AddArgs) -> anyhow::Result<i32> {
         kubelet_port: a.kubelet_port,
         address_base: a.address_base,
         insecure_registries: a.insecure_registry,
+        eviction_hard: a.eviction_hard,
         timeout: a.timeout,
     };
     let v = nodepool::add(&client, &kubeconfig, &host, &opts, &progress).await?;
     print(a.output, &v)?;
     Ok(0)
+}
+
+/// An `--eviction-hard` value, checked here so that a bad one is refused before any agent starts.
+fn parse_eviction_hard(s: &str) -> Result<String, node::eviction::EvictionError> {
+    s.parse::<node::eviction::EvictionHard>()?;
+    Ok(s.to_string())
 }

@@ -3,6 +3,8 @@
 
 use std::path::Path;
 
+use crate::eviction::{EvictionHard, Threshold};
+
 /// What `status.nodeInfo` and `status.capacity` say about the host.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HostInfo {
@@ -70,16 +72,6 @@ pub struct Pressure {
     pub pids: Option<(u64, u64)>,
 }
 
-/// The kubelet's default hard eviction threshold `memory.available<100Mi`.
-pub const MEMORY_AVAILABLE_MIN_KIB: u64 = 100 * 1024;
-/// The kubelet's default `nodefs.available<10%`.
-pub const DISK_AVAILABLE_MIN_PERCENT: u64 = 10;
-/// The kubelet's default `nodefs.inodesFree<5%`.
-pub const INODES_FREE_MIN_PERCENT: u64 = 5;
-/// PIDPressure when fewer than this share of `pid_max` is left (the kubelet has no default;
-/// `pid.available<10%` is the usual setting).
-pub const PIDS_AVAILABLE_MIN_PERCENT: u64 = 10;
-
 /// One pressure condition as the kubelet reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PressureCondition {
@@ -118,52 +110,64 @@ impl Pressure {
         }
     }
 
-    /// MemoryPressure, DiskPressure and PIDPressure, with the kubelet's reasons.
-    pub fn conditions(&self) -> [PressureCondition; 3] {
+    /// MemoryPressure, DiskPressure and PIDPressure, with the kubelet's reasons, against the
+    /// node's hard eviction thresholds (a signal without one is never under pressure).
+    pub fn conditions(&self, eviction: &EvictionHard) -> [PressureCondition; 3] {
+        let total_memory = self.memory_total_kib.unwrap_or(0).saturating_mul(1024);
         let memory = match self.memory_available_kib {
-            None => unknown(
-                "MemoryPressure",
-                "cannot read MemAvailable from /proc/meminfo",
-            ),
-            Some(a) if a < MEMORY_AVAILABLE_MIN_KIB => PressureCondition {
-                type_: "MemoryPressure",
-                status: "True",
-                reason: "KubeletHasInsufficientMemory",
-                message: format!(
-                    "wasinode has insufficient memory available: {} MiB available, threshold 100 MiB",
-                    a / 1024
-                ),
-            },
+            Some(a)
+                if eviction
+                    .memory_available
+                    .is_some_and(|t| t.crossed(a.saturating_mul(1024), total_memory)) =>
+            {
+                PressureCondition {
+                    type_: "MemoryPressure",
+                    status: "True",
+                    reason: "KubeletHasInsufficientMemory",
+                    message: format!(
+                        "wasinode has insufficient memory available: {} MiB available, threshold {}",
+                        a / 1024,
+                        in_mib(eviction.memory_available)
+                    ),
+                }
+            }
             Some(_) => PressureCondition {
                 type_: "MemoryPressure",
                 status: "False",
                 reason: "KubeletHasSufficientMemory",
                 message: "wasinode has sufficient memory available".into(),
             },
+            None => unknown(
+                "MemoryPressure",
+                "cannot read MemAvailable from /proc/meminfo",
+            ),
         };
         let disk = match self.disk {
             None => unknown("DiskPressure", "cannot statvfs the data dir"),
             Some(d) => {
                 let low_space = d.total_bytes > 0
-                    && d.available_bytes.saturating_mul(100)
-                        < d.total_bytes.saturating_mul(DISK_AVAILABLE_MIN_PERCENT);
+                    && eviction
+                        .nodefs_available
+                        .is_some_and(|t| t.crossed(d.available_bytes, d.total_bytes));
                 // Filesystems without inodes (btrfs) report 0 of them.
                 let low_inodes = d.total_inodes > 0
-                    && d.free_inodes.saturating_mul(100)
-                        < d.total_inodes.saturating_mul(INODES_FREE_MIN_PERCENT);
+                    && eviction
+                        .nodefs_inodes_free
+                        .is_some_and(|t| t.crossed(d.free_inodes, d.total_inodes));
                 if low_space || low_inodes {
                     PressureCondition {
                         type_: "DiskPressure",
                         status: "True",
                         reason: "KubeletHasDiskPressure",
                         message: format!(
-                            "wasinode has disk pressure: {} of {} MiB available (threshold \
-                             {DISK_AVAILABLE_MIN_PERCENT}%), {} of {} inodes free (threshold \
-                             {INODES_FREE_MIN_PERCENT}%)",
+                            "wasinode has disk pressure: {} of {} MiB available (threshold {}), \
+                             {} of {} inodes free (threshold {})",
                             d.available_bytes >> 20,
                             d.total_bytes >> 20,
+                            in_mib(eviction.nodefs_available),
                             d.free_inodes,
-                            d.total_inodes
+                            d.total_inodes,
+                            plain(eviction.nodefs_inodes_free),
                         ),
                     }
                 } else {
@@ -180,8 +184,9 @@ impl Pressure {
             None => unknown("PIDPressure", "cannot count processes in /proc"),
             Some((running, max))
                 if max > 0
-                    && max.saturating_sub(running).saturating_mul(100)
-                        < max.saturating_mul(PIDS_AVAILABLE_MIN_PERCENT) =>
+                    && eviction
+                        .pid_available
+                        .is_some_and(|t| t.crossed(max.saturating_sub(running), max)) =>
             {
                 PressureCondition {
                     type_: "PIDPressure",
@@ -189,7 +194,8 @@ impl Pressure {
                     reason: "KubeletHasInsufficientPID",
                     message: format!(
                         "wasinode has insufficient PID available: {running} processes of \
-                         pid_max {max} (threshold {PIDS_AVAILABLE_MIN_PERCENT}% available)"
+                         pid_max {max} (threshold {} available)",
+                        plain(eviction.pid_available)
                     ),
                 }
             }
@@ -202,6 +208,20 @@ impl Pressure {
         };
         [memory, disk, pids]
     }
+}
+
+/// A threshold of bytes as a person reads it (`100 MiB`, `10%`, `none`).
+fn in_mib(t: Option<Threshold>) -> String {
+    match t {
+        None => "none".into(),
+        Some(Threshold::Quantity(q)) => format!("{} MiB", q >> 20),
+        Some(t) => t.to_string(),
+    }
+}
+
+/// A threshold of a count (`5%`, `1000`, `none`).
+fn plain(t: Option<Threshold>) -> String {
+    t.map_or_else(|| "none".into(), |t| t.to_string())
 }
 
 fn unknown(type_: &'static str, why: &str) -> PressureCondition {
@@ -302,12 +322,15 @@ mod tests {
     }
 
     fn statuses(p: &Pressure) -> Vec<&'static str> {
-        p.conditions().iter().map(|c| c.status).collect()
+        p.conditions(&EvictionHard::default())
+            .iter()
+            .map(|c| c.status)
+            .collect()
     }
 
     #[test]
     fn no_pressure_on_a_calm_machine() {
-        let c = calm().conditions();
+        let c = calm().conditions(&EvictionHard::default());
         assert_eq!(statuses(&calm()), ["False", "False", "False"]);
         assert_eq!(c[0].reason, "KubeletHasSufficientMemory");
         assert_eq!(c[1].reason, "KubeletHasNoDiskPressure");
@@ -320,7 +343,7 @@ mod tests {
         p.memory_available_kib = Some(100 * 1024);
         assert_eq!(statuses(&p)[0], "False");
         p.memory_available_kib = Some(100 * 1024 - 1);
-        let c = &p.conditions()[0];
+        let c = &p.conditions(&EvictionHard::default())[0];
         assert_eq!(
             (c.status, c.reason),
             ("True", "KubeletHasInsufficientMemory")
@@ -336,7 +359,10 @@ mod tests {
         assert_eq!(statuses(&p)[1], "False");
         d.available_bytes = d.total_bytes / 10 - 1;
         p.disk = Some(d);
-        assert_eq!(p.conditions()[1].reason, "KubeletHasDiskPressure");
+        assert_eq!(
+            p.conditions(&EvictionHard::default())[1].reason,
+            "KubeletHasDiskPressure"
+        );
         d.available_bytes = d.total_bytes / 2;
         d.free_inodes = 49;
         p.disk = Some(d);
@@ -353,7 +379,35 @@ mod tests {
         p.pids = Some((900, 1000));
         assert_eq!(statuses(&p)[2], "False");
         p.pids = Some((901, 1000));
-        assert_eq!(p.conditions()[2].reason, "KubeletHasInsufficientPID");
+        assert_eq!(
+            p.conditions(&EvictionHard::default())[2].reason,
+            "KubeletHasInsufficientPID"
+        );
+    }
+
+    #[test]
+    fn the_admins_thresholds_replace_the_defaults() {
+        let mut p = calm();
+        let mut d = p.disk.unwrap();
+        d.available_bytes = d.total_bytes / 20;
+        p.disk = Some(d);
+        assert_eq!(statuses(&p)[1], "True", "5% free is under the default 10%");
+        let one_gib: EvictionHard = "nodefs.available<1Gi".parse().unwrap();
+        assert_eq!(
+            p.conditions(&one_gib).map(|c| c.status),
+            ["False", "False", "False"]
+        );
+        let all: EvictionHard = "nodefs.available<100%".parse().unwrap();
+        let c = &p.conditions(&all)[1];
+        assert_eq!(c.status, "True");
+        assert!(c.message.contains("(threshold 100%)"), "{}", c.message);
+        p.memory_available_kib = Some(1024);
+        p.pids = Some((999, 1000));
+        assert_eq!(
+            p.conditions(&EvictionHard::none()).map(|c| c.status),
+            ["False", "False", "False"],
+            "no threshold, no pressure"
+        );
     }
 
     #[test]

@@ -13,6 +13,7 @@
 pub mod authcache;
 pub mod bootstrap;
 pub mod drain;
+pub mod eviction;
 pub mod host;
 pub mod labels;
 pub mod logs;
@@ -75,6 +76,8 @@ pub struct Config {
     pub cert_renew_after: Option<Duration>,
     /// `--pod-cidr`: each pod's own address, on a node-local interface (see [`podnet`]).
     pub pod_net: Option<Arc<podnet::PodNet>>,
+    /// `--eviction-hard`: the pressure conditions' thresholds, also held back from allocatable.
+    pub eviction_hard: eviction::EvictionHard,
 }
 
 /// Longest wait on shutdown for the last pod statuses and Events to be written.
@@ -169,7 +172,7 @@ pub async fn run(
             )
         })?;
     let host = host::HostInfo::detect();
-    let allocatable = pods::Allocatable::of(&host);
+    let allocatable = pods::Allocatable::of(&host, &cfg.eviction_hard);
     let heartbeat = tokio::spawn(register::heartbeat(
         client.clone(),
         cfg.clone(),

@@ -52,14 +52,17 @@ pub struct Allocatable {
 }
 
 impl Allocatable {
-    /// What `register::node_status` publishes: every CPU, and memory less the eviction threshold.
-    pub fn of(host: &crate::host::HostInfo) -> Allocatable {
+    /// What `register::node_status` publishes: every CPU, and memory less the
+    /// `memory.available` eviction threshold.
+    pub fn of(
+        host: &crate::host::HostInfo,
+        eviction: &crate::eviction::EvictionHard,
+    ) -> Allocatable {
+        let memory = host.memory_kib.saturating_mul(1024);
         Allocatable {
             cpu: host.cpus as u64 * 1000,
-            memory: host
-                .memory_kib
-                .saturating_sub(crate::host::MEMORY_AVAILABLE_MIN_KIB)
-                .saturating_mul(1024),
+            memory: memory
+                .saturating_sub(eviction.memory_available.map_or(0, |t| t.min_of(memory))),
         }
     }
 }

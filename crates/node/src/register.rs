@@ -10,6 +10,7 @@ use k8s_openapi::api::core::v1::Node;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
 
+use crate::eviction::EvictionHard;
 use crate::host::{HostInfo, Pressure};
 pub use crate::labels::{
     TaintSpec, check_key, check_value, default_taints, node_may_set, parse_labels, parse_taints,
@@ -130,16 +131,25 @@ pub fn wanted_taints(have: &[Value], want: &[Value]) -> Option<Vec<Value>> {
 /// The node's conditions and when each last changed status.
 #[derive(Debug, Default, Clone)]
 pub struct Conditions {
+    /// The thresholds of the pressure conditions.
+    eviction: EvictionHard,
     /// type -> (status, lastTransitionTime).
     seen: HashMap<&'static str, (&'static str, SystemTime)>,
 }
 
 impl Conditions {
+    pub fn new(eviction: EvictionHard) -> Conditions {
+        Conditions {
+            eviction,
+            seen: HashMap::new(),
+        }
+    }
+
     /// The conditions for `pressure` at `now` (MemoryPressure, DiskPressure, PIDPressure,
     /// Ready), and whether any status differs from the previous call's.
     pub fn observe(&mut self, pressure: &Pressure, now: SystemTime) -> (Vec<Value>, bool) {
         let mut all: Vec<(&'static str, &'static str, &'static str, String)> = pressure
-            .conditions()
+            .conditions(&self.eviction)
             .into_iter()
             .map(|c| (c.type_, c.status, c.reason, c.message))
             .collect();
@@ -200,17 +210,15 @@ pub fn node_status(
         "pods": cfg.max_pods.to_string(),
     });
     let mut allocatable = capacity.clone();
-    allocatable["memory"] = json!(format!(
-        "{}Ki",
-        host.memory_kib
-            .saturating_sub(crate::host::MEMORY_AVAILABLE_MIN_KIB)
-    ));
+    let memory = crate::pods::Allocatable::of(host, &cfg.eviction_hard).memory;
+    allocatable["memory"] = json!(format!("{}Ki", memory / 1024));
     if let Some(d) = pressure.disk {
         capacity["ephemeral-storage"] = json!(format!("{}Ki", d.total_bytes / 1024));
-        allocatable["ephemeral-storage"] = json!(
-            (d.total_bytes - d.total_bytes / 100 * crate::host::DISK_AVAILABLE_MIN_PERCENT)
-                .to_string()
-        );
+        let held = cfg
+            .eviction_hard
+            .nodefs_available
+            .map_or(0, |t| t.min_of(d.total_bytes));
+        allocatable["ephemeral-storage"] = json!(d.total_bytes.saturating_sub(held).to_string());
     }
     json!({
         "status": {
@@ -557,7 +565,7 @@ async fn own_client(kubeconfig: PathBuf) -> Result<kube::Client, LeaseClientErro
 /// write failed, and at least every [`STATUS_REPORT`]. Never returns.
 async fn keep_status(client: kube::Client, cfg: Config, host: HostInfo, data_dir: PathBuf) {
     let nodes: Api<Node> = Api::all(client.clone());
-    let mut conditions = Conditions::default();
+    let mut conditions = Conditions::new(cfg.eviction_hard);
     let mut last_status: Option<Instant> = None;
     let mut unwritten = false;
     let mut tick = tokio::time::interval(STATUS_CHECK);
@@ -624,6 +632,7 @@ mod tests {
             cert_renew_after: None,
             client_renewal: None,
             pod_net: None,
+            eviction_hard: EvictionHard::default(),
         }
     }
 

@@ -33,6 +33,8 @@ pub struct AddOptions {
     pub address_base: Option<Ipv4Addr>,
     /// Plain-HTTP registries the agents may pull from besides loopback ones.
     pub insecure_registries: Vec<String>,
+    /// The agents' `--eviction-hard` (`None`: their default).
+    pub eviction_hard: Option<String>,
     /// How long to wait for every node to be Ready.
     pub timeout: Duration,
 }
@@ -195,6 +197,11 @@ pub async fn add(
             .insecure_registries
             .iter()
             .flat_map(|r| ["--insecure-registry".to_string(), r.clone()])
+            .chain(
+                a.eviction_hard
+                    .iter()
+                    .map(|e| format!("--eviction-hard={e}")),
+            )
             .collect(),
     })?;
     join::write_bootstrap_kubeconfig(kubeconfig, &token, &dir.bootstrap_kubeconfig())?;
