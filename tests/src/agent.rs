@@ -25,6 +25,22 @@ use serde_json::{Value, json};
 use crate::cluster::Cluster;
 use crate::wasinode::{Wasinode, binary, free_port};
 
+macro_rules! eviction_hard {
+    () => {
+        "memory.available<100Mi,nodefs.available<1Gi,nodefs.inodesFree<5%,pid.available<10%"
+    };
+}
+
+/// `--eviction-hard` of every agent the tests start: the kubelet's defaults, except that disk
+/// pressure begins below 1 GiB free rather than below 10% of the filesystem. The tests run on
+/// shared machines whose disks other work fills: with 9.8% of a 252 GB disk free, every test node
+/// reported DiskPressure, kube-scheduler placed no pod on it and the tests timed out. What a test
+/// node needs is an amount of space, not a share of whatever disk it is on.
+pub const EVICTION_HARD: &str = eviction_hard!();
+
+/// [`EVICTION_HARD`] as the agent's argument.
+pub const EVICTION_HARD_ARG: &str = concat!("--eviction-hard=", eviction_hard!());
+
 /// How to start an agent. `AgentOptions::new(name)` gives node IP 127.0.0.1, the default pool
 /// and no extra arguments.
 #[derive(Debug, Clone)]
@@ -141,6 +157,14 @@ impl Agent {
             .arg(&self.data_dir);
         if let Some(pool) = &self.opts.pool {
             cmd.arg("--pool").arg(pool);
+        }
+        if !self
+            .opts
+            .args
+            .iter()
+            .any(|a| a.starts_with("--eviction-hard"))
+        {
+            cmd.arg(EVICTION_HARD_ARG);
         }
         // No credentials from the user's own Docker config: only what a test gives.
         cmd.args(&self.opts.args)

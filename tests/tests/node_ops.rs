@@ -15,6 +15,9 @@
 //! - the node status: MemoryPressure, DiskPressure and PIDPressure with the kubelet's reasons,
 //!   `ephemeral-storage` in capacity and allocatable, and a Ready condition that the node
 //!   lifecycle controller set to Unknown (as after an outage) is corrected by the agent;
+//! - `--eviction-hard`: an admin's `nodefs.available<100%` puts the node under DiskPressure with
+//!   the threshold in the message, the node lifecycle controller taints it and kube-scheduler
+//!   leaves a new pod Pending naming the taint; bad thresholds are refused naming the bad part;
 //! - certificate renewal (forced early by the hidden `--cert-renew-after`): the node requests a
 //!   second client certificate as `system:node:<name>`, gets it, keeps heartbeating with it and
 //!   `kubectl logs` still works; its serving certificate is renewed the same way;
@@ -63,6 +66,9 @@ fn start_agent_on(cluster: &Cluster, node: &str, port: &str, extra: &[&str]) -> 
         "--node-ip",
         "127.0.0.1",
     ];
+    if !extra.iter().any(|a| a.starts_with("--eviction-hard")) {
+        args.push(e2e::agent::EVICTION_HARD_ARG);
+    }
     args.extend_from_slice(extra);
     Wasinode::start(&args)
 }
@@ -319,6 +325,12 @@ fn labels_and_taints_are_configurable() -> Result<()> {
             "node-role.kubernetes.io/worker=",
             "node-role.kubernetes.io/worker",
         ),
+        (
+            "--eviction-hard",
+            "memory.available<100Mi,imagefs.available<15%",
+            "imagefs.available",
+        ),
+        ("--eviction-hard", "nodefs.available<ten%", "ten"),
     ] {
         let out = Command::new(e2e::wasinode::binary())
             .args([
@@ -488,6 +500,87 @@ fn node_status_tells_the_truth() -> Result<()> {
             }))
         })
         .with_context(|| agent.output())?;
+    drop(agent);
+    cluster.down()
+}
+
+/// A cluster admin's `--eviction-hard` decides when the node is under pressure, as the
+/// kubelet's does: with `nodefs.available<100%` (a threshold no filesystem meets) the Node reports
+/// DiskPressure with the threshold in its message and no allocatable ephemeral storage, the node
+/// lifecycle controller taints it `node.kubernetes.io/disk-pressure`, and kube-scheduler places
+/// no new pod there and says why.
+#[test]
+fn the_admins_eviction_thresholds_decide_disk_pressure() -> Result<()> {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    const NODE: &str = "pressed-node";
+    let cluster = Cluster::up()?;
+    let agent = start_agent(
+        &cluster,
+        NODE,
+        &["--eviction-hard=memory.available<100Mi,nodefs.available<100%"],
+    )?;
+    wait_ready(&cluster, NODE).with_context(|| agent.output())?;
+    let node = cluster.kubectl_json(&["get", "node", NODE])?;
+    let conditions = node["status"]["conditions"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let disk = conditions
+        .iter()
+        .find(|c| c["type"] == "DiskPressure")
+        .with_context(|| format!("no DiskPressure in {conditions:?}"))?;
+    ensure!(
+        disk["status"] == "True"
+            && disk["reason"] == "KubeletHasDiskPressure"
+            && disk["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("(threshold 100%)")),
+        "{disk}"
+    );
+    ensure!(
+        node["status"]["allocatable"]["ephemeral-storage"] == "0",
+        "allocatable: {}",
+        node["status"]["allocatable"]
+    );
+    cluster.wait_for("the disk-pressure taint", TIMEOUT, || {
+        let n = cluster.kubectl_json(&["get", "node", NODE])?;
+        Ok(n["spec"]["taints"].as_array().is_some_and(|ts| {
+            ts.iter().any(|t| {
+                t["key"] == "node.kubernetes.io/disk-pressure" && t["effect"] == "NoSchedule"
+            })
+        }))
+    })?;
+    cluster.apply(&json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "pressed"},
+        "spec": {
+            "nodeSelector": {"kubernetes.io/hostname": NODE},
+            "tolerations": tolerations(),
+            "containers": [{"name": "c", "image": "127.0.0.1:1/none:v1"}],
+        },
+    }))?;
+    cluster.wait_for(
+        "kube-scheduler to name the disk-pressure taint",
+        TIMEOUT,
+        || {
+            let events = cluster.kubectl(&[
+                "get",
+                "events",
+                "--field-selector",
+                "involvedObject.name=pressed,reason=FailedScheduling",
+                "-o",
+                "jsonpath={.items[*].message}",
+            ])?;
+            Ok(events.contains("node.kubernetes.io/disk-pressure"))
+        },
+    )?;
+    let pod = cluster.kubectl_json(&["get", "pod", "pressed"])?;
+    ensure!(
+        pod["status"]["phase"] == "Pending" && pod["spec"]["nodeName"].is_null(),
+        "{}",
+        pod["status"]
+    );
     drop(agent);
     cluster.down()
 }

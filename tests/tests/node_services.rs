@@ -633,6 +633,8 @@ fn node_pool_nodes_with_real_addresses_back_a_service() -> Result<()> {
             &base,
             "--kubelet-port",
             &kubelet_port,
+            "--eviction-hard",
+            e2e::agent::EVICTION_HARD,
         ],
     )?;
     let addrs: Vec<String> = net.host_ips.iter().map(|a| a.to_string()).collect();

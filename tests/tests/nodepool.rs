@@ -131,8 +131,8 @@ impl Drop for Leftovers<'_> {
     }
 }
 
-fn pod_running(cluster: &Cluster, pod: &str, containers: usize) -> Result<Value> {
-    cluster.wait_for(&format!("{pod} Running and ready"), TIMEOUT, || {
+fn pod_running(cluster: &Cluster, state: &Path, pod: &str, containers: usize) -> Result<Value> {
+    let waited = cluster.wait_for(&format!("{pod} Running and ready"), TIMEOUT, || {
         let p = cluster.kubectl_json(&["get", "pod", pod])?;
         let statuses = p["status"]["containerStatuses"]
             .as_array()
@@ -141,8 +141,56 @@ fn pod_running(cluster: &Cluster, pod: &str, containers: usize) -> Result<Value>
         Ok(p["status"]["phase"] == "Running"
             && statuses.len() == containers
             && statuses.iter().all(|c| c["ready"] == true))
-    })?;
+    });
+    explained(cluster, state, waited)?;
     cluster.kubectl_json(&["get", "pod", pod])
+}
+
+/// `result`, or its error with what a person would look at next: the end of each provisioner's
+/// and agent's log under `state`, then the cluster's pods, Nodes and latest Events.
+fn explained<T>(cluster: &Cluster, state: &Path, result: Result<T>) -> Result<T> {
+    result.map_err(|e| {
+        let mut out = String::new();
+        let mut logs = Vec::new();
+        let mut dirs = vec![state.to_path_buf()];
+        while let Some(d) = dirs.pop() {
+            for entry in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+                let path = entry.path();
+                if path.is_dir() {
+                    dirs.push(path);
+                } else if path.extension().is_some_and(|x| x == "log") {
+                    logs.push(path);
+                }
+            }
+        }
+        logs.sort();
+        for log in logs {
+            out += &format!("\n--- last lines of {}\n", log.display());
+            out += &last_lines(&std::fs::read_to_string(&log).unwrap_or_default(), 30);
+        }
+        for args in [
+            &["get", "pods", "-A", "-o", "wide"][..],
+            &[
+                "get",
+                "nodes",
+                "-o",
+                "custom-columns=NAME:.metadata.name,READY:.status.conditions[?(@.type=='Ready')].status,TAINTS:.spec.taints[*].key",
+            ],
+            &["get", "events", "-A", "--sort-by=.lastTimestamp"],
+        ] {
+            let got = cluster
+                .kubectl(args)
+                .unwrap_or_else(|e| format!("(failed: {e:#})"));
+            out += &format!("\n--- kubectl {}\n", args.join(" "));
+            out += &last_lines(&got, 30);
+        }
+        e.context(out)
+    })
+}
+
+fn last_lines(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 fn pool_nodes(cluster: &Cluster, pool: &str) -> Result<Vec<String>> {
@@ -258,6 +306,8 @@ fn seed_walkthrough_through_a_node_pool() -> Result<()> {
             "127.101.0.1",
             "--kubelet-port",
             &kubelet_port,
+            "--eviction-hard",
+            e2e::agent::EVICTION_HARD,
         ],
     )?;
     let shown: Value = serde_json::from_str(&ok(&out, "nodepool add")?)?;
@@ -320,7 +370,7 @@ fn seed_walkthrough_through_a_node_pool() -> Result<()> {
         &["apply", "-f", "-"],
         &e2e::seed::wasi_example(&registry, port)?,
     )?;
-    let pod = pod_running(&cluster, "krustlet-wagi-demo", 5)?;
+    let pod = pod_running(&cluster, st, "krustlet-wagi-demo", 5)?;
     ensure!(pod["spec"]["nodeName"] == node, "{}", pod["spec"]);
     let nginx_addr = format!("127.0.0.1:{}", free_port());
     let mut nginx = Nginx::start(
@@ -481,6 +531,8 @@ fn three_node_pool_spreads_pods_and_scales_down_gracefully() -> Result<()> {
             "127.102.0.1",
             "--kubelet-port",
             &kubelet_port,
+            "--eviction-hard",
+            e2e::agent::EVICTION_HARD,
         ],
     )?;
     let shown: Value = serde_json::from_str(&ok(&out, "nodepool add")?)?;
@@ -502,9 +554,10 @@ fn three_node_pool_spreads_pods_and_scales_down_gracefully() -> Result<()> {
             &["apply", "-f", "-"],
             &spread_deployment(app, &image, *port),
         )?;
-        cluster.wait_for(&format!("{app} Running"), TIMEOUT, || {
+        let waited = cluster.wait_for(&format!("{app} Running"), TIMEOUT, || {
             Ok(spread_pods(&cluster)?.len() == i + 1)
-        })?;
+        });
+        explained(&cluster, st, waited)?;
     }
     let placed = spread_pods(&cluster)?;
     let mut used: Vec<&str> = placed.iter().map(|(_, _, n)| n.as_str()).collect();
@@ -575,10 +628,11 @@ fn three_node_pool_spreads_pods_and_scales_down_gracefully() -> Result<()> {
         "nodes after scale-down: {:?}",
         pool_nodes(&cluster, "spread")?
     );
-    cluster.wait_for("all three apps Running on spread-000000", TIMEOUT, || {
+    let waited = cluster.wait_for("all three apps Running on spread-000000", TIMEOUT, || {
         let pods = spread_pods(&cluster)?;
         Ok(pods.len() == 3 && pods.iter().all(|(_, _, n)| n == "spread-000000"))
-    })?;
+    });
+    explained(&cluster, st, waited)?;
     for (app, port) in &apps {
         let addr = format!("127.102.0.1:{port}");
         cluster.wait_for(&format!("{app} serving at {addr}"), TIMEOUT, || {

@@ -164,6 +164,7 @@ async fn main() -> Result<()> {
         NODE,
         "--node-ip",
         "127.0.0.1",
+        e2e::agent::EVICTION_HARD_ARG,
     ])?;
     let pid = agent.pid();
     let client = admin_client(&cluster.kubeconfig()).await?;

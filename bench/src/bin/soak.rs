@@ -476,6 +476,7 @@ async fn main() -> Result<()> {
         NODE,
         "--node-ip",
         "127.0.0.1",
+        e2e::agent::EVICTION_HARD_ARG,
         "--max-connections-per-pod",
         &max_conns.to_string(),
         "--header-timeout",
