@@ -11,6 +11,8 @@ mod nodepool;
 mod pushpull;
 mod run;
 
+use std::io::IsTerminal as _;
+
 use clap::{Parser, Subcommand};
 
 /// mimalloc instead of glibc's malloc. Per request, the server allocates and frees many small
@@ -77,6 +79,9 @@ fn main() -> std::process::ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .with_writer(std::io::stderr)
+        // Escape codes only for a person at a terminal: an agent's log is often a file (a node
+        // pool's agent.log, journald, `kubectl logs` of a DaemonSet).
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let cli = Cli::parse();
     let rt = match tokio::runtime::Builder::new_multi_thread()
