@@ -801,7 +801,7 @@ async fn density(
     );
     let per_pod_fds = (fds_rest as f64 - fds_before as f64) / n as f64;
     println!(
-        "  open descriptors: {fds_rest} at rest ({per_pod_fds:.2} per pod; target <= 1: {}), peak {}: {}",
+        "  open descriptors: {fds_rest} at rest ({per_pod_fds:.3} per pod; target <= 1: {}), peak {}: {}",
         if per_pod_fds <= 1.0 { "MET" } else { "MISSED" },
         w.fds_peak.max(fds_rest),
         fd_kinds(pid, &data_dir)
