@@ -25,7 +25,7 @@
 //! lines waiting in the order they became ready, one batch each, writes each batch with one
 //! `write(2)` and rotates files.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fs::File;
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
@@ -96,7 +96,7 @@ struct Shared {
     /// Bytes waiting in every container's buffer.
     queued: AtomicUsize,
     /// The container logs handed out, by current file path.
-    sinks: Mutex<HashMap<PathBuf, Arc<Sink>>>,
+    sinks: Mutex<BTreeMap<PathBuf, Arc<Sink>>>,
 }
 
 #[derive(Default)]
@@ -185,7 +185,7 @@ impl LogStore {
             queue: Mutex::new(Queue::default()),
             wake: Condvar::new(),
             queued: AtomicUsize::new(0),
-            sinks: Mutex::new(HashMap::new()),
+            sinks: Mutex::new(BTreeMap::new()),
         });
         let writer = shared.clone();
         let spawned = std::thread::Builder::new()
@@ -265,14 +265,17 @@ impl LogStore {
     /// write from now on are dropped.
     pub async fn remove_pod(&self, pod: &PodKey) {
         let dir = self.pod_dir(pod);
-        let mut gone = Vec::new();
-        lock(&self.shared.sinks).retain(|_, s| {
-            let keep = s.dir != dir;
-            if !keep {
-                gone.push(s.clone());
-            }
-            keep
-        });
+        // A pod's sinks are keyed by paths inside its folder, which sort together right after
+        // it: a range, not a pass over every container of the node.
+        let gone: Vec<Arc<Sink>> = {
+            let mut sinks = lock(&self.shared.sinks);
+            let keys: Vec<PathBuf> = sinks
+                .range(dir.clone()..)
+                .take_while(|(k, _)| k.starts_with(&dir))
+                .map(|(k, _)| k.clone())
+                .collect();
+            keys.iter().filter_map(|k| sinks.remove(k)).collect()
+        };
         for s in gone {
             let mut p = lock(&s.pending);
             p.closed = true;
@@ -841,11 +844,35 @@ mod tests {
             l.note("hello");
         }
         store.flush().await;
+        // Neighbours whose folders sort right before and after it keep their logs.
+        let neighbours = [
+            PodKey {
+                uid: "t".into(),
+                ..pod.clone()
+            },
+            PodKey {
+                uid: "u2".into(),
+                ..pod.clone()
+            },
+        ];
+        let kept: Vec<ContainerLog> = neighbours
+            .iter()
+            .map(|n| store.container(n, "c0"))
+            .collect();
         let pod_dir = store.pod_dir(&pod);
         assert_eq!(open_fds_under(&pod_dir), 5);
         store.remove_pod(&pod).await;
         assert_eq!(open_fds_under(&pod_dir), 0);
         assert!(!pod_dir.exists());
+        for (n, l) in neighbours.iter().zip(&kept) {
+            l.note("still here");
+            store.flush().await;
+            assert_eq!(all_lines(&store.path(n, "c0")), ["still here"]);
+            assert!(
+                store.lines_dropped(n, "c0").is_some(),
+                "{n:?} lost its sink"
+            );
+        }
         // A line written after the delete does not bring the folder back.
         logs[0].note("late");
         store.flush().await;
