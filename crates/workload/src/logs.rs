@@ -120,7 +120,6 @@ enum Control {
 /// One container's log file and the lines waiting for it.
 struct Sink {
     path: PathBuf,
-    dir: PathBuf,
     prefix: Option<Box<str>>,
     pending: Mutex<Pending>,
     /// Lines dropped since the container's log was opened (for metrics).
@@ -233,7 +232,6 @@ impl LogStore {
                 .entry(path.clone())
                 .or_insert_with(|| {
                     Arc::new(Sink {
-                        dir: self.pod_dir(pod),
                         path,
                         prefix: self.shared.cfg.echo.then(|| {
                             format!("[{}/{}/{}] ", pod.namespace, pod.name, container).into()
