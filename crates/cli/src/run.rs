@@ -1,6 +1,6 @@
 //! `wasinode run`: serve Pod manifests on this machine, no cluster.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -43,7 +43,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<i32> {
         }
         None => None,
     };
-    let phases: Arc<Mutex<HashMap<PodKey, Phase>>> = Arc::default();
+    let phases: Arc<Mutex<BTreeMap<PodKey, Phase>>> = Arc::default();
     let printer = tokio::spawn(print_reports(reports, phases.clone()));
 
     let mut pods = Vec::new();
@@ -174,7 +174,7 @@ pub async fn shutdown_signal() {
 /// The standalone status sink: what a kubelet would write to the API, printed.
 async fn print_reports(
     mut rx: tokio::sync::mpsc::UnboundedReceiver<Report>,
-    phases: Arc<Mutex<HashMap<PodKey, Phase>>>,
+    phases: Arc<Mutex<BTreeMap<PodKey, Phase>>>,
 ) {
     while let Some(r) = rx.recv().await {
         match r {

@@ -10,7 +10,7 @@
 //! it is given `--pod-cidr`); routing the range to the node is the cluster's business (a route
 //! per node to its pod range, as with any kubelet whose CNI plugin does not do it).
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Mutex;
 
@@ -38,7 +38,7 @@ pub struct PodNet {
     first: u32,
     last: u32,
     interface: String,
-    assigned: Mutex<HashMap<String, Ipv4Addr>>,
+    assigned: Mutex<BTreeMap<String, Ipv4Addr>>,
 }
 
 impl PodNet {
@@ -68,7 +68,7 @@ impl PodNet {
         })
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Ipv4Addr>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Ipv4Addr>> {
         self.assigned.lock().unwrap_or_else(|p| p.into_inner())
     }
 

@@ -1,7 +1,7 @@
 //! The pods bound to this node: a kube-runtime Controller over a `spec.nodeName=<node>` watch
 //! (never two reconciles of one pod at once, retries with backoff) drives the Supervisor.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -107,10 +107,10 @@ pub fn pod_requests(pod: &Pod) -> (u64, u64) {
 /// back-off of the pods whose pull failed.
 #[derive(Default)]
 pub struct Handled {
-    uids: HashSet<String>,
-    pulls: HashMap<String, PullBackoff>,
+    uids: BTreeSet<String>,
+    pulls: BTreeMap<String, PullBackoff>,
     /// CPU and memory requests of the admitted pods, by uid.
-    requests: HashMap<String, (u64, u64)>,
+    requests: BTreeMap<String, (u64, u64)>,
 }
 
 impl Handled {

@@ -24,7 +24,7 @@
 //! ([`Report::Probe`]), which the status sink applies. One task per container that has probes;
 //! probes in flight on the node are bounded ([`MAX_IN_FLIGHT`]), each holds one connection.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -310,7 +310,7 @@ struct Shared {
 #[derive(Clone)]
 pub struct Prober {
     shared: Arc<Shared>,
-    workers: Arc<Mutex<HashMap<PodKey, Vec<JoinHandle<()>>>>>,
+    workers: Arc<Mutex<BTreeMap<PodKey, Vec<JoinHandle<()>>>>>,
 }
 
 impl Prober {
@@ -328,7 +328,7 @@ impl Prober {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PodKey, Vec<JoinHandle<()>>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<PodKey, Vec<JoinHandle<()>>>> {
         self.workers.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -419,7 +419,7 @@ impl Prober {
 
     /// Stops every worker (the agent is stopping).
     pub fn stop_all(&self) {
-        for (_, tasks) in self.lock().drain() {
+        for (_, tasks) in std::mem::take(&mut *self.lock()) {
             for t in tasks {
                 t.abort();
             }

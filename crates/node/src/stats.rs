@@ -11,7 +11,7 @@
 //! - `usageNanoCores` is the rate since the previous sample at least a second older (or since
 //!   the start, before there is one), as the kubelet's cadvisor rates are between samples.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -146,7 +146,7 @@ pub struct Stats {
     usage: Usage,
     started: SystemTime,
     /// The previous sample of each CPU counter, by what it counts.
-    previous: Mutex<HashMap<String, Point>>,
+    previous: Mutex<BTreeMap<String, Point>>,
 }
 
 /// One pod's figures at one moment.
@@ -168,7 +168,7 @@ impl Stats {
             node_name,
             usage,
             started: SystemTime::now(),
-            previous: Mutex::new(HashMap::new()),
+            previous: Mutex::new(BTreeMap::new()),
         })
     }
 

@@ -8,7 +8,7 @@
 //! the kubelet's event correlator does, published by a task of their own behind a bounded queue
 //! so that a slow API server delays neither status nor pods.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -509,7 +509,7 @@ pub struct Statuses {
     /// The address pods serve on (`--pod-address`, else `node_ip`): their `podIP`. `None` when
     /// each pod gets its own (`--pod-cidr`): a pod has no podIP until it has its address.
     pod_ip: Option<IpAddr>,
-    pods: Arc<Mutex<HashMap<PodKey, PodRecord>>>,
+    pods: Arc<Mutex<BTreeMap<PodKey, PodRecord>>>,
     to_sink: mpsc::Sender<SinkMsg>,
     events: mpsc::Sender<EventMsg>,
     dropped_events: Arc<std::sync::atomic::AtomicU64>,
@@ -573,7 +573,7 @@ impl Statuses {
         )
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PodKey, PodRecord>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<PodKey, PodRecord>> {
         self.pods.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -748,7 +748,7 @@ impl Statuses {
         let recorder = EventRecorder {
             client: self.client.clone(),
             node_name: self.node_name.clone(),
-            series: HashMap::new(),
+            series: BTreeMap::new(),
         };
         let publisher = tokio::spawn(publish_events(recorder, events));
         let mut pending: BTreeSet<PodKey> = BTreeSet::new();
@@ -845,7 +845,7 @@ impl Statuses {
 struct EventRecorder {
     client: kube::Client,
     node_name: String,
-    series: HashMap<(String, &'static str, String, String), Series>,
+    series: BTreeMap<(String, &'static str, String, String), Series>,
 }
 
 struct Series {

@@ -1,7 +1,7 @@
 //! The Supervisor: plan -> fetch -> compile -> start for each pod, and stop. Both fronts (the
 //! standalone `run` and the node agent) drive pods only through this type.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -107,7 +107,7 @@ struct Running {
     task: Option<JoinHandle<()>>,
 }
 
-type Pods = Arc<Mutex<HashMap<PodKey, Running>>>;
+type Pods = Arc<Mutex<BTreeMap<PodKey, Running>>>;
 
 /// Frees the reservation of a start that did not get as far as installing its task.
 struct Reservation {
@@ -946,7 +946,7 @@ const RESTART_QUEUE: usize = 16;
 
 /// Per running pod: where each container takes restart requests (its pod's servers, or its
 /// command's run).
-type Restarts = Arc<Mutex<HashMap<PodKey, Vec<(String, tokio::sync::mpsc::Sender<Restart>)>>>>;
+type Restarts = Arc<Mutex<BTreeMap<PodKey, Vec<(String, tokio::sync::mpsc::Sender<Restart>)>>>>;
 
 /// One route of a served pod, kept so that its container's handler can be made again.
 struct Route {

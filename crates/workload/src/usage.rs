@@ -2,7 +2,7 @@
 //! container (cumulative CPU nanoseconds, current memory bytes), made when the pod's start
 //! begins and handed to every invocation of the container, and forgotten when the pod stops.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -66,7 +66,7 @@ impl PodUsage {
 /// The usage of every pod of one supervisor. Cheap to clone.
 #[derive(Clone, Debug, Default)]
 pub struct Usage {
-    pods: Arc<Mutex<HashMap<PodKey, Arc<PodUsage>>>>,
+    pods: Arc<Mutex<BTreeMap<PodKey, Arc<PodUsage>>>>,
 }
 
 impl Usage {
