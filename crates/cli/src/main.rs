@@ -19,9 +19,48 @@ use clap::{Parser, Subcommand};
 /// objects on whichever worker thread polls it (a store, its WASI context, CGI variables, hyper's
 /// buffers); mimalloc's thread-local free lists make that cheaper, and it returns the pages of
 /// freed memory to the kernel, where glibc keeps what thousands of deleted pods used (measured in
-/// bench/run node's density section: README, Benchmark).
+/// bench/run node's density section: README, Benchmark). The feature `system-allocator` keeps
+/// glibc's malloc instead, for heap profilers that hook it (heaptrack: README, Benchmark).
+#[cfg(not(feature = "system-allocator"))]
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// Giving back what mimalloc holds for nothing.
+#[cfg(not(feature = "system-allocator"))]
+mod allocator {
+    use std::cell::Cell;
+    use std::time::{Duration, Instant};
+
+    unsafe extern "C" {
+        /// mimalloc's own: frees the calling thread's empty pages, and with `force` purges
+        /// (returns to the kernel) the arena memory waiting to be purged.
+        fn mi_collect(force: bool);
+    }
+
+    /// How often, at most, a worker thread collects its heap when it goes idle.
+    const EVERY: Duration = Duration::from_secs(2);
+
+    /// Run by each tokio worker when it parks (has nothing to do). A block freed on another
+    /// thread than the one that allocated it waits on its page's list until the owning thread
+    /// allocates again in that size class, and so does the page it empties: after thousands of
+    /// pods were deleted (their state freed by whichever worker ran the delete) the agent kept
+    /// 33 MiB of such pages (bench/run node's density section; README, Benchmark). Collecting
+    /// here, at most every [`EVERY`] per thread and never on a busy one, gives them back at
+    /// no cost to the request path.
+    pub fn collect_when_idle() {
+        thread_local! {
+            static LAST: Cell<Option<Instant>> = const { Cell::new(None) };
+        }
+        let now = Instant::now();
+        if LAST.get().is_some_and(|t| now.duration_since(t) < EVERY) {
+            return;
+        }
+        LAST.set(Some(now));
+        // SAFETY: mimalloc is this binary's global allocator (linked in by the mimalloc crate);
+        // mi_collect takes no pointer and may be called from any thread at any time.
+        unsafe { mi_collect(true) };
+    }
+}
 
 #[derive(Parser, Debug)]
 #[command(
@@ -84,10 +123,11 @@ fn main() -> std::process::ExitCode {
         .with_ansi(std::io::stderr().is_terminal())
         .init();
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    rt.enable_all();
+    #[cfg(not(feature = "system-allocator"))]
+    rt.on_thread_park(allocator::collect_when_idle);
+    let rt = match rt.build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("wasinode: cannot start the async runtime: {e}");
