@@ -190,6 +190,8 @@ impl Runtime {
             .map_err(err)?;
         // Every buffer of an fd_write, as WAGI wrote them (see writev.rs).
         crate::writev::add_to_linker(&mut linker).map_err(err)?;
+        // The environment from one prepared buffer, not cloned per call (see environ.rs).
+        crate::environ::add_to_linker(&mut linker).map_err(err)?;
         crate::outbound::add_to_linker(&mut linker).map_err(err)?;
 
         // Components: every WASI 0.2 interface (sockets and name lookup present but refusing

@@ -14,6 +14,7 @@
 mod cache;
 mod component;
 mod engine;
+mod environ;
 mod limits;
 mod outbound;
 mod output;

@@ -21,6 +21,8 @@ use crate::output::{
 /// The state of one store.
 pub struct Host {
     pub(crate) wasi: WasiP1Ctx,
+    /// The guest's environment, read by `environ_get` (environ.rs), not by `wasi`.
+    pub(crate) env: crate::environ::Environ,
     pub(crate) limiter: InstanceLimiter,
     pub(crate) outbound: OutboundState,
 }
@@ -203,7 +205,7 @@ impl Runtime {
         let limit = self.memory_limit(&inv.limits);
         let cpu = inv.limits.cpu.clone();
         let mut b = WasiCtxBuilder::new();
-        b.args(&inv.args).envs(&inv.env);
+        b.args(&inv.args);
         b.stdin(MemoryInputPipe::new(inv.stdin));
         let (stdout_pipe, stdout) = pipe_for(&inv.stdout);
         let (stderr_pipe, stderr) = pipe_for(&inv.stderr);
@@ -211,6 +213,7 @@ impl Runtime {
         preopen_all(&mut b, &inv.preopens)?;
         let host = Host {
             wasi: b.build_p1(),
+            env: crate::environ::Environ::new(&inv.env),
             limiter: InstanceLimiter::new(limit).metered(inv.meter.clone()),
             outbound: OutboundState::new(
                 inv.allowed_hosts.clone(),

@@ -241,3 +241,60 @@ async fn one_fd_write_of_several_buffers_writes_them_all() {
     // 31 bytes to stdout, 9 to stderr, and EBADF for fd 9, as wasmtime-wasi says it.
     assert_eq!(out.exit_code, 31);
 }
+
+/// Asks for its environment as a preview-1 guest does, prints the strings (stdout) and the
+/// pointers (stderr) it got, then asks again with buffers past the end of its memory and exits
+/// with what that returned (100 more when the sizes call did not say `fault` too).
+const ENVIRON: &str = r#"(module
+  (import "wasi_snapshot_preview1" "environ_sizes_get" (func $sizes (param i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "environ_get" (func $get (param i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "fd_write" (func $w (param i32 i32 i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "proc_exit" (func $exit (param i32)))
+  (memory (export "memory") 1)
+  (func (export "_start")
+    (drop (call $sizes (i32.const 0) (i32.const 4)))
+    (drop (call $get (i32.const 64) (i32.const 256)))
+    (i32.store (i32.const 16) (i32.const 256))
+    (i32.store (i32.const 20) (i32.load (i32.const 4)))
+    (drop (call $w (i32.const 1) (i32.const 16) (i32.const 1) (i32.const 24)))
+    (i32.store (i32.const 16) (i32.const 64))
+    (i32.store (i32.const 20) (i32.mul (i32.load (i32.const 0)) (i32.const 4)))
+    (drop (call $w (i32.const 2) (i32.const 16) (i32.const 1) (i32.const 24)))
+    (call $exit (i32.add
+      (call $get (i32.const 64) (i32.const 65530))
+      (i32.mul (i32.ne (call $sizes (i32.const 65534) (i32.const 4)) (i32.const 21))
+               (i32.const 100))))))"#;
+
+#[tokio::test]
+async fn a_guest_reads_its_environment_in_order_and_bad_pointers_are_its_fault() {
+    let r = rt(None, 64 << 20);
+    let p = r
+        .load("d:environ", ENVIRON.as_bytes())
+        .unwrap_or_else(|e| panic!("{e}"));
+    let env = [("A", "1"), ("B", "x=y"), ("C", ""), ("D", "é")];
+    let inv = Invocation {
+        env: env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        ..Invocation::new("_start")
+    };
+    let out = r.run(&p, inv).await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(&out.stdout[..], "A=1\0B=x=y\0C=\0D=é\0".as_bytes());
+    let pointers: Vec<u32> = out
+        .stderr
+        .chunks_exact(4)
+        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    assert_eq!(pointers, [256, 260, 266, 269]);
+    // errno 21 (`fault`) from both, and the guest still ran to its exit.
+    assert_eq!(out.exit_code, 21);
+
+    // No variables: nothing to write, and the same guest runs.
+    let out = r
+        .run(&p, Invocation::new("_start"))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(out.stdout.is_empty() && out.stderr.is_empty());
+    assert_eq!(out.exit_code, 0);
+}
