@@ -6,8 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
-use tokio::sync::mpsc::UnboundedReceiver;
-use workload::{Images, LogStore, PullRetry, Report, Reporter, Supervisor, SupervisorConfig};
+use workload::{Images, LogStore, PullRetry, Reporter, Reports, Supervisor, SupervisorConfig};
 
 /// The flags `run` and `node` share: where data lives and how modules run.
 #[derive(clap::Args, Debug, Clone)]
@@ -132,7 +131,7 @@ pub fn start(
     data_dir: &Path,
     opts: &EngineArgs,
     echo_logs: bool,
-) -> anyhow::Result<(Supervisor, UnboundedReceiver<Report>)> {
+) -> anyhow::Result<(Supervisor, Reports)> {
     std::fs::create_dir_all(data_dir)
         .with_context(|| format!("cannot create data dir {}", data_dir.display()))?;
     let rt = runtime::Runtime::new(runtime::RuntimeConfig {

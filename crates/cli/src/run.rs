@@ -172,10 +172,7 @@ pub async fn shutdown_signal() {
 }
 
 /// The standalone status sink: what a kubelet would write to the API, printed.
-async fn print_reports(
-    mut rx: tokio::sync::mpsc::UnboundedReceiver<Report>,
-    phases: Arc<Mutex<BTreeMap<PodKey, Phase>>>,
-) {
+async fn print_reports(mut rx: workload::Reports, phases: Arc<Mutex<BTreeMap<PodKey, Phase>>>) {
     while let Some(r) = rx.recv().await {
         match r {
             Report::Pod {

@@ -37,8 +37,7 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::Context as _;
 use serde_json::Value;
-use tokio::sync::mpsc::UnboundedReceiver;
-use workload::{PlanContext, Report, Supervisor};
+use workload::{PlanContext, Reports, Supervisor};
 
 /// How this node presents itself.
 #[derive(Debug, Clone)]
@@ -159,7 +158,7 @@ pub async fn run(
     cfg: Config,
     client: kube::Client,
     sup: Supervisor,
-    reports: UnboundedReceiver<Report>,
+    reports: Reports,
     data_dir: PathBuf,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) -> anyhow::Result<()> {

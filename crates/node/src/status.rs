@@ -5,8 +5,9 @@
 //! kubelet writes them (the Node authorizer lets a node write those, not events.k8s.io ones, so
 //! kube-runtime's `Recorder` is refused): stamped when they happened, a repeat of the same
 //! reason and message within 10 minutes folded into the first one (`count`, `lastTimestamp`) as
-//! the kubelet's event correlator does, published by a task of their own behind a bounded queue
-//! so that a slow API server delays neither status nor pods.
+//! the kubelet's event correlator does, published by tasks of their own (several lanes, each
+//! pod's Events in order in one lane) behind bounded queues so that a slow API server delays
+//! neither status nor pods.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
@@ -17,9 +18,9 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Event, Pod};
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
-use tokio::sync::mpsc::{self, UnboundedReceiver};
+use tokio::sync::mpsc;
 use tokio::sync::oneshot;
-use workload::{ContainerState, EventType, Phase, PodKey, Report};
+use workload::{ContainerState, EventType, Phase, PodKey, Report, Reports};
 
 use crate::time;
 
@@ -511,7 +512,8 @@ pub struct Statuses {
     pod_ip: Option<IpAddr>,
     pods: Arc<Mutex<BTreeMap<PodKey, PodRecord>>>,
     to_sink: mpsc::Sender<SinkMsg>,
-    events: mpsc::Sender<EventMsg>,
+    /// One queue per publishing lane; a pod's Events all go through the lane of its uid.
+    events: Arc<[mpsc::Sender<EventMsg>]>,
     dropped_events: Arc<std::sync::atomic::AtomicU64>,
 }
 
@@ -538,15 +540,20 @@ enum EventMsg {
 
 /// Requests to the sink waiting at most (the reconciler waits when it is full).
 const SINK_QUEUE: usize = 4096;
-/// Events waiting to be published at most; beyond it new ones are dropped and counted.
-const EVENT_QUEUE: usize = 1024;
+/// Events waiting to be published at most, per lane; beyond it new ones are dropped and counted.
+const EVENT_QUEUE: usize = 256;
+/// Events published at once: each lane publishes its Events in order, and every Event of one pod
+/// goes through the same lane, so a pod's Events keep their order and a repeat finds its series.
+/// One lane after another (a create is a round-trip of a few milliseconds) was too slow for a
+/// node filling up: three Events per pod, thousands of pods a minute.
+const EVENT_LANES: usize = 8;
 /// Longest Event note the API accepts is 1 kB.
 const MAX_NOTE: usize = 1000;
 
 /// The receiving ends of a [`Statuses`]: hand them to [`Statuses::sink`].
 pub struct SinkInbox {
     requests: mpsc::Receiver<SinkMsg>,
-    events: mpsc::Receiver<EventMsg>,
+    events: Vec<mpsc::Receiver<EventMsg>>,
 }
 
 impl Statuses {
@@ -557,7 +564,8 @@ impl Statuses {
         pod_ip: Option<IpAddr>,
     ) -> (Statuses, SinkInbox) {
         let (to_sink, requests) = mpsc::channel(SINK_QUEUE);
-        let (events_tx, events) = mpsc::channel(EVENT_QUEUE);
+        let (events_tx, events): (Vec<_>, Vec<_>) =
+            (0..EVENT_LANES).map(|_| mpsc::channel(EVENT_QUEUE)).unzip();
         (
             Statuses {
                 client,
@@ -566,7 +574,7 @@ impl Statuses {
                 pod_ip,
                 pods: Arc::default(),
                 to_sink,
-                events: events_tx,
+                events: events_tx.into(),
                 dropped_events: Arc::default(),
             },
             SinkInbox { requests, events },
@@ -611,7 +619,9 @@ impl Statuses {
 
     pub fn forget(&self, key: &PodKey) {
         // After the Events queued before it; if the queue is full the series go at the cap.
-        let _ = self.events.try_send(EventMsg::Forget(key.uid.clone()));
+        let _ = self
+            .lane(&key.uid)
+            .try_send(EventMsg::Forget(key.uid.clone()));
         self.lock().remove(key);
     }
 
@@ -716,6 +726,14 @@ impl Statuses {
         Some(pod.clone())
     }
 
+    /// The queue of the lane that publishes the Events of the pod with this uid.
+    fn lane(&self, uid: &str) -> &mpsc::Sender<EventMsg> {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::hash::DefaultHasher::new();
+        uid.hash(&mut h);
+        &self.events[(h.finish() % self.events.len() as u64) as usize]
+    }
+
     /// Queues an Event about the pod, as the kubelet records them; never waits. When the queue
     /// is full (the API server slow or away) the Event is dropped and counted.
     pub fn event(&self, pod: &PodKey, kind: EventType, reason: &str, message: &str) {
@@ -726,7 +744,7 @@ impl Statuses {
             message: message.to_string(),
             at: SystemTime::now(),
         };
-        if self.events.try_send(msg).is_err() {
+        if self.lane(&pod.uid).try_send(msg).is_err() {
             let n = self
                 .dropped_events
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -737,20 +755,25 @@ impl Statuses {
     }
 
     /// The sink: applies reports, coalesces them, and writes each changed pod's status; failed
-    /// writes are retried every 2 s while the API server is away. Events are published by a
-    /// task of their own. Returns when `reports` is closed and nothing is pending, or when the
+    /// writes are retried every 2 s while the API server is away. Events are published by
+    /// tasks of their own, [`EVENT_LANES`] at once. Returns when `reports` is closed and nothing is pending, or when the
     /// last [`Statuses`] is gone.
-    pub async fn sink(self, mut rx: UnboundedReceiver<Report>, inbox: SinkInbox) {
+    pub async fn sink(self, mut rx: Reports, inbox: SinkInbox) {
         let SinkInbox {
             mut requests,
             events,
         } = inbox;
-        let recorder = EventRecorder {
-            client: self.client.clone(),
-            node_name: self.node_name.clone(),
-            series: BTreeMap::new(),
-        };
-        let publisher = tokio::spawn(publish_events(recorder, events));
+        let publishers: Vec<_> = events
+            .into_iter()
+            .map(|lane| {
+                let recorder = EventRecorder {
+                    client: self.client.clone(),
+                    node_name: self.node_name.clone(),
+                    series: BTreeMap::new(),
+                };
+                tokio::spawn(publish_events(recorder, lane))
+            })
+            .collect();
         let mut pending: BTreeSet<PodKey> = BTreeSet::new();
         let mut waiting: Vec<(PodKey, oneshot::Sender<kube::Result<()>>)> = Vec::new();
         let mut flushes: Vec<oneshot::Sender<()>> = Vec::new();
@@ -779,7 +802,7 @@ impl Statuses {
                 _ = retry, if !pending.is_empty() => {}
             }
             // Everything that arrived meanwhile goes into the same round of writes.
-            while let Ok(r) = rx.try_recv() {
+            while let Some(r) = rx.try_recv() {
                 self.take(r, &mut pending);
             }
             // Each pod once per round, several pods at a time: one write of a pod is never in
@@ -811,10 +834,13 @@ impl Statuses {
                 }
             }
             for done in flushes.drain(..) {
-                let (tx, rx) = oneshot::channel();
-                if self.events.send(EventMsg::Flush(tx)).await.is_ok() {
-                    let _ = rx.await;
-                }
+                let lanes = self.events.iter().map(|lane| async move {
+                    let (tx, rx) = oneshot::channel();
+                    if lane.send(EventMsg::Flush(tx)).await.is_ok() {
+                        let _ = rx.await;
+                    }
+                });
+                futures::future::join_all(lanes).await;
                 let _ = done.send(());
             }
             if !reports_open && pending.is_empty() && requests.is_closed() {
@@ -822,7 +848,9 @@ impl Statuses {
             }
         }
         drop(self);
-        let _ = publisher.await;
+        for publisher in publishers {
+            let _ = publisher.await;
+        }
     }
 
     fn take(&self, r: Report, pending: &mut BTreeSet<PodKey>) {
@@ -860,8 +888,8 @@ const STATUS_WRITES_IN_FLIGHT: usize = 16;
 
 /// How long a repeated Event is folded into the first (the kubelet correlator's window).
 const SERIES_WINDOW: Duration = Duration::from_secs(600);
-/// Series remembered at most.
-const MAX_SERIES: usize = 4096;
+/// Series remembered at most, per lane.
+const MAX_SERIES: usize = 4096 / EVENT_LANES;
 
 impl EventRecorder {
     async fn publish(

@@ -23,5 +23,5 @@ pub mod usage;
 pub use image::{Images, PullRetry};
 pub use logs::LogStore;
 pub use plan::{LocalImages, Plan, PlanContext, PodKey};
-pub use report::{ContainerState, EventType, Phase, Report, Reporter};
+pub use report::{ContainerState, EventType, Phase, Report, Reporter, Reports};
 pub use supervisor::{StartError, Started, Supervisor, SupervisorConfig};
