@@ -217,6 +217,43 @@ pub fn open_fds(pid: u32) -> u64 {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count() as u64)
 }
 
+/// The agent's TCP sockets: (listening, other), from its descriptors and its network
+/// namespace's `/proc/<pid>/net/tcp{,6}`. "Other" is mostly connected sockets: the API client's
+/// pooled connections and clients of the node's own servers.
+pub fn tcp_sockets(pid: u32) -> (u64, u64) {
+    let inodes: std::collections::BTreeSet<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .filter_map(|t| {
+            let t = t.to_string_lossy();
+            Some(t.strip_prefix("socket:[")?.strip_suffix(']')?.to_string())
+        })
+        .collect();
+    let (mut listening, mut other) = (0, 0);
+    for table in ["tcp", "tcp6"] {
+        let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            // sl local rem st tx:rx tr:when retrnsmt uid timeout inode ...
+            let (Some(state), Some(inode)) = (f.get(3), f.get(9)) else {
+                continue;
+            };
+            if inodes.contains(*inode) {
+                if *state == "0A" {
+                    listening += 1;
+                } else {
+                    other += 1;
+                }
+            }
+        }
+    }
+    (listening, other)
+}
+
 /// The agent's descriptors by kind (`socket`, `pipe`, `anon_inode:[eventpoll]`, files by their
 /// directory under the data dir or elsewhere), most numerous first.
 pub fn fd_kinds(pid: u32, data_dir: &Path) -> String {
@@ -282,6 +319,45 @@ pub struct Bench {
 }
 
 impl Bench {
+    /// The bench over `cluster` and its joined `agent`: its pod watch started and synced, and
+    /// the Node Ready (bootstrap CSR, Node, Ready) within 120 s. Also returns the watch's task.
+    pub async fn joined(
+        cluster: Cluster,
+        agent: Wasinode,
+        client: kube::Client,
+        hello: &Path,
+        base_port: u16,
+        ready_timeout: Duration,
+    ) -> Result<(Bench, tokio::task::JoinHandle<()>)> {
+        let nodes: Api<Node> = Api::all(client.clone());
+        let (rx, watch_task) = spawn_watch(client.clone());
+        let mut b = Bench {
+            cluster,
+            agent,
+            pods: Api::namespaced(client, NS),
+            rx,
+            image: format!("file://{}", hello.display()),
+            ports: Ports(base_port),
+            ready_timeout,
+            failures: vec![],
+        };
+        wait_state(
+            &mut b.rx,
+            "the pod watch's initial list",
+            Duration::from_secs(30),
+            |s| s.synced,
+        )
+        .await?;
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while !node_ready(&nodes).await.unwrap_or(false) {
+            if Instant::now() > deadline {
+                bail!("node {NODE} not Ready after 120 s:\n{}", b.agent_tail());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok((b, watch_task))
+    }
+
     /// `n` WAGI pods named `{prefix}-{i}` in `group`, each on its own free port, bound to `node`
     /// at creation: their ports and specs, in order.
     pub fn port_pods(

@@ -56,8 +56,8 @@ use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, LogParams, PostParams};
 use serde_json::json;
 use wasinode_bench::{
-    Bench, LABEL, NODE, NS, Ports, admin_client, answers_hello, env_usize, fd_kinds, mib,
-    node_ready, open_fds, proc_status, spawn_watch, wagi_pod, wait_state,
+    Bench, LABEL, NODE, NS, admin_client, answers_hello, env_usize, fd_kinds, mib, node_ready,
+    open_fds, proc_status, wagi_pod,
 };
 
 const SPAM_POD: &str = "soak-spam";
@@ -492,31 +492,15 @@ async fn main() -> Result<()> {
     let data_dir = agent.data_dir.clone();
     let client = admin_client(&cluster.kubeconfig()).await?;
     let nodes: Api<Node> = Api::all(client.clone());
-    let (rx, watch_task) = spawn_watch(client.clone());
-    let mut b = Bench {
+    let (mut b, watch_task) = Bench::joined(
         cluster,
         agent,
-        pods: Api::namespaced(client.clone(), NS),
-        rx,
-        image: format!("file://{}", hello.display()),
-        ports: Ports(base_port),
+        client.clone(),
+        &hello,
+        base_port,
         ready_timeout,
-        failures: vec![],
-    };
-    wait_state(
-        &mut b.rx,
-        "the pod watch's initial list",
-        Duration::from_secs(30),
-        |s| s.synced,
     )
     .await?;
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while !node_ready(&nodes).await.unwrap_or(false) {
-        if Instant::now() > deadline {
-            bail!("node {NODE} not Ready after 120 s:\n{}", b.agent_tail());
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
     tokio::time::sleep(Duration::from_secs(2)).await;
 
     let healthy = Arc::new(Counts::default());
