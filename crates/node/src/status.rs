@@ -544,8 +544,9 @@ const SINK_QUEUE: usize = 4096;
 const EVENT_QUEUE: usize = 256;
 /// Events published at once: each lane publishes its Events in order, and every Event of one pod
 /// goes through the same lane, so a pod's Events keep their order and a repeat finds its series.
-/// One lane after another (a create is a round-trip of a few milliseconds) was too slow for a
-/// node filling up: three Events per pod, thousands of pods a minute.
+/// With one publisher, a node filling up (three Events per pod, thousands of pods a minute, a
+/// create being a round-trip of a few milliseconds) can outrun its queue, whose overflow is
+/// dropped.
 const EVENT_LANES: usize = 8;
 /// Longest Event note the API accepts is 1 kB.
 const MAX_NOTE: usize = 1000;
