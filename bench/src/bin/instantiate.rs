@@ -75,7 +75,16 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     tokio_rt.block_on(async move {
-        let rt = Runtime::new(RuntimeConfig::default())?;
+        // INSTANTIATE_INSTANCES=N: a smaller pool (valgrind cannot reserve the default's
+        // terabytes of address space).
+        let mut config = RuntimeConfig::default();
+        if let Some(n) = std::env::var("INSTANTIATE_INSTANCES")
+            .ok()
+            .and_then(|n| n.parse().ok())
+        {
+            config.max_instances = n;
+        }
+        let rt = Runtime::new(config)?;
         let load_start = Instant::now();
         let program = rt.load("sha256:instantiate-bench", &bytes)?;
         let load = load_start.elapsed();
@@ -87,7 +96,7 @@ fn main() -> anyhow::Result<()> {
         let remote: SocketAddr = "127.0.0.1:40000".parse()?;
         let local: SocketAddr = "127.0.0.1:18081".parse()?;
         let allowed = Arc::new(AllowList::deny_all());
-        let pod_env = [("POD_NAME".to_string(), "bench".to_string())];
+        let pod_env: runtime::Environ = [("POD_NAME", "bench")].into_iter().collect();
         // INSTANTIATE_METER=1: every run charged to a container's meter, as pods are.
         let meter = std::env::var_os("INSTANTIATE_METER").map(|_| runtime::Meter::new());
         if meter.is_some() {
@@ -126,10 +135,8 @@ fn main() -> anyhow::Result<()> {
                 local_addr: local,
                 scheme: "http",
             };
-            let cgi_env = wagi::cgi::environment(&meta, &pattern, "", "wasinode-bench");
-            let mut env = Vec::with_capacity(pod_env.len() + cgi_env.len());
-            env.extend(pod_env.iter().cloned());
-            env.extend(cgi_env);
+            let env =
+                workload::serve::request_environ(&pod_env, &meta, &pattern, "", "wasinode-bench");
             env_len = env.len();
             let inv = Invocation {
                 entrypoint: "_start".to_string(),

@@ -223,7 +223,10 @@ impl Runtime {
     ) -> Result<(Store<ComponentHost>, Pipes), RunError> {
         let deadline = inv.timeout.map(|t| Instant::now() + t);
         let mut b = WasiCtxBuilder::new();
-        b.args(&inv.args).envs(&inv.env);
+        b.args(&inv.args);
+        for (k, v) in inv.env.iter() {
+            b.env(k, v);
+        }
         b.stdin(MemoryInputPipe::new(inv.stdin.clone()));
         let (stdout_pipe, stdout) = pipe_for(&inv.stdout);
         let (stderr_pipe, stderr) = pipe_for(&inv.stderr);

@@ -26,6 +26,7 @@ mod writev;
 
 pub use component::{ComponentBody, ProgramKind};
 pub use engine::{Program, Runtime, RuntimeConfig, RuntimeError};
+pub use environ::Environ;
 pub use outbound::{AllowList, AllowListError};
 pub use output::{LineSink, STDERR_CAPTURE_LIMIT, STDOUT_CAPTURE_LIMIT, Stream};
 pub use quota::{CpuQuota, Limits, PERIOD as CPU_PERIOD};

@@ -41,7 +41,7 @@ pub struct Invocation {
     /// Exported function to call: `_start` for commands, or a WAGI entrypoint.
     pub entrypoint: String,
     pub args: Vec<String>,
-    pub env: Vec<(String, String)>,
+    pub env: crate::Environ,
     pub stdin: Bytes,
     pub stdout: Stream,
     pub stderr: Stream,
@@ -60,7 +60,7 @@ impl Invocation {
         Self {
             entrypoint: entrypoint.into(),
             args: Vec::new(),
-            env: Vec::new(),
+            env: crate::Environ::default(),
             stdin: Bytes::new(),
             stdout: Stream::Capture {
                 limit: STDOUT_CAPTURE_LIMIT,
@@ -213,7 +213,7 @@ impl Runtime {
         preopen_all(&mut b, &inv.preopens)?;
         let host = Host {
             wasi: b.build_p1(),
-            env: crate::environ::Environ::new(&inv.env),
+            env: inv.env,
             limiter: InstanceLimiter::new(limit).metered(inv.meter.clone()),
             outbound: OutboundState::new(
                 inv.allowed_hosts.clone(),

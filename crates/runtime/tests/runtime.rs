@@ -273,10 +273,7 @@ async fn a_guest_reads_its_environment_in_order_and_bad_pointers_are_its_fault()
         .unwrap_or_else(|e| panic!("{e}"));
     let env = [("A", "1"), ("B", "x=y"), ("C", ""), ("D", "é")];
     let inv = Invocation {
-        env: env
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
+        env: env.iter().copied().collect(),
         ..Invocation::new("_start")
     };
     let out = r.run(&p, inv).await.unwrap_or_else(|e| panic!("{e}"));

@@ -1,7 +1,6 @@
 //! The CGI/1.1 environment and argv handed to a WAGI module.
 
 use std::borrow::Cow;
-use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 
 use http::header::{AUTHORIZATION, CONTENT_TYPE, HOST, PROXY_AUTHORIZATION};
@@ -34,9 +33,27 @@ pub fn environment(
     raw_path_info: &str,
     server_software: &str,
 ) -> Vec<(String, String)> {
+    let mut env = Vec::with_capacity(19 + req.headers.keys_len());
+    write_environment(req, pattern, raw_path_info, server_software, &mut |k, v| {
+        env.push((k.to_string(), v.to_string()))
+    });
+    env
+}
+
+/// The same variables as [`environment`], in the same order, handed to `put` one by one as
+/// borrowed text: what is in the request already is not copied, and what must be built (the
+/// URL, numbers, header variable names) is built in a few reused buffers. The request path
+/// writes them straight into the guest's environment buffer with this.
+pub fn write_environment(
+    req: &RequestMeta<'_>,
+    pattern: &RoutePattern,
+    raw_path_info: &str,
+    server_software: &str,
+    put: &mut dyn FnMut(&str, &str),
+) {
+    use std::fmt::Write as _;
     let path_info = decode_path_info(raw_path_info);
     let server = server_address(req);
-    let client_ip = canonical_ip(req.remote_addr.ip()).to_string();
     let (auth_type, remote_user) = authorization(req.headers);
     let content_type = req
         .headers
@@ -44,41 +61,53 @@ pub fn environment(
         .map(|v| lossy(v.as_bytes()))
         .unwrap_or_default();
     let query = req.uri.query();
-    let full_url = {
-        let mut url = format!("{}://{}", req.scheme, server.url_authority);
-        url.push_str(req.uri.path());
-        if let Some(q) = query {
-            url.push('?');
-            url.push_str(q);
-        }
-        url
-    };
+    // One buffer for what is formatted; each value is handed over before the next is written.
+    let mut scratch = String::with_capacity(64);
 
-    let fixed: [(&str, String); 19] = [
-        ("REQUEST_METHOD", req.method.as_str().to_string()),
-        ("SCRIPT_NAME", pattern.script_name().to_string()),
-        ("PATH_INFO", path_info.clone()),
-        ("PATH_TRANSLATED", path_info),
-        ("X_RAW_PATH_INFO", raw_path_info.to_string()),
-        ("X_MATCHED_ROUTE", pattern.as_declared()),
-        ("QUERY_STRING", query.unwrap_or("").to_string()),
-        ("CONTENT_TYPE", content_type),
-        ("CONTENT_LENGTH", req.body_len.to_string()),
-        ("SERVER_NAME", server.name),
-        ("SERVER_PORT", server.port.to_string()),
-        ("SERVER_PROTOCOL", protocol(req.version).to_string()),
-        ("SERVER_SOFTWARE", server_software.to_string()),
-        ("GATEWAY_INTERFACE", "CGI/1.1".to_string()),
-        ("REMOTE_ADDR", client_ip.clone()),
-        ("REMOTE_HOST", client_ip),
-        ("AUTH_TYPE", auth_type),
-        ("REMOTE_USER", remote_user),
-        ("X_FULL_URL", full_url),
-    ];
-    let mut env: Vec<(String, String)> =
-        fixed.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
-    env.extend(http_variables(req.headers));
-    env
+    put("REQUEST_METHOD", req.method.as_str());
+    put("SCRIPT_NAME", pattern.script_name());
+    put("PATH_INFO", &path_info);
+    put("PATH_TRANSLATED", &path_info);
+    put("X_RAW_PATH_INFO", raw_path_info);
+    match pattern {
+        RoutePattern::Exact(_) => put("X_MATCHED_ROUTE", pattern.script_name()),
+        RoutePattern::Prefix(_) => {
+            scratch.clear();
+            scratch.push_str(pattern.script_name());
+            scratch.push_str(crate::routes::PREFIX_SUFFIX);
+            put("X_MATCHED_ROUTE", &scratch);
+        }
+    }
+    put("QUERY_STRING", query.unwrap_or(""));
+    put("CONTENT_TYPE", &content_type);
+    scratch.clear();
+    let _ = write!(scratch, "{}", req.body_len);
+    put("CONTENT_LENGTH", &scratch);
+    put("SERVER_NAME", &server.name);
+    scratch.clear();
+    let _ = write!(scratch, "{}", server.port);
+    put("SERVER_PORT", &scratch);
+    put("SERVER_PROTOCOL", &protocol(req.version));
+    put("SERVER_SOFTWARE", server_software);
+    put("GATEWAY_INTERFACE", "CGI/1.1");
+    scratch.clear();
+    let _ = write!(scratch, "{}", canonical_ip(req.remote_addr.ip()));
+    put("REMOTE_ADDR", &scratch);
+    put("REMOTE_HOST", &scratch);
+    put("AUTH_TYPE", &auth_type);
+    put("REMOTE_USER", &remote_user);
+    scratch.clear();
+    let _ = write!(scratch, "{}://{}", req.scheme, server.name);
+    if let Some(port) = server.url_port {
+        let _ = write!(scratch, ":{port}");
+    }
+    scratch.push_str(req.uri.path());
+    if let Some(q) = query {
+        scratch.push('?');
+        scratch.push_str(q);
+    }
+    put("X_FULL_URL", &scratch);
+    http_variables(req.headers, put);
 }
 
 /// argv for the module, as WAGI 0.8.1 builds it (`build_argv` in its `src/handlers.rs`; Spin's
@@ -108,10 +137,10 @@ pub fn argv_from_template(template: &str, uri_path: &str, query: Option<&str>) -
 
 /// PATH_INFO: percent-decoded; the raw text if decoding gives invalid UTF-8
 /// or a NUL (which cannot be carried in an environment variable).
-fn decode_path_info(raw: &str) -> String {
+fn decode_path_info(raw: &str) -> Cow<'_, str> {
     match percent_encoding::percent_decode_str(raw).decode_utf8() {
-        Ok(d) if !d.contains('\0') => d.into_owned(),
-        _ => raw.to_string(),
+        Ok(d) if !d.contains('\0') => d,
+        _ => Cow::Borrowed(raw),
     }
 }
 
@@ -131,38 +160,34 @@ fn canonical_ip(ip: IpAddr) -> IpAddr {
     ip.to_canonical()
 }
 
-fn lossy(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
+fn lossy(bytes: &[u8]) -> Cow<'_, str> {
+    String::from_utf8_lossy(bytes)
 }
 
-struct ServerAddress {
+struct ServerAddress<'a> {
     /// SERVER_NAME: host name, IPv4 address, or `[IPv6]`.
-    name: String,
+    name: Cow<'a, str>,
     /// SERVER_PORT.
     port: u16,
-    /// `host[:port]` for X_FULL_URL, as the client addressed it.
-    url_authority: String,
+    /// The port in X_FULL_URL's authority, as the client addressed it (none if it gave none).
+    url_port: Option<u16>,
 }
 
 /// The server as the client addressed it: the Host header, else the
 /// request-target's authority (HTTP/2 `:authority`), else the local socket.
-fn server_address(req: &RequestMeta<'_>) -> ServerAddress {
+fn server_address<'a>(req: &RequestMeta<'a>) -> ServerAddress<'a> {
     let from_client = req
         .headers
         .get(HOST)
         .and_then(|v| v.to_str().ok())
         .and_then(parse_host)
         .or_else(|| req.uri.authority().and_then(|a| parse_host(a.as_str())));
-    if let Some((name, port)) = from_client {
-        let url_authority = match port {
-            Some(p) => format!("{name}:{p}"),
-            None => name.clone(),
-        };
-        let port = port.unwrap_or_else(|| default_port(req.scheme, req.local_addr.port()));
+    if let Some((name, url_port)) = from_client {
+        let port = url_port.unwrap_or_else(|| default_port(req.scheme, req.local_addr.port()));
         return ServerAddress {
-            name,
+            name: Cow::Borrowed(name),
             port,
-            url_authority,
+            url_port,
         };
     }
     let name = match canonical_ip(req.local_addr.ip()) {
@@ -171,9 +196,9 @@ fn server_address(req: &RequestMeta<'_>) -> ServerAddress {
     };
     let port = req.local_addr.port();
     ServerAddress {
-        url_authority: format!("{name}:{port}"),
-        name,
+        name: Cow::Owned(name),
         port,
+        url_port: Some(port),
     }
 }
 
@@ -189,7 +214,7 @@ fn default_port(scheme: &str, fallback: u16) -> u16 {
 
 /// Parses `host[:port]` (`[v6]:port` for IPv6). Userinfo, paths and other
 /// junk are refused, so the caller falls back to another source.
-fn parse_host(s: &str) -> Option<(String, Option<u16>)> {
+fn parse_host(s: &str) -> Option<(&str, Option<u16>)> {
     let (name, port) = if let Some(rest) = s.strip_prefix('[') {
         let close = rest.find(']')?;
         rest[..close].parse::<Ipv6Addr>().ok()?;
@@ -221,7 +246,7 @@ fn parse_host(s: &str) -> Option<(String, Option<u16>)> {
         Some(p) if p.bytes().all(|b| b.is_ascii_digit()) => Some(p.parse::<u16>().ok()?),
         Some(_) => return None,
     };
-    Some((name.to_string(), port))
+    Some((name, port))
 }
 
 /// AUTH_TYPE (the scheme word) and REMOTE_USER (the Basic user, if any).
@@ -301,25 +326,51 @@ fn base64_decode(s: &str) -> Option<Vec<u8>> {
 /// Proxy-Authorization, sorted by variable name. Repeated headers are joined
 /// with `", "`; so are distinct headers that map to the same variable
 /// (`X-A` and `X_A`).
-fn http_variables(headers: &http::HeaderMap) -> Vec<(String, String)> {
-    let mut vars: BTreeMap<String, String> = BTreeMap::new();
-    for name in headers.keys() {
-        if name == AUTHORIZATION || name == PROXY_AUTHORIZATION {
-            continue;
-        }
-        let var = format!(
-            "HTTP_{}",
-            name.as_str().to_ascii_uppercase().replace('-', "_")
-        );
-        let slot = vars.entry(var).or_default();
-        for value in headers.get_all(name) {
-            if !slot.is_empty() {
-                slot.push_str(", ");
+fn http_variables(headers: &http::HeaderMap, put: &mut dyn FnMut(&str, &str)) {
+    let mut vars: Vec<(String, &http::HeaderName)> = headers
+        .keys()
+        .filter(|&name| name != AUTHORIZATION && name != PROXY_AUTHORIZATION)
+        .map(|name| {
+            let mut var = String::with_capacity(5 + name.as_str().len());
+            var.push_str("HTTP_");
+            // Header names are lower-case ASCII here (the http crate's `HeaderName`).
+            var.extend(name.as_str().chars().map(|c| match c {
+                '-' => '_',
+                c => c.to_ascii_uppercase(),
+            }));
+            (var, name)
+        })
+        .collect();
+    // By variable name; headers that map to the same one keep the request's order.
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut joined = String::new();
+    let mut i = 0;
+    while i < vars.len() {
+        let var = &vars[i].0;
+        let same = vars[i..].iter().take_while(|(v, _)| v == var).count();
+        let mut values = vars[i..i + same]
+            .iter()
+            .flat_map(|(_, name)| headers.get_all(*name));
+        match (same, headers.get_all(vars[i].1).iter().count()) {
+            // The common case: one header, one value, handed over as it came.
+            (1, 1) => {
+                if let Some(v) = values.next() {
+                    put(var, &lossy(v.as_bytes()));
+                }
             }
-            slot.push_str(&lossy(value.as_bytes()));
+            _ => {
+                joined.clear();
+                for v in values {
+                    if !joined.is_empty() {
+                        joined.push_str(", ");
+                    }
+                    joined.push_str(&lossy(v.as_bytes()));
+                }
+                put(var, &joined);
+            }
         }
+        i += same;
     }
-    vars.into_iter().collect()
 }
 
 #[cfg(test)]

@@ -40,7 +40,7 @@ fn invalid(pattern: &str, reason: impl Into<String>) -> RouteError {
     }
 }
 
-const PREFIX_SUFFIX: &str = "/...";
+pub(crate) const PREFIX_SUFFIX: &str = "/...";
 
 impl RoutePattern {
     /// Parses a declared route.

@@ -93,7 +93,7 @@ pub async fn run_container(
         let inv = Invocation {
             entrypoint: "_start".into(),
             args: argv.clone(),
-            env: spec.env.clone(),
+            env: runtime::Environ::new(&spec.env),
             stdin: Default::default(),
             stdout: Stream::Lines(Arc::new(spec.log.stdout())),
             stderr: Stream::Lines(Arc::new(spec.log.clone())),
