@@ -33,6 +33,10 @@ pub struct EngineArgs {
     /// --max-instances, at least 1].
     #[arg(long, value_name = "N")]
     pub max_instances_per_pod: Option<u32>,
+    /// Threads that serve the pods' HTTP connections, each owning the connections handed to it
+    /// (0: serve them on the agent's main runtime) [default: one per core].
+    #[arg(long, value_name = "N")]
+    pub serve_threads: Option<usize>,
     /// A plain-HTTP registry to allow besides loopback ones (HOST[:PORT]; repeatable).
     #[arg(long, value_name = "HOST[:PORT]")]
     pub insecure_registry: Vec<String>,
@@ -77,6 +81,19 @@ impl EngineArgs {
             idle_timeout: self.idle_timeout,
             ..Default::default()
         }
+    }
+
+    /// The threads pods' connections are served on (`None` for `--serve-threads 0`).
+    pub fn serve_threads(&self) -> anyhow::Result<Option<workload::threads::ServeThreads>> {
+        use workload::threads::ServeThreads;
+        let threads = match self.serve_threads {
+            Some(0) => return Ok(None),
+            Some(n) => ServeThreads::start(n, crate::park_hook()),
+            None => ServeThreads::per_core(crate::park_hook()),
+        };
+        threads
+            .map(Some)
+            .context("cannot start the threads that serve pods' connections")
     }
 
     /// How container logs are kept.
@@ -172,6 +189,7 @@ pub fn start(
                 max: Duration::from_secs(300),
             },
             conn_limits: opts.conn_limits(),
+            serve_threads: opts.serve_threads()?,
             ..Default::default()
         },
     );

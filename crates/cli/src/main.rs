@@ -63,6 +63,14 @@ mod allocator {
     }
 }
 
+/// What every runtime thread of the binary runs when it goes idle.
+fn park_hook() -> Option<fn()> {
+    #[cfg(not(feature = "system-allocator"))]
+    return Some(allocator::collect_when_idle);
+    #[cfg(feature = "system-allocator")]
+    return None;
+}
+
 #[derive(Parser, Debug)]
 #[command(
     name = "wasinode",
@@ -126,8 +134,9 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let mut rt = tokio::runtime::Builder::new_multi_thread();
     rt.enable_all();
-    #[cfg(not(feature = "system-allocator"))]
-    rt.on_thread_park(allocator::collect_when_idle);
+    if let Some(hook) = park_hook() {
+        rt.on_thread_park(hook);
+    }
     let rt = match rt.build() {
         Ok(rt) => rt,
         Err(e) => {

@@ -18,6 +18,7 @@ pub mod quantity;
 pub mod report;
 pub mod serve;
 pub mod supervisor;
+pub mod threads;
 pub mod usage;
 
 pub use image::{Images, PullRetry};

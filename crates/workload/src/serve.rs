@@ -20,7 +20,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use runtime::{
     AllowList, ComponentBody, Invocation, Preopen, Program, ProgramKind, RunError, Runtime, Stream,
 };
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use wagi::routes::RouteTable;
 
@@ -36,7 +36,8 @@ pub struct Handler {
     pub program: Arc<Program>,
     pub entrypoint: String,
     pub argv: Option<String>,
-    pub env: Vec<(String, String)>,
+    /// The container's environment, laid out once.
+    pub env: runtime::Environ,
     pub mounts: Vec<Preopen>,
     pub allowed_hosts: Arc<AllowList>,
     pub log: ContainerLog,
@@ -120,6 +121,7 @@ impl Handler {
         meter: Option<Arc<runtime::Meter>>,
     ) -> Result<Handler, RunError> {
         let sink: Arc<dyn runtime::LineSink> = Arc::new(log.clone());
+        let env = runtime::Environ::new(&env);
         let service = match program.kind() {
             ProgramKind::HttpService => {
                 let inv = Invocation {
@@ -176,6 +178,8 @@ pub struct WagiApp {
     pub in_flight: Option<crate::metrics::InFlight>,
     /// What requests no route matched count under.
     pub unrouted: Option<crate::metrics::RouteMetrics>,
+    /// Where accepted connections are served; `None` serves them on the listener's runtime.
+    pub threads: Option<crate::threads::ServeThreads>,
 }
 
 /// A WAGI response (whole, parsed from stdout) or a component's (streamed while the instance
@@ -259,11 +263,13 @@ impl WagiApp {
             local_addr: local,
             scheme: "http",
         };
-        let cgi_env =
-            wagi::cgi::environment(&meta, m.pattern, m.raw_path_info, &self.server_software);
-        let mut env = Vec::with_capacity(h.env.len() + cgi_env.len());
-        env.extend(h.env.iter().cloned());
-        env.extend(cgi_env);
+        let env = request_environ(
+            &h.env,
+            &meta,
+            m.pattern,
+            m.raw_path_info,
+            &self.server_software,
+        );
         // As WAGI 0.8.1: the request's path and its raw query, not the CGI variables.
         let args = match &h.argv {
             None => wagi::cgi::argv(path, parts.uri.query()),
@@ -415,6 +421,27 @@ impl WagiApp {
     }
 }
 
+/// A WAGI request's environment: the container's variables, then the request's CGI variables
+/// written straight into the same buffer.
+pub fn request_environ(
+    base: &runtime::Environ,
+    meta: &wagi::cgi::RequestMeta<'_>,
+    pattern: &wagi::routes::RoutePattern,
+    raw_path_info: &str,
+    server_software: &str,
+) -> runtime::Environ {
+    // 19 CGI variables and one per header; most requests fit in the bytes reserved.
+    let mut env = base.clone_with_room(19 + meta.headers.keys_len(), 1024);
+    wagi::cgi::write_environment(
+        meta,
+        pattern,
+        raw_path_info,
+        server_software,
+        &mut |k, v| env.push(k, v),
+    );
+    env
+}
+
 /// A response body that keeps something (the pod's instance slot) until the body is done.
 pub struct Held<B> {
     body: B,
@@ -490,10 +517,10 @@ pub async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let conn = Arc::new(conn);
-        let app = app.clone();
+        let in_app = app.clone();
         let in_conn = conn.clone();
         let svc = hyper::service::service_fn(move |req| {
-            let app = app.clone();
+            let app = in_app.clone();
             let busy = in_conn.request();
             async move {
                 let resp = match tokio::time::timeout(request_limit, app.handle(req, remote, local))
@@ -506,18 +533,35 @@ pub async fn serve(
                 Ok::<_, Infallible>(resp)
             }
         });
-        let served = builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), svc)
-            .into_owned();
-        let served = graceful.watch(served);
-        tasks.spawn(async move {
+        let (builder, watcher) = (builder.clone(), graceful.watcher());
+        // Serves the connection on the runtime that polls this future (its socket is
+        // registered there).
+        let connection = async move |stream: TcpStream| {
+            let served = builder
+                .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+                .into_owned();
             tokio::select! {
-                _ = served => {}
+                _ = watcher.watch(served) => {}
                 // Evicted for a newer connection, or idle: no request is in flight, so closing
                 // the socket loses nothing.
                 _ = conn.closed() => {}
             }
-        });
+        };
+        match &app.threads {
+            None => {
+                tasks.spawn(connection(stream));
+            }
+            // Moved to a serving thread's own reactor, where all its requests then run.
+            Some(threads) => match stream.into_std() {
+                Ok(stream) => threads.spawn_in(&mut tasks, async move {
+                    match TcpStream::from_std(stream) {
+                        Ok(stream) => connection(stream).await,
+                        Err(e) => tracing::debug!(error = %e, "cannot register a connection"),
+                    }
+                }),
+                Err(e) => tracing::debug!(error = %e, "cannot hand a connection over"),
+            },
+        }
     }
     drop(listener);
     if tokio::time::timeout(grace, graceful.shutdown())

@@ -52,6 +52,9 @@ pub struct SupervisorConfig {
     /// How the instances of WASI 0.3 services are reused (their request timeout is
     /// `request_timeout`).
     pub service_limits: runtime::ServiceLimits,
+    /// Where the pods' connections are served ([`crate::threads`]); `None`: on the runtime
+    /// their listeners run on.
+    pub serve_threads: Option<crate::threads::ServeThreads>,
 }
 
 impl Default for SupervisorConfig {
@@ -63,6 +66,7 @@ impl Default for SupervisorConfig {
             max_instances_per_pod: 100,
             conn_limits: ConnLimits::default(),
             service_limits: runtime::ServiceLimits::default(),
+            serve_threads: None,
         }
     }
 }
@@ -601,6 +605,7 @@ impl Supervisor {
             )),
             in_flight: Some(self.metrics.in_flight(key)),
             unrouted: Some(self.metrics.route(key, "", None)),
+            threads: self.config.serve_threads.clone(),
         });
         tokio::spawn(serve(
             listener,
@@ -622,7 +627,7 @@ impl Supervisor {
             container: Some(c.name.clone()),
         };
         let mut inv = Invocation::new("_routes");
-        inv.env = c.env.clone();
+        inv.env = runtime::Environ::new(&c.env);
         inv.stdout = Stream::Capture { limit: 1 << 20 };
         inv.timeout = Some(self.config.request_timeout);
         let out = self
