@@ -80,6 +80,11 @@ pub(crate) fn is_component_binary(bytes: &[u8]) -> bool {
     bytes.len() >= 8 && bytes[..4] == *b"\0asm" && bytes[6..8] == [0x01, 0x00]
 }
 
+/// Whether `bytes` is a core module in the binary format (not a component, not text).
+pub(crate) fn is_core_module_binary(bytes: &[u8]) -> bool {
+    bytes.len() >= 8 && bytes[..4] == *b"\0asm" && bytes[4..8] == [0x01, 0x00, 0x00, 0x00]
+}
+
 /// The names a component exports, for telling its kind and for saying why it was refused.
 pub(crate) fn export_names(engine: &wasmtime::Engine, component: &Component) -> Vec<String> {
     component
@@ -217,8 +222,10 @@ impl WasiHttpHooks for Outbound {
 }
 
 impl Runtime {
+    /// A store of `engine` (the one the program was compiled by) for one instance.
     pub(crate) fn component_store(
         &self,
+        engine: &wasmtime::Engine,
         inv: &Invocation,
     ) -> Result<(Store<ComponentHost>, Pipes), RunError> {
         let deadline = inv.timeout.map(|t| Instant::now() + t);
@@ -263,7 +270,7 @@ impl Runtime {
             limiter: InstanceLimiter::new(self.memory_limit(&inv.limits))
                 .metered(inv.meter.clone()),
         };
-        let mut store = Store::new(&self.inner.engine, host);
+        let mut store = Store::new(engine, host);
         store.limiter(|h| &mut h.limiter);
         store.set_epoch_deadline(1);
         let cpu = inv.limits.cpu.clone();
@@ -286,7 +293,7 @@ impl Runtime {
         pre: &CommandPre<ComponentHost>,
         inv: Invocation,
     ) -> Result<Outcome, RunError> {
-        let (mut store, pipes) = self.component_store(&inv)?;
+        let (mut store, pipes) = self.component_store(pre.instance_pre().engine(), &inv)?;
         let max_memory = self.memory_limit(&inv.limits);
         let result = match pre.instantiate_async(&mut store).await {
             Ok(cmd) => cmd.wasi_cli_run().call_run(&mut store).await,
@@ -337,7 +344,7 @@ impl Runtime {
             Stream::Lines(sink) => Some(sink.clone()),
             _ => None,
         };
-        let (mut store, pipes) = self.component_store(&inv)?;
+        let (mut store, pipes) = self.component_store(pre.instance_pre().engine(), &inv)?;
         let (tx, rx) = tokio::sync::oneshot::channel();
         let setup = |e: wasmtime::Error| RunError::Setup(format!("{e:#}"));
         let req = store

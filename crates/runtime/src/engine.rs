@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use wasmtime::{
@@ -141,6 +141,8 @@ pub(crate) struct Inner {
     pub(crate) engine: Engine,
     pub(crate) linker: Linker<Host>,
     components: component::Linker<ComponentHost>,
+    /// The engine of programs that need the component model's concurrency (see [`Concurrent`]).
+    concurrent: Arc<OnceLock<Result<Concurrent, String>>>,
     pub(crate) config: RuntimeConfig,
     pub(crate) http: reqwest::Client,
     programs: Mutex<HashMap<String, Arc<Program>>>,
@@ -154,36 +156,75 @@ impl Drop for Inner {
     }
 }
 
+/// The engine and component linker of WASI 0.3 services, made on first use.
+///
+/// The component model's concurrency (async lifts, streams, futures: what every WASI 0.3
+/// service uses) costs every store and every guest-to-host call of an engine that supports it a
+/// task of its own in the store's concurrent state, whether the guest uses it or not. With it off,
+/// a 0.2 `wasi:http` request cost 18% less CPU and a WAGI request 5% less (alternating A/B,
+/// `wrk -t1 -c16`). So core modules and 0.2 components run on an engine without it, and
+/// only programs that need it on this second one, which a node that never runs one does not make.
+pub(crate) struct Concurrent {
+    pub(crate) engine: Engine,
+    components: component::Linker<ComponentHost>,
+}
+
+/// The engine set-up both engines share: the pooling allocator, epochs, stacks.
+fn engine_config(config: &RuntimeConfig, concurrent: bool) -> Config {
+    let mut pool = PoolingAllocationConfig::default();
+    // One fiber stack per running instance, module or component, so `max_instances` is what
+    // bounds concurrency. A component is several core instances (its module, the preview-1
+    // adapter, shims) with one or two memories and a few tables: room for that many.
+    pool.total_component_instances(config.max_instances)
+        .total_core_instances(config.max_instances.saturating_mul(8))
+        .total_memories(config.max_instances.saturating_mul(2))
+        .total_tables(config.max_instances.saturating_mul(4))
+        .total_stacks(config.max_instances)
+        .max_memories_per_module(4)
+        .max_memory_size(config.max_memory)
+        // Resetting a slot after each request was most of the per-request cost (bench/run
+        // under perf: madvise, copy-on-write faults and cross-core TLB flushes took 73% of
+        // the server's CPU). Keeping the first 2 MiB of a used slot resident and resetting
+        // only the pages the guest dirtied (pagemap scan, Linux >= 6.7; `Auto` falls back to
+        // madvise elsewhere) halved instantiate-and-run in the instantiate bench.
+        .linear_memory_keep_resident(2 << 20)
+        .table_keep_resident(64 << 10)
+        .pagemap_scan(wasmtime::Enabled::Auto)
+        .decommit_batch_size(16);
+    let mut cfg = Config::new();
+    cfg.epoch_interruption(true)
+        .allocation_strategy(InstanceAllocationStrategy::Pooling(pool))
+        .max_wasm_stack(1 << 20)
+        .async_stack_size(2 << 20);
+    if concurrent {
+        cfg.wasm_component_model_async(true);
+    } else {
+        cfg.concurrency_support(false);
+    }
+    cfg
+}
+
+/// Components: every WASI 0.2 interface (sockets and name lookup present but refusing every
+/// address unless allowed, see component.rs) and wasi:http; on the concurrent engine WASI 0.3
+/// beside them (their interfaces are versioned apart), for wasi:http/service.
+fn component_linker(
+    engine: &Engine,
+    concurrent: bool,
+) -> wasmtime::Result<component::Linker<ComponentHost>> {
+    let mut components: component::Linker<ComponentHost> = component::Linker::new(engine);
+    wasmtime_wasi::p2::add_to_linker_async(&mut components)?;
+    wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut components)?;
+    if concurrent {
+        wasmtime_wasi::p3::add_to_linker(&mut components)?;
+        wasmtime_wasi_http::p3::add_to_linker(&mut components)?;
+    }
+    Ok(components)
+}
+
 impl Runtime {
     pub fn new(config: RuntimeConfig) -> Result<Self, RuntimeError> {
         let err = |e: wasmtime::Error| RuntimeError::Engine(format!("{e:#}"));
-        let mut pool = PoolingAllocationConfig::default();
-        // One fiber stack per running instance, module or component, so `max_instances` is what
-        // bounds concurrency. A component is several core instances (its module, the preview-1
-        // adapter, shims) with one or two memories and a few tables: room for that many.
-        pool.total_component_instances(config.max_instances)
-            .total_core_instances(config.max_instances.saturating_mul(8))
-            .total_memories(config.max_instances.saturating_mul(2))
-            .total_tables(config.max_instances.saturating_mul(4))
-            .total_stacks(config.max_instances)
-            .max_memories_per_module(4)
-            .max_memory_size(config.max_memory)
-            // Resetting a slot after each request was most of the per-request cost (bench/run
-            // under perf: madvise, copy-on-write faults and cross-core TLB flushes took 73% of
-            // the server's CPU). Keeping the first 2 MiB of a used slot resident and resetting
-            // only the pages the guest dirtied (pagemap scan, Linux >= 6.7; `Auto` falls back to
-            // madvise elsewhere) halved instantiate-and-run in the instantiate bench.
-            .linear_memory_keep_resident(2 << 20)
-            .table_keep_resident(64 << 10)
-            .pagemap_scan(wasmtime::Enabled::Auto)
-            .decommit_batch_size(16);
-        let mut cfg = Config::new();
-        cfg.epoch_interruption(true)
-            .wasm_component_model_async(true)
-            .allocation_strategy(InstanceAllocationStrategy::Pooling(pool))
-            .max_wasm_stack(1 << 20)
-            .async_stack_size(2 << 20);
-        let engine = Engine::new(&cfg).map_err(err)?;
+        let engine = Engine::new(&engine_config(&config, false)).map_err(err)?;
 
         let mut linker: Linker<Host> = Linker::new(&engine);
         wasmtime_wasi::p1::add_to_linker_async(&mut linker, |h: &mut Host| &mut h.wasi)
@@ -193,15 +234,7 @@ impl Runtime {
         // The environment from one prepared buffer, not cloned per call (see environ.rs).
         crate::environ::add_to_linker(&mut linker).map_err(err)?;
         crate::outbound::add_to_linker(&mut linker).map_err(err)?;
-
-        // Components: every WASI 0.2 interface (sockets and name lookup present but refusing
-        // every address unless allowed, see component.rs) and wasi:http.
-        let mut components: component::Linker<ComponentHost> = component::Linker::new(&engine);
-        wasmtime_wasi::p2::add_to_linker_async(&mut components).map_err(err)?;
-        wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut components).map_err(err)?;
-        // WASI 0.3 beside 0.2 (their interfaces are versioned apart): wasi:http/service.
-        wasmtime_wasi::p3::add_to_linker(&mut components).map_err(err)?;
-        wasmtime_wasi_http::p3::add_to_linker(&mut components).map_err(err)?;
+        let components = component_linker(&engine, false).map_err(err)?;
 
         // No proxy from the environment: a proxy would resolve names itself, past the resolver
         // that keeps guests off restricted addresses.
@@ -214,13 +247,20 @@ impl Runtime {
             .map_err(|e| RuntimeError::Engine(format!("outbound HTTP client: {e}")))?;
 
         let stop_ticker = Arc::new(AtomicBool::new(false));
-        spawn_ticker(engine.clone(), config.epoch_tick, stop_ticker.clone());
+        let concurrent = Arc::new(OnceLock::new());
+        spawn_ticker(
+            engine.clone(),
+            concurrent.clone(),
+            config.epoch_tick,
+            stop_ticker.clone(),
+        );
 
         Ok(Runtime {
             inner: Arc::new(Inner {
                 engine,
                 linker,
                 components,
+                concurrent,
                 config,
                 http,
                 programs: Mutex::new(HashMap::new()),
@@ -257,12 +297,30 @@ impl Runtime {
             digest: digest.to_string(),
             reason: format!("{e:#}"),
         };
-        let compiled = match crate::cache::load_or_compile(
-            &self.inner.engine,
-            self.inner.config.cache_dir.as_deref(),
-            digest,
-            bytes,
-        )? {
+        let dir = self.inner.config.cache_dir.as_deref();
+        let engine = &self.inner.engine;
+        let on_concurrent = |first: Option<RuntimeError>| match self.concurrent() {
+            Ok(c) => {
+                crate::cache::load_or_compile(&c.engine, dir, digest, bytes).map(|a| (a, Some(c)))
+            }
+            // Without the second engine, what the first said is the better reason.
+            Err(e) => Err(first.unwrap_or(e)),
+        };
+        let (artifact, concurrent) = match crate::cache::load_or_compile(engine, dir, digest, bytes)
+        {
+            Ok(Artifact::Component(c))
+                if crate::component::kind_of(&crate::component::export_names(engine, &c))
+                    == Some(ProgramKind::HttpService) =>
+            {
+                on_concurrent(None)?
+            }
+            Ok(a) => (a, None),
+            // A component that uses the component model's concurrency is refused by the first
+            // engine; it gets the one that has it (a core module would fail there the same way).
+            Err(e) if !crate::component::is_core_module_binary(bytes) => on_concurrent(Some(e))?,
+            Err(e) => return Err(e),
+        };
+        let compiled = match artifact {
             Artifact::Module(module) => {
                 let pre = self
                     .inner
@@ -272,18 +330,15 @@ impl Runtime {
                 Compiled::Module { module, pre }
             }
             Artifact::Component(c) => {
-                let exports = crate::component::export_names(&self.inner.engine, &c);
+                let exports = crate::component::export_names(c.engine(), &c);
                 let Some(kind) = crate::component::kind_of(&exports) else {
                     return Err(RuntimeError::NothingToRun {
                         digest: digest.to_string(),
                         exports,
                     });
                 };
-                let pre = self
-                    .inner
-                    .components
-                    .instantiate_pre(&c)
-                    .map_err(link_err)?;
+                let linker = concurrent.map_or(&self.inner.components, |c| &c.components);
+                let pre = linker.instantiate_pre(&c).map_err(link_err)?;
                 match kind {
                     ProgramKind::HttpHandler => {
                         Compiled::Http(ProxyPre::new(pre).map_err(link_err)?)
@@ -312,6 +367,21 @@ impl Runtime {
         Ok(program)
     }
 
+    /// The engine with the component model's concurrency, made on the first call.
+    fn concurrent(&self) -> Result<&Concurrent, RuntimeError> {
+        let made = self.inner.concurrent.get_or_init(|| {
+            let engine = Engine::new(&engine_config(&self.inner.config, true))
+                .map_err(|e| format!("{e:#}"))?;
+            let components = component_linker(&engine, true).map_err(|e| format!("{e:#}"))?;
+            tracing::info!(
+                "made the engine of WASI 0.3 components (the component model's concurrency)"
+            );
+            Ok(Concurrent { engine, components })
+        });
+        made.as_ref()
+            .map_err(|e| RuntimeError::Engine(format!("the engine of WASI 0.3 components: {e}")))
+    }
+
     /// The program already loaded for `digest`, if any.
     pub fn loaded(&self, digest: &str) -> Option<Arc<Program>> {
         self.inner
@@ -332,13 +402,21 @@ impl Runtime {
     }
 }
 
-fn spawn_ticker(engine: Engine, tick: Duration, stop: Arc<AtomicBool>) {
+fn spawn_ticker(
+    engine: Engine,
+    concurrent: Arc<OnceLock<Result<Concurrent, String>>>,
+    tick: Duration,
+    stop: Arc<AtomicBool>,
+) {
     let spawned = std::thread::Builder::new()
         .name("wasm-epoch".into())
         .spawn(move || {
             while !stop.load(Ordering::Relaxed) {
                 std::thread::sleep(tick);
                 engine.increment_epoch();
+                if let Some(Ok(c)) = concurrent.get() {
+                    c.engine.increment_epoch();
+                }
             }
         });
     if let Err(e) = spawned {

@@ -168,7 +168,7 @@ impl HandlerState for ServiceState {
     async fn instantiate(&self) -> wasmtime::Result<Instance<ComponentHost, Expiration, Worker>> {
         let (mut store, _pipes) = self
             .runtime
-            .component_store(&self.template)
+            .component_store(self.pre.instance_pre().engine(), &self.template)
             .map_err(wasmtime::Error::new)?;
         // The handler polls a service's requests in tasks of its own, which cannot be timed as
         // other invocations are; its CPU is counted at the epoch ticks instead: every tick the
