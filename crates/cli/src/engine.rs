@@ -21,7 +21,9 @@ pub struct EngineArgs {
     /// Memory one module instance may use, all its memories together (e.g. 128MiB, 64M, 1GiB).
     #[arg(long, default_value = "128MiB", value_parser = parse_size)]
     pub max_memory: usize,
-    /// Module instances that may run at once (slots reserved by the pooling allocator).
+    /// Module instances that may run at once (slots reserved by the pooling allocator). WASI 0.3
+    /// services, whose instances are reused, have a pool of this size of their own, reserved
+    /// when the first one is loaded.
     #[arg(long, default_value_t = 1000)]
     pub max_instances: u32,
     /// Longest one outbound HTTP request of a module may take, connect to last byte (a WAGI
