@@ -212,6 +212,54 @@ pub fn proc_status(pid: u32, field: &str) -> Option<u64> {
         .and_then(|v| v.parse().ok())
 }
 
+/// Where a process's resident memory is, from `/proc/<pid>/smaps`, in KiB: (the wasm instance
+/// pool, other anonymous memory, file-backed and shared). The pool is told by its size: the
+/// pooling allocator reserves one mapping of many GiB for every slot's linear memory, far larger
+/// than any other (the allocator's arenas are at most a few GiB).
+pub fn rss_split(pid: u32) -> Option<(u64, u64, u64)> {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).ok()?;
+    let (mut pool, mut anon, mut file) = (0u64, 0u64, 0u64);
+    let mut kind = 1;
+    for line in smaps.lines() {
+        let mut fields = line.split_whitespace();
+        let Some(first) = fields.next() else { continue };
+        if let Some((lo, hi)) = first.split_once('-')
+            && let (Ok(lo), Ok(hi)) = (u64::from_str_radix(lo, 16), u64::from_str_radix(hi, 16))
+        {
+            // A mapping's header: address range, perms, offset, dev, inode, path.
+            let path = fields.nth(4).unwrap_or("");
+            kind = if hi.saturating_sub(lo) >= 64 << 30 {
+                0
+            } else if path.is_empty() || path.starts_with('[') {
+                1
+            } else {
+                2
+            };
+        } else if first == "Rss:" {
+            let kib: u64 = fields.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+            match kind {
+                0 => pool += kib,
+                1 => anon += kib,
+                _ => file += kib,
+            }
+        }
+    }
+    Some((pool, anon, file))
+}
+
+/// `rss_split` as text.
+pub fn rss_split_text(pid: u32) -> String {
+    match rss_split(pid) {
+        Some((pool, anon, file)) => format!(
+            "wasm pool {:.1} MiB, other anonymous {:.1} MiB, files and shared {:.1} MiB",
+            pool as f64 / 1024.0,
+            anon as f64 / 1024.0,
+            file as f64 / 1024.0
+        ),
+        None => "smaps unreadable".into(),
+    }
+}
+
 /// The agent's open descriptors.
 pub fn open_fds(pid: u32) -> u64 {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count() as u64)

@@ -51,7 +51,7 @@ use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::json;
 use wasinode_bench::{
     Bench, LABEL, NODE, NS, admin_client, answers_hello, env_usize, fd_kinds, mib, ms, node_ready,
-    open_fds, proc_status, tcp_sockets, wagi_pod, wait_state,
+    open_fds, proc_status, rss_split_text, tcp_sockets, wagi_pod, wait_state,
 };
 
 /// TCP connections the agent may hold at rest besides its pods' listeners, more than before a
@@ -673,8 +673,9 @@ async fn density(
         })
         .unwrap_or_else(|| "unknown".into());
     println!(
-        "  before: agent VmRSS {:.1} MiB, {fds_before} open descriptors (limit: {limit})",
-        mib(rss_before)
+        "  before: agent VmRSS {:.1} MiB ({}), {fds_before} open descriptors (limit: {limit})",
+        mib(rss_before),
+        rss_split_text(pid)
     );
     let (ports, specs) = b.port_pods("bench-density", "density", n, NODE)?;
     let names: Vec<String> = (0..n).map(|i| format!("bench-density-{i}")).collect();
@@ -881,6 +882,7 @@ async fn density(
         after.push(format!("{:.1} MiB {secs} s after", mib(rss_after)));
     }
     let ratio = rss_after as f64 / rss_before.max(1) as f64;
+    println!("  where it is 120 s after: {}", rss_split_text(pid));
     println!(
         "  after deleting them: agent VmRSS {} ({:.2}x the level before; target within 10%: {}); {} open descriptors ({})",
         after.join(", "),
