@@ -572,6 +572,10 @@ fn a_wasi_0_3_service_serves_concurrent_requests_from_one_reused_instance() -> R
     let (mut w, _d) = run_one(&y, &["--quiet", "--request-timeout", "3s"])?;
     let a = format!("127.0.0.1:{port}");
     w.wait_listening(&a, T)?;
+    // A burst that finds no instance yet starts one per request (wasmtime-wasi-http's
+    // ProxyHandler counts a worker once it is instantiated): one request first makes the
+    // instance that the burst then shares.
+    assert_eq!(get(&a, "/")?.status, 200);
     // Eight requests at once, each waiting 500 ms inside the guest (wasi:clocks wait-for).
     let burst: Vec<_> = (0..8)
         .map(|_| {

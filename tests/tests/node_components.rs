@@ -256,6 +256,11 @@ fn service_pod(cluster: &Cluster, image: &str) -> Result<()> {
         .unwrap_or("127.0.0.1")
         .to_string();
     let a = format!("{ip}:{port}");
+    // A burst that finds no instance yet starts one per request (wasmtime-wasi-http's
+    // ProxyHandler counts a worker once it is instantiated), so one request first makes the
+    // instance that the burst then shares.
+    let first = get(&a, "/")?;
+    ensure!(first.status == 200, "{first:?}");
     let burst: Vec<_> = (0..6)
         .map(|_| {
             let a = a.clone();
