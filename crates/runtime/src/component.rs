@@ -80,11 +80,6 @@ pub(crate) fn is_component_binary(bytes: &[u8]) -> bool {
     bytes.len() >= 8 && bytes[..4] == *b"\0asm" && bytes[6..8] == [0x01, 0x00]
 }
 
-/// Whether `bytes` is a core module in the binary format (not a component, not text).
-pub(crate) fn is_core_module_binary(bytes: &[u8]) -> bool {
-    bytes.len() >= 8 && bytes[..4] == *b"\0asm" && bytes[4..8] == [0x01, 0x00, 0x00, 0x00]
-}
-
 /// The names a component exports, for telling its kind and for saying why it was refused.
 pub(crate) fn export_names(engine: &wasmtime::Engine, component: &Component) -> Vec<String> {
     component

@@ -161,9 +161,10 @@ impl Drop for Inner {
 /// The component model's concurrency (async lifts, streams, futures: what every WASI 0.3
 /// service uses) costs every store and every guest-to-host call of an engine that supports it a
 /// task of its own in the store's concurrent state, whether the guest uses it or not. With it off,
-/// a 0.2 `wasi:http` request cost 18% less CPU and a WAGI request 5% less (alternating A/B,
-/// `wrk -t1 -c16`). So core modules and 0.2 components run on an engine without it, and
-/// only programs that need it on this second one, which a node that never runs one does not make.
+/// a 0.2 `wasi:http` request cost 16% less server CPU (alternating A/B, `wrk -t1 -c16`; WAGI
+/// requests within the noise) and instantiate-and-run of a WAGI module fell from 7.3-8.0 to
+/// 5.5 µs. So core modules and 0.2 components run on an engine without it, and only programs
+/// that need it on this second one, which a node that never runs one does not make.
 pub(crate) struct Concurrent {
     pub(crate) engine: Engine,
     components: component::Linker<ComponentHost>,
@@ -316,8 +317,14 @@ impl Runtime {
             }
             Ok(a) => (a, None),
             // A component that uses the component model's concurrency is refused by the first
-            // engine; it gets the one that has it (a core module would fail there the same way).
-            Err(e) if !crate::component::is_core_module_binary(bytes) => on_concurrent(Some(e))?,
+            // engine; it gets the one that has it. Anything else (a core module, bytes that are
+            // no wasm at all) would fail there the same way, and does not make the second engine.
+            Err(e)
+                if wat::parse_bytes(bytes)
+                    .is_ok_and(|b| crate::component::is_component_binary(&b)) =>
+            {
+                on_concurrent(Some(e))?
+            }
             Err(e) => return Err(e),
         };
         let compiled = match artifact {
