@@ -23,6 +23,18 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use tokio::runtime::Handle;
 use tokio::sync::oneshot;
 
+thread_local! {
+    /// The index of the serving thread this is (0 on any other thread).
+    static LANE: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// The index of the serving thread the caller runs on, in `0..len()` of its set (0 on a thread
+/// that is no serving thread). What is kept per serving thread (a WASI 0.3 service's instances)
+/// is picked by it, so that a request is served without waking another core.
+pub fn lane() -> usize {
+    LANE.get()
+}
+
 /// A set of serving threads. Cheap to clone; the threads end (and the connections they still
 /// hold are closed) when the last clone is dropped.
 #[derive(Clone)]
@@ -65,6 +77,7 @@ impl ServeThreads {
             std::thread::Builder::new()
                 .name(format!("wasinode-serve-{i}"))
                 .spawn(move || {
+                    LANE.set(i);
                     // Ends when the sender is dropped (or sends); the runtime and whatever it
                     // still runs are dropped here, on their own thread.
                     let _ = rt.block_on(stopped);
@@ -122,12 +135,17 @@ mod tests {
             let tx = tx.clone();
             threads.spawn_in(&mut set, async move {
                 let name = std::thread::current().name().map(String::from);
-                let _ = tx.send(name).await;
+                let _ = tx.send((name, lane())).await;
             });
         }
         drop(tx);
         let mut seen = std::collections::BTreeMap::new();
-        while let Some(name) = rx.recv().await {
+        while let Some((name, lane)) = rx.recv().await {
+            assert_eq!(
+                name.as_deref(),
+                Some(format!("wasinode-serve-{lane}").as_str()),
+                "a thread's lane is its index"
+            );
             *seen.entry(name.unwrap_or_default()).or_insert(0) += 1;
         }
         let want: std::collections::BTreeMap<String, i32> = [
@@ -140,16 +158,19 @@ mod tests {
         // A task still running when the set is dropped ends with its thread.
         let (held_tx, held_rx) = oneshot::channel::<()>();
         let (gone_tx, gone_rx) = oneshot::channel::<()>();
-        threads.spawn_in(&mut set, async move {
-            struct Gone(Option<oneshot::Sender<()>>);
-            impl Drop for Gone {
-                fn drop(&mut self) {
-                    if let Some(t) = self.0.take() {
-                        let _ = t.send(());
-                    }
+        struct Gone(Option<oneshot::Sender<()>>);
+        impl Drop for Gone {
+            fn drop(&mut self) {
+                if let Some(t) = self.0.take() {
+                    let _ = t.send(());
                 }
             }
-            let _gone = Gone(Some(gone_tx));
+        }
+        // Made before the task, so that it tells its drop whether or not the thread polled the
+        // task before ending.
+        let gone = Gone(Some(gone_tx));
+        threads.spawn_in(&mut set, async move {
+            let _gone = gone;
             let _ = held_rx.await;
         });
         while set.try_join_next().is_some() {}
