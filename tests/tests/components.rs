@@ -607,10 +607,33 @@ fn a_wasi_0_3_service_serves_concurrent_requests_from_one_reused_instance() -> R
     );
     drop(w);
 
+    // Each serving thread keeps instances of its own, and each new connection goes to the next
+    // thread: with two, four connections one after another meet two instances, twice each.
+    let port = free_port();
+    let y = component_pod("p3-lanes", &component("http-hello-p3")?, port, "", "");
+    let (mut w, _d) = run_one(&y, &["--quiet", "--serve-threads", "2"])?;
+    let a = format!("127.0.0.1:{port}");
+    w.wait_listening(&a, T)?;
+    let mut numbers = Vec::new();
+    for _ in 0..4 {
+        let r = get(&a, "/")?;
+        assert_eq!(r.status, 200);
+        numbers.push(r.header("x-instance-requests").map(String::from));
+    }
+    let n = |s: &str| Some(s.to_string());
+    assert_eq!(
+        numbers,
+        [n("1"), n("1"), n("2"), n("2")],
+        "one instance per thread"
+    );
+    drop(w);
+
     // A trap fails its request and retires the instance: the next request meets a new one.
+    // Instances are kept per serving thread and each new connection goes to the next thread,
+    // so with one serving thread every connection meets the same instance.
     let port = free_port();
     let y = component_pod("p3-trap", &component("http-hello-p3")?, port, "", "");
-    let (mut w, _d) = run_one(&y, &["--quiet"])?;
+    let (mut w, _d) = run_one(&y, &["--quiet", "--serve-threads", "1"])?;
     let a = format!("127.0.0.1:{port}");
     w.wait_listening(&a, T)?;
     let seq = |path: &str| -> Result<(u16, Option<String>)> {

@@ -359,7 +359,11 @@ impl WagiApp {
         // instance lives. A 0.3 instance is shared: the slot stands for this request until its
         // body is done.
         let (served, slot) = match &h.service {
-            Some(service) => (service.handle(req).await, Some(slot)),
+            // From the instances of the serving thread this request runs on.
+            Some(service) => (
+                service.handle(crate::threads::lane(), req).await,
+                Some(slot),
+            ),
             None => {
                 let inv = Invocation {
                     entrypoint: String::new(),

@@ -552,6 +552,8 @@ impl Supervisor {
     ) -> Result<Handler, StartError> {
         let limits = runtime::ServiceLimits {
             request_timeout: self.config.request_timeout,
+            // A 0.3 service's instances are kept per serving thread (runtime::service).
+            lanes: self.config.serve_threads.as_ref().map_or(1, |t| t.len()),
             ..self.config.service_limits
         };
         Handler::new(
