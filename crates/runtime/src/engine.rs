@@ -199,7 +199,8 @@ fn engine_config(config: &RuntimeConfig, concurrent: bool) -> Config {
         // Flushed one at a time, an empty decommit is no syscall at all (wasmtime 48 skips
         // zero-length ranges unless batched), and the pool's module affinity hands the same
         // warm slot back. Server CPU per request fell about 4% for WAGI and 0.2 components
-        // (alternating A/B, `wrk -t1 -c16`, README "Where the time goes").
+        // (an alternating A/B with `wrk -t1 -c16`, in the notes of issue 13; README "Where the
+        // time goes" says what the syscall was).
         .decommit_batch_size(1);
     let mut cfg = Config::new();
     cfg.epoch_interruption(true)
