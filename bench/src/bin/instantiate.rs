@@ -58,13 +58,8 @@ fn request_headers() -> HeaderMap {
 }
 
 fn main() -> anyhow::Result<()> {
-    // The wasinode binary turns transparent huge pages off for itself (crates/cli/src/main.rs):
-    // so does this, so that the heap under the measured path is backed as it is there.
-    #[cfg(target_os = "linux")]
-    // SAFETY: a plain prctl on this process; it only changes how the kernel backs its memory.
-    unsafe {
-        libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);
-    }
+    // As the wasinode binary does, so that the heap under the measured path is backed as there.
+    runtime::no_transparent_huge_pages().context("turning transparent huge pages off")?;
     let mut argv = std::env::args().skip(1);
     let path = argv
         .next()

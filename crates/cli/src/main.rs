@@ -110,15 +110,9 @@ fn main() -> std::process::ExitCode {
         // SAFETY: first thing in main, before any thread exists.
         unsafe { std::env::set_var("RUST_LIB_BACKTRACE", "0") };
     }
-    // No transparent huge pages for this process. mimalloc asks for them on its arenas
-    // (madvise), and then a 2 MiB page stays resident while any small object on it lives: in
-    // bench/run node the agent held 45 MiB right after joining instead of 30, and 138 MiB instead
-    // of 75 after 2,000 pods were deleted. Nothing here gains from them: the heap is small
-    // objects, and wasm linear memories are reset page by page.
-    #[cfg(target_os = "linux")]
-    // SAFETY: a plain prctl on this process; it only changes how the kernel backs its memory.
-    unsafe {
-        libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);
+    // No transparent huge pages (why: the function's comment).
+    if let Err(e) = runtime::no_transparent_huge_pages() {
+        eprintln!("wasinode: warning: transparent huge pages stay on: {e}");
     }
     raise_open_files_limit();
     tracing_subscriber::fmt()
