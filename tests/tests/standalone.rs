@@ -978,3 +978,93 @@ fn run_rotates_container_logs_and_still_echoes_every_line() -> Result<()> {
     assert_eq!(kept[..], want[want.len() - kept.len()..]);
     Ok(())
 }
+
+/// A WAGI pod serving the `health` guest on `/...` at `addr` (its port named `http`), the
+/// folder `state` at `/state`, with `probes` (YAML lines at the container's indentation).
+fn health_pod(name: &str, addr: &str, state: &Path, probes: &str) -> Result<String> {
+    let port = addr.rsplit(':').next().unwrap_or_default();
+    Ok(format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  annotations:\n    alpha.wagi.krustlet.dev/default-host: \"{addr}\"\n    alpha.wagi.krustlet.dev/modules: '{{\"hello\": {{\"route\": \"/...\"}}}}'\nspec:\n  containers:\n    - name: hello\n      image: file://{}\n      ports: [{{name: http, containerPort: {port}}}]\n      volumeMounts: [{{name: state, mountPath: /state}}]\n{probes}  volumes: [{{name: state, hostPath: {{path: {}}}}}]\n",
+        guest("health")?.display(),
+        state.display()
+    ))
+}
+
+#[test]
+fn probes_print_readiness_restart_on_liveness_failure_and_reach_only_their_pod() -> Result<()> {
+    let state = tempfile::tempdir()?;
+    let a = addr();
+    let probed = health_pod(
+        "probed",
+        &a,
+        state.path(),
+        "      readinessProbe: {httpGet: {path: /ready, port: http}, periodSeconds: 1}\n      livenessProbe: {httpGet: {path: /live, port: http}, periodSeconds: 1, failureThreshold: 2}\n",
+    )?;
+    // An attacker's probes: another host, and a port the pod does not serve (the agent's own
+    // neighbours on the machine). Neither is reached; the pod stays unready, saying why.
+    let b = addr();
+    let nosy = health_pod(
+        "nosy",
+        &b,
+        state.path(),
+        "      readinessProbe: {tcpSocket: {port: 22}, periodSeconds: 1}\n      livenessProbe: {httpGet: {host: 169.254.169.254, path: /latest/meta-data, port: http}, periodSeconds: 1, failureThreshold: 1000}\n",
+    )?;
+    // Readiness starts false while /ready fails, and turns true once it answers 200.
+    std::fs::write(state.path().join("ready.fail"), "")?;
+    let (mut w, _d) = run_one(
+        &format!("{probed}---\n{nosy}"),
+        &["--restart-backoff", "100ms"],
+    )?;
+    w.wait_listening(&a, T)?;
+    w.wait_output(
+        "default/probed/hello: not ready (readiness probe not passed)",
+        T,
+    )?;
+    assert!(!w.output().contains("default/probed/hello: ready"));
+    std::fs::remove_file(state.path().join("ready.fail"))?;
+    w.wait_output("default/probed/hello: ready", T)?;
+    assert_eq!(get(&a, "/live")?.body, "ok: live\n");
+
+    // /live fails twice: the container is restarted, as a kubelet does.
+    std::fs::write(state.path().join("live.fail"), "")?;
+    w.wait_output(
+        "default/probed: warning: Unhealthy: Liveness probe failed: HTTP probe failed with statuscode: 500",
+        T,
+    )?;
+    let out = w.wait_output("default/probed/hello: terminated, exit code 137", T)?;
+    assert!(
+        out.contains("Container hello failed liveness probe, will be restarted"),
+        "{out}"
+    );
+    std::fs::remove_file(state.path().join("live.fail"))?;
+    // The new run starts unready and turns ready again; it serves.
+    let until = Instant::now() + T;
+    while w.output().matches("default/probed/hello: ready").count() < 2 {
+        assert!(Instant::now() < until, "not ready again:\n{}", w.output());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let r = get(&a, "/live")?;
+    assert_eq!((r.status, r.body.as_str()), (200, "ok: live\n"));
+
+    w.wait_output(
+        "default/nosy: warning: Unhealthy: Readiness probe failed: port 22 is not served by this pod",
+        T,
+    )?;
+    let out = w.wait_output(
+        "default/nosy: warning: Unhealthy: Liveness probe failed: probe host \"169.254.169.254\" is not the pod's address",
+        T,
+    )?;
+    assert!(
+        !out.contains("default/nosy/hello: ready"),
+        "a probe of another host or port never passes:\n{out}"
+    );
+    // A warning that repeats every second is printed with its count, not every time.
+    let out = w.wait_output("is not the pod's address 127.0.0.1: on a WebAssembly node a probe reaches only its own pod (x4)", T)?;
+    let said = out
+        .matches("default/nosy: warning: Unhealthy: Liveness probe failed")
+        .count();
+    assert_eq!(said, 3, "the 1st, 2nd and 4th:\n{out}");
+    w.signal("INT")?;
+    assert_eq!(w.wait_exit(T)?.code(), Some(0), "{}", w.output());
+    Ok(())
+}

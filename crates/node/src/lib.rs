@@ -215,7 +215,7 @@ pub async fn run(
         handled: Mutex::default(),
         max_pods: cfg.max_pods as usize,
         pod_net: cfg.pod_net.clone(),
-        prober: probe::Prober::new(statuses.clone(), sup.clone(), cfg.node_ip),
+        prober: probe::Prober::new(Arc::new(statuses.clone()), sup.clone(), cfg.node_ip),
         allocatable,
         store: Default::default(),
     });

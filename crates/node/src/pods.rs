@@ -321,7 +321,7 @@ async fn reconcile(pod: Arc<Pod>, ctx: Arc<Context>) -> Result<Action, Error> {
         Ok(s) => {
             ctx.handled().pulls.remove(&key.uid);
             tracing::info!(pod = %key, listen = ?s.listen, "pod started");
-            ctx.prober.add(&key, &resolved.pod, s.listen);
+            ctx.prober.add(&key, &resolved.pod, s.listen, &ctx.plan);
         }
         Err(e) if e.is_image_pull() => {
             tracing::warn!(pod = %key, "image pull failed: {e}");

@@ -21,8 +21,10 @@
 //!   says why in a Warning Event and in its Ready condition's message.
 //!
 //! Results reach the pod's status only through the Supervisor's report channel
-//! ([`Report::Probe`]), which the status sink applies. One task per container that has probes;
-//! probes in flight on the node are bounded ([`MAX_IN_FLIGHT`]), each holds one connection.
+//! ([`Report::Probe`]), which the status sink applies: the node's API status in `wasinode node`,
+//! the terminal in `wasinode run`. What the prober reads of a container's runs comes from that
+//! same sink ([`Runs`]). One task per container that has probes; probes in flight on the node
+//! are bounded ([`MAX_IN_FLIGHT`]), each holds one connection.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -42,7 +44,7 @@ use tokio::task::JoinHandle;
 use workload::supervisor::Restart;
 use workload::{EventType, PodKey, Report, Supervisor};
 
-use crate::status::Statuses;
+use crate::status::{ContainerRun, Statuses};
 
 /// Probes running at once on this node at most; a probe waits for its turn.
 pub const MAX_IN_FLIGHT: usize = 64;
@@ -297,9 +299,23 @@ enum Attempt {
     Error(String),
 }
 
+/// Where the prober reads when a container's current run started: the status sink that applies
+/// the Supervisor's reports (the node's [`Statuses`], or `wasinode run`'s terminal printer).
+pub trait Runs: Send + Sync + 'static {
+    /// The run of container `container` of pod `key`; `None` once the pod is forgotten (its
+    /// probes then stop).
+    fn run_of(&self, key: &PodKey, container: &str) -> Option<ContainerRun>;
+}
+
+impl Runs for Statuses {
+    fn run_of(&self, key: &PodKey, container: &str) -> Option<ContainerRun> {
+        Statuses::run_of(self, key, container)
+    }
+}
+
 /// What the workers share.
 struct Shared {
-    statuses: Statuses,
+    runs: Arc<dyn Runs>,
     sup: Supervisor,
     node_ip: IpAddr,
     permits: Semaphore,
@@ -314,11 +330,12 @@ pub struct Prober {
 }
 
 impl Prober {
-    /// Probes pods on `node_ip` unless their listener names another address.
-    pub fn new(statuses: Statuses, sup: Supervisor, node_ip: IpAddr) -> Prober {
+    /// Probes pods on `node_ip` unless their listener names another address; `runs` says when
+    /// each container's current run started.
+    pub fn new(runs: Arc<dyn Runs>, sup: Supervisor, node_ip: IpAddr) -> Prober {
         Prober {
             shared: Arc::new(Shared {
-                statuses,
+                runs,
                 sup,
                 node_ip,
                 permits: Semaphore::new(MAX_IN_FLIGHT),
@@ -333,9 +350,15 @@ impl Prober {
     }
 
     /// Starts probing the containers of a pod that started, whose listener is `listen` (the
-    /// probes' default host is its address, else the node's). No-op for a pod already probed
-    /// or without probes.
-    pub fn add(&self, key: &PodKey, pod: &Pod, listen: Option<SocketAddr>) {
+    /// probes' default host is its address, else the node's); `ctx` is what the pod was planned
+    /// with, which says the ports it serves. No-op for a pod already probed or without probes.
+    pub fn add(
+        &self,
+        key: &PodKey,
+        pod: &Pod,
+        listen: Option<SocketAddr>,
+        ctx: &workload::PlanContext,
+    ) {
         let Some(spec) = &pod.spec else { return };
         let target = listen
             .map(|a| a.ip())
@@ -346,7 +369,7 @@ impl Prober {
                 .unwrap_or(30)
                 .clamp(0, 3600) as u64,
         );
-        let ports: Arc<[u16]> = crate::portforward::served(pod, &workload::PlanContext::default())
+        let ports: Arc<[u16]> = crate::portforward::served(pod, ctx)
             .iter()
             .map(|a| a.port())
             .collect();
@@ -486,7 +509,7 @@ impl Worker {
             if let Some(next) = next {
                 tokio::time::sleep_until(next.into()).await;
             }
-            let Some(run) = self.shared.statuses.run_of(&self.key, &self.container) else {
+            let Some(run) = self.shared.runs.run_of(&self.key, &self.container) else {
                 return; // the pod is forgotten
             };
             if run.pod_terminal {
