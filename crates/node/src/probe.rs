@@ -360,6 +360,12 @@ impl Prober {
         ctx: &workload::PlanContext,
     ) {
         let Some(spec) = &pod.spec else { return };
+        // Most pods have no probes: nothing below (a plan of the pod's ports) is done for them.
+        if spec.containers.iter().all(|c| {
+            c.startup_probe.is_none() && c.readiness_probe.is_none() && c.liveness_probe.is_none()
+        }) {
+            return;
+        }
         let target = listen
             .map(|a| a.ip())
             .filter(|ip| !ip.is_unspecified())
